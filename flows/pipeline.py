@@ -1,0 +1,143 @@
+"""Prefect flow: run the DVC pipeline (`dvc repro`, or `dvc exp run -S key=value ...`) and publish its metrics.
+
+python flows/pipeline.py run                           # dvc repro
+python flows/pipeline.py run -S prune.target=0.5       # dvc exp run -S prune.target=0.5
+python flows/pipeline.py serve --cron "0 3 * * *"      # a deployment the Prefect UI can schedule and trigger
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunekit.errors import PrunekitError
+from prunekit.runtime import configure_logging
+
+log = logging.getLogger("prunekit.flows.pipeline")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """params.yaml contents with dotted-key overrides applied; values are parsed as YAML, like `dvc -S`."""
+    out = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PrunekitError(f"override '{key}': '{part}' is not a section of params.yaml")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def check_params(repo: Path, overrides: dict[str, str]) -> None:
+    """Fail before any work if params.yaml with the overrides is invalid."""
+    from prunekit.config import check_choices
+    from prunekit.params import parse_params
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    check_choices(parse_params(apply_overrides(raw, overrides)))
+
+
+def dvc_command(overrides: dict[str, str], experiment: str | None) -> list[str]:
+    if not overrides and not experiment:
+        return ["dvc", "repro"]
+    cmd = ["dvc", "exp", "run"]
+    for key, value in overrides.items():
+        cmd += ["-S", f"{key}={value}"]
+    return cmd + (["-n", experiment] if experiment else [])
+
+
+def metrics_rows(repo: Path) -> list[dict[str, Any]]:
+    """`dvc metrics show --json` flattened to rows of (file, metric, value)."""
+    out = subprocess.run(
+        ["dvc", "metrics", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
+    )
+    rows: list[dict[str, Any]] = []
+    for rev in json.loads(out.stdout).values():
+        for file, entry in (rev.get("data") or {}).items():
+            rows.extend({"file": file, "metric": k, "value": v} for k, v in _flatten(entry.get("data", {})))
+    return rows
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        items.extend(_flatten(v, key + ".") if isinstance(v, dict) else [(key, v)])
+    return items
+
+
+def _pipeline(
+    overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = "."
+) -> list:
+    from prefect.artifacts import create_table_artifact
+
+    root = Path(repo).resolve()
+    overrides = dict(overrides or {})
+    check_params(root, overrides)
+    cmd = dvc_command(overrides, experiment)
+    log.info("running %s in %s", " ".join(cmd), root)
+    result = subprocess.run(cmd, cwd=root)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}")
+    rows = metrics_rows(root)
+    create_table_artifact(
+        key="prunekit-metrics",
+        table=rows,
+        description=f"Metrics after `{' '.join(cmd)}`",
+    )
+    return rows
+
+
+def make_flow() -> Any:
+    from prefect import flow
+
+    return flow(name="prunekit-pipeline", log_prints=False)(_pipeline)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PrunekitError(f"-S expects key=value, got '{item}'")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline once")
+    run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override")
+    run.add_argument("-n", "--name", default=None, help="experiment name (implies dvc exp run)")
+    serve = sub.add_parser("serve", help="serve the flow as a deployment with a cron schedule")
+    serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
+    serve.add_argument("--name", default="prunekit-scheduled", help="deployment name")
+    args = parser.parse_args(argv)
+    pipeline = make_flow()
+    try:
+        if args.command == "run":
+            check_params(Path.cwd(), parse_set(args.set))  # before any work, and before Prefect starts
+            pipeline(overrides=parse_set(args.set), experiment=args.name, repo=str(Path.cwd()))
+        else:
+            pipeline.serve(name=args.name, cron=args.cron, parameters={"repo": str(Path.cwd())})
+    except PrunekitError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The `prunekit` command: `prunekit list` (registered names) and `prunekit info MODEL_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from prunekit.errors import PrunekitError
+
+
+def cmd_list() -> None:
+    from prunekit.criteria import CRITERIA
+    from prunekit.data import describe_sources
+    from prunekit.models.adapters import ADAPTERS
+    from prunekit.plan import ALLOCATIONS
+    from prunekit.units import UNITS
+
+    def first_line(obj: object) -> str:
+        lines = (obj.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""
+
+    sections = [
+        ("criteria (score.criterion)", [(n, first_line(c)) for n, c in CRITERIA.items()]),
+        ("units (prune.units)", [(n, u.description) for n, u in UNITS.items()]),
+        ("allocations (prune.allocation)", [(n, first_line(a)) for n, a in ALLOCATIONS.items()]),
+        ("data sources (data.calibration / training / evaluation)", describe_sources()),
+        ("model families", [(n, ", ".join(a.model_types)) for n, a in ADAPTERS.items()]),
+    ]
+    for title, rows in sections:
+        print(title)
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, desc in rows:
+            print(f"  {name:<{width}}  {desc}")
+        print()
+
+
+def cmd_info(model_dir: str) -> None:
+    from prunekit.models.loading import load_model
+    from prunekit.slicing import count_params, weight_bytes
+
+    model, _, adapter = load_model(model_dir)
+    cfg = model.config
+    print(f"model:        {model_dir}")
+    print(f"architecture: {type(model).__name__} (model_type {cfg.model_type}, family {adapter.family})")
+    print(f"hidden size:  {cfg.hidden_size}   head_dim: {adapter.head_dim(model)}   vocab: {cfg.vocab_size}")
+    print(f"parameters:   {count_params(model):,}")
+    print(f"weight bytes: {weight_bytes(model):,} ({next(model.parameters()).dtype})")
+    print("layer  q_heads  kv_heads  intermediate")
+    for i, s in enumerate(adapter.all_layer_sizes(model)):
+        print(f"{i:>5}  {s.num_attention_heads:>7}  {s.num_key_value_heads:>8}  {s.intermediate_size:>12}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print every registered criterion, unit, allocation, data source, family")
+    info = sub.add_parser(
+        "info", help="print architecture, per-layer widths, parameters and bytes of a model"
+    )
+    info.add_argument("model_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if args.command == "list":
+            cmd_list()
+        else:
+            cmd_info(args.model_dir)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Checks of params values against the registries (imports torch; run once at stage start-up)."""
+
+from __future__ import annotations
+
+from prunekit.errors import ParamsError, PrunekitError
+from prunekit.params import Params
+
+
+def check_choices(params: Params) -> None:
+    """Raise :class:`ParamsError` naming the key of any value that no registry knows."""
+    from prunekit.criteria import CRITERIA
+    from prunekit.data import validate_spec
+    from prunekit.models.sources import validate_source
+    from prunekit.plan import ALLOCATIONS
+    from prunekit.units import UNITS
+
+    problems: list[str] = []
+
+    def check(key: str, fn: object, *args: object, **kwargs: object) -> None:
+        try:
+            fn(*args, **kwargs)  # type: ignore[operator]
+        except PrunekitError as e:
+            problems.append(f"params.yaml key '{key}': {e}")
+
+    check("model.source", validate_source, params.model.source)
+    for role in ("calibration", "training", "evaluation"):
+        check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
+    check("score.criterion", CRITERIA.get, params.score.criterion)
+    check("prune.allocation", ALLOCATIONS.get, params.prune.allocation)
+    if not params.prune.units:
+        problems.append("params.yaml key 'prune.units': empty; choose from " + ", ".join(UNITS.names()))
+    for i, unit in enumerate(params.prune.units):
+        check(f"prune.units[{i}]", UNITS.get, unit)
+    for unit, multiple in params.prune.round_to.items():
+        check(f"prune.round_to.{unit}", UNITS.get, unit)
+        if multiple < 1:
+            problems.append(f"params.yaml key 'prune.round_to.{unit}': must be >= 1 (given: {multiple})")
+    if problems:
+        raise ParamsError("\n".join(problems))

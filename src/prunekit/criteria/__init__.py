@@ -1,0 +1,8 @@
+"""Importance criteria, registered by name (``score.criterion`` in params.yaml)."""
+
+from __future__ import annotations
+
+from prunekit.criteria import magnitude, taylor  # noqa: F401  (registration)
+from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
+
+__all__ = ["CRITERIA", "Criterion", "ScoreRequest", "Scores"]

@@ -1,0 +1,59 @@
+"""The criterion contract: one importance score per unit, higher = more important."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.models.adapters import ModelAdapter
+from prunekit.registry import Registry
+from prunekit.units import UNITS
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What to score: unit types and layer indices, with calibration tokens and a seed."""
+
+    units: list[str]
+    layers: list[int]
+    calibration: torch.Tensor  # (N, T) token ids
+    batch_size: int
+    seed: int
+
+
+Scores = dict[str, torch.Tensor]  # "<unit>.<layer>" -> (count,) float64
+
+
+class Criterion(ABC):
+    """Scores every requested unit. ``score`` leaves the model's weights unchanged."""
+
+    name = ""
+
+    @abstractmethod
+    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+        """Importance of each unit of each requested type and layer."""
+
+
+def reduce_elementwise(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    req: ScoreRequest,
+    elementwise: Callable[[torch.Tensor], torch.Tensor],
+) -> Scores:
+    """Scores of the form sum over a unit's weights of ``elementwise(param)`` (param has .grad where needed)."""
+    out: Scores = {}
+    layers = adapter.layers(model)
+    for unit in req.units:
+        ut = UNITS.get(unit)
+        for idx in req.layers:
+            layer = layers[idx]
+            values = {m.path: elementwise(layer.get_parameter(m.path)) for m in ut.members(adapter, layer)}
+            out[f"{unit}.{idx}"] = ut.reduce(adapter, layer, values)
+    return out
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")

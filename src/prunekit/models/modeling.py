@@ -1,0 +1,112 @@
+"""Pruned model classes: stock transformers families whose decoder layers may differ in width.
+
+A pruned checkpoint whose layers all keep the same widths is saved with the stock config of its family,
+so stock transformers loads it without prunekit. When layers differ, the config is a subclass of the
+family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_type = "prunekit_<family>"``;
+``import prunekit`` registers these with the Auto classes, so ``AutoModelForCausalLM.from_pretrained``
+loads them. The model classes subclass the family's own modules (no vendored modeling code): each
+decoder layer is built from a copy of the config carrying that layer's sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+
+# Keys of one entry of ``layer_sizes``: the per-layer config attributes that pruning changes.
+LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def layer_config(config: Any, layer_idx: int) -> Any:
+    """A shallow copy of ``config`` with the sizes of decoder layer ``layer_idx``."""
+    sizes = config.layer_sizes[layer_idx] if config.layer_sizes else {}
+    cfg = copy.copy(config)
+    for key, value in sizes.items():
+        object.__setattr__(cfg, key, value)
+    return cfg
+
+
+def check_layer_sizes(config: Any) -> None:
+    """Raise ValueError unless ``layer_sizes`` has one valid entry per decoder layer."""
+    sizes = config.layer_sizes
+    if sizes is None:
+        return
+    if len(sizes) != config.num_hidden_layers:
+        raise ValueError(f"layer_sizes has {len(sizes)} entries for {config.num_hidden_layers} layers")
+    for i, entry in enumerate(sizes):
+        unknown = set(entry) - set(LAYER_SIZE_KEYS)
+        if unknown:
+            raise ValueError(f"layer_sizes[{i}] has unknown keys {sorted(unknown)}; valid: {LAYER_SIZE_KEYS}")
+        heads = entry.get("num_attention_heads", config.num_attention_heads)
+        kv = entry.get("num_key_value_heads", config.num_key_value_heads)
+        if kv < 1 or heads < 1 or heads % kv:
+            raise ValueError(f"layer_sizes[{i}]: {heads} query heads cannot share {kv} key/value heads")
+        if entry.get("intermediate_size", config.intermediate_size) < 1:
+            raise ValueError(f"layer_sizes[{i}]: intermediate_size must be positive")
+
+
+def build_layers(layer_cls: type[nn.Module], config: Any) -> nn.ModuleList:
+    """Decoder layers with per-layer sizes, all sharing ``config`` afterwards.
+
+    Modules keep a reference to the config they were built with and read run-time settings from it
+    (``_attn_implementation``); pointing them back at the shared config keeps those settings global.
+    """
+    layers = nn.ModuleList(layer_cls(layer_config(config, i), i) for i in range(config.num_hidden_layers))
+    for layer in layers:
+        for module in layer.modules():
+            if getattr(module, "config", None) is not None and module is not layer:
+                module.config = config
+    return layers
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    """LlamaConfig with per-layer sizes (``layer_sizes``); top-level sizes are the dense model's."""
+
+    model_type = "prunekit_llama"
+    layer_sizes: list | None = None
+
+    def validate_architecture(self) -> None:
+        # Stock Llama demands hidden_size % num_attention_heads == 0, which pruned heads need not meet
+        # (head_dim is explicit); check what the pruned architecture needs instead.
+        check_layer_sizes(self)
+
+
+class PrunedLlamaModel(LlamaModel):
+    config_class = PrunedLlamaConfig
+
+    def __init__(self, config: PrunedLlamaConfig) -> None:
+        super().__init__(config)
+        self.layers = build_layers(LlamaDecoderLayer, config)
+        self.post_init()
+
+
+class PrunedLlamaForCausalLM(LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+
+    def __init__(self, config: PrunedLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = PrunedLlamaModel(config)
+        self.post_init()
+
+
+# family -> (pruned config class, pruned base model class, pruned causal-LM class)
+PRUNED_CLASSES: dict[str, tuple[type, type, type]] = {
+    "llama": (PrunedLlamaConfig, PrunedLlamaModel, PrunedLlamaForCausalLM),
+}
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for config_cls, model_cls, causal_cls in PRUNED_CLASSES.values():
+        if config_cls.model_type in CONFIG_MAPPING:
+            continue
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModel.register(config_cls, model_cls)
+        AutoModelForCausalLM.register(config_cls, causal_cls)

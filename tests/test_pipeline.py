@@ -1,0 +1,247 @@
+"""The pipeline through real `dvc repro` / `dvc exp run` and Prefect, on a tiny model (a few minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_STAGES = {
+    "download_model",
+    "download_data",
+    "calibrate",
+    "score",
+    "prune",
+    "recover",
+    "evaluate@dense",
+    "evaluate@pruned",
+    "evaluate@recovered",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One Prefect server for the session: each flow run then costs ~1 s instead of a temporary server."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect_home")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
+    log = open(tmp_path_factory.mktemp("prefect_log") / "server.log", "w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--no-services",
+            "--analytics-off",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"Prefect server did not start; see {log.name}") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def tiny_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["source"] = str(model_dir)
+    params["calibrate"].update(samples=4, seq_len=16)
+    params["score"]["batch_size"] = 2
+    # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
+    params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
+    params["recover"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
+    params["evaluate"].update(
+        seq_len=32, max_chunks=8, speed_prompt_len=8, speed_new_tokens=2, speed_repeats=1
+    )
+    return params
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def stages_run(out: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", out.stdout + out.stderr))
+
+
+def set_param(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, prefect_env: dict[str, str]) -> Path:
+    """A git + DVC repository with the project's dvc.yaml and stages, on the tiny model."""
+    path = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    for name in ("stages", "flows"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir), sort_keys=False))
+    env = prefect_env
+    run(["git", "init", "-q"], path, env)
+    run(["git", "config", "user.email", "test@example.com"], path, env)
+    run(["git", "config", "user.name", "test"], path, env)
+    run(["dvc", "init", "-q"], path, env)
+    run(["dvc", "config", "core.analytics", "false"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-q", "-m", "init"], path, env)
+    return path
+
+
+@pytest.mark.slow
+def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
+    env = prefect_env
+    first = run(["dvc", "repro"], repo, env)
+    assert stages_run(first) == ALL_STAGES
+    metrics = {
+        k: json.loads((repo / f"metrics/eval/{k}.json").read_text()) for k in ("dense", "pruned", "recovered")
+    }
+    prune = json.loads((repo / "metrics/prune.json").read_text())
+    assert abs(prune["achieved_fraction"] - 0.2) <= 0.01
+    assert (
+        metrics["pruned"]["params"]
+        == prune["params_after"]
+        < metrics["dense"]["params"]
+        == prune["params_before"]
+    )
+    assert all(m["ppl"] > 1 for m in metrics.values())
+    assert len(json.loads((repo / "metrics/recover_loss.json").read_text())) == 2
+    assert (repo / "metrics/recover_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert stages_run(run(["dvc", "repro"], repo, env)) == set()
+
+    set_param(repo, "evaluate", "max_chunks", 4)
+    assert stages_run(run(["dvc", "repro"], repo, env)) == {
+        "evaluate@dense",
+        "evaluate@pruned",
+        "evaluate@recovered",
+    }
+
+    set_param(repo, "prune", "target", 0.3)
+    assert stages_run(run(["dvc", "repro"], repo, env)) == {
+        "prune",
+        "recover",
+        "evaluate@pruned",
+        "evaluate@recovered",
+    }
+    assert abs(json.loads((repo / "metrics/prune.json").read_text())["achieved_fraction"] - 0.3) <= 0.02
+
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
+    assert "metrics/eval/recovered.json" in shown and "ppl" in shown
+
+
+@pytest.mark.slow
+def test_flow_runs_experiment(repo: Path, prefect_env: dict[str, str]) -> None:
+    env = prefect_env
+    run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "baseline"], repo, env)
+    out = run([sys.executable, "flows/pipeline.py", "run", "-S", "prune.target=0.25", "-n", "t25"], repo, env)
+    assert "Completed" in out.stdout + out.stderr
+    exps = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    found = {}
+    for commit in exps:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                name = rev.get("name")
+                data = (rev.get("data") or {}).get("params", {}).get("params.yaml", {}).get("data", {})
+                found[name] = data.get("prune", {}).get("target")
+    assert found.get("t25") == 0.25
+
+
+@pytest.mark.slow
+def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
+    bad = yaml.safe_load((repo / "params.yaml").read_text())
+    bad["prune"]["target"] = 1.5
+    bad["score"]["criterion"] = "tayler"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    out = run(
+        [
+            sys.executable,
+            str(repo / "stages/download.py"),
+            "data",
+            "--out",
+            str(tmp_path / "text"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ],
+        repo,
+        prefect_env,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "params.yaml key 'prune.target': Input should be less than 1" in out.stderr
+    assert not (tmp_path / "text").exists()
+    bad["prune"]["target"] = 0.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    out = run(
+        [
+            sys.executable,
+            str(repo / "stages/download.py"),
+            "data",
+            "--out",
+            str(tmp_path / "text"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ],
+        repo,
+        prefect_env,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "params.yaml key 'score.criterion': Unknown criterion 'tayler'" in out.stderr
+    assert "Available: l1, l2, param_first, random" in out.stderr
+    flow = run(
+        [sys.executable, "flows/pipeline.py", "run", "-S", "prune.units=[attn_head]"],
+        repo,
+        prefect_env,
+        check=False,
+    )
+    assert flow.returncode == 2 and "prune.units[0]" in flow.stderr
