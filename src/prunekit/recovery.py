@@ -80,7 +80,7 @@ def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tup
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, losses

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,9 +68,11 @@ def run_stage(
         seed_everything(params.seed)
         return body(params, args)
 
+    start = time.perf_counter()
     try:
         stage_flow(params, args)
     except PrunekitError as e:
         log.error("%s failed: %s", name, e)
         return 2
+    log.info("stage %s done in %.1f s (Prefect start-up included)", name, time.perf_counter() - start)
     return 0

@@ -1,0 +1,72 @@
+"""params.yaml validation: every error names the key, what was given, and the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunekit.config import check_choices
+from prunekit.errors import ParamsError
+from prunekit.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid_and_complete() -> None:
+    params = load_params(ROOT / "params.yaml")
+    check_choices(params)
+    # Every key the dataclasses define is written in params.yaml (no hidden defaults).
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, model in params:
+        if hasattr(type(model), "model_fields"):
+            assert sorted(raw[section]) == sorted(type(model).model_fields), section
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"prune": {"targte": 0.3}}, "params.yaml key 'prune.targte': unknown key. Did you mean 'target'?"),
+        ({"prune": {"target": 1.5}}, "params.yaml key 'prune.target': Input should be less than 1 (given: 1.5)"),
+        ({"prune": {"target": 0}}, "params.yaml key 'prune.target': Input should be greater than 0"),
+        ({"recover": {"steps": -1}}, "params.yaml key 'recover.steps': Input should be greater than or equal to 0"),
+        ({"pruen": {}}, "params.yaml key 'pruen': unknown key. Did you mean 'prune'?"),
+        ({"model": {"dtype": "fp8"}}, "params.yaml key 'model.dtype': Input should be 'float32', 'bfloat16' or"),
+        ({"calibrate": {"samples": "ten"}}, "params.yaml key 'calibrate.samples': Input should be a valid integer"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("score", "criterion", "tayler", "params.yaml key 'score.criterion': Unknown criterion 'tayler'."),
+        ("prune", "units", ["mlp_chanel"], "params.yaml key 'prune.units[0]': Unknown unit type 'mlp_chanel'. "
+         "Did you mean 'mlp_channel'? Available: attn_kv_group, mlp_channel"),
+        ("prune", "allocation", "global", "params.yaml key 'prune.allocation': Unknown allocation 'global'"),
+        ("model", "source", "/nonexistent/model", "params.yaml key 'model.source'"),
+        ("data", "evaluation", "python-doc", "params.yaml key 'data.evaluation'"),
+        ("prune", "units", [], "params.yaml key 'prune.units': empty"),
+    ],
+)
+def test_registry_choices_name_the_key(section: str, key: str, value: object, message: str) -> None:
+    params = parse_params({section: {key: value}})
+    with pytest.raises(ParamsError) as err:
+        check_choices(params)
+    assert message in str(err.value)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="params file .* not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("prune: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="must be a mapping"):
+        load_params(tmp_path / "list.yaml")

@@ -1,0 +1,124 @@
+"""LoRA recovery, perplexity, token windows, atomic outputs and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from prunekit.errors import PrunekitError
+from prunekit.evaluation import perplexity
+from prunekit.fsutil import atomic_dir, atomic_file
+from prunekit.recovery import LoraSettings, train_lora
+from prunekit.tokens import chunks, random_windows
+
+
+def settings(**kw) -> LoraSettings:
+    base = dict(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                learning_rate=1e-2, batch_size=2, steps=3, warmup_steps=1, weight_decay=0.0, seed=7)
+    base.update(kw)
+    return LoraSettings(**base)
+
+
+def blocks() -> torch.Tensor:
+    return torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(3))
+
+
+def test_lora_is_seeded_and_merged() -> None:
+    a, losses_a = train_lora(tiny_model(), blocks(), settings())
+    b, losses_b = train_lora(tiny_model(), blocks(), settings())
+    c, _ = train_lora(tiny_model(), blocks(), settings(seed=8))
+    assert losses_a == losses_b and len(losses_a) == 3
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    # Merged: plain Linear modules (no adapters left), and only the targeted weights changed.
+    assert not any("lora" in k for k in sa)
+    dense = tiny_model().state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], dense[k])}
+    assert changed and all(k.split(".")[-2] in {"q_proj", "v_proj", "down_proj"} for k in changed)
+
+
+def test_lora_lowers_training_loss() -> None:
+    data = blocks()
+    _, losses = train_lora(tiny_model(), data, settings(steps=30, batch_size=6, learning_rate=3e-2))
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_lora_target_error() -> None:
+    with pytest.raises(PrunekitError, match=r"recover.target_modules \['qkv'\] match no Linear module"):
+        train_lora(tiny_model(), blocks(), settings(target_modules=["qkv"]))
+
+
+def test_perplexity_equals_independent_computation() -> None:
+    model = tiny_model()
+    data = chunks(torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(1)), 16, "test")
+    got = perplexity(model, data, batch_size=4)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for row in data:  # one chunk at a time, log-softmax and gather by hand
+            logp = torch.log_softmax(model(input_ids=row[None]).logits[0].double(), dim=-1)
+            nll -= logp[torch.arange(15), row[1:]].sum().item()
+            n += 15
+    assert got["tokens"] == n == 6 * 15
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_chunks_and_windows() -> None:
+    stream = torch.arange(50)
+    c = chunks(stream, 16, "eval")
+    assert c.shape == (3, 16) and torch.equal(c.reshape(-1), torch.arange(48))
+    w1, w2 = random_windows(stream, 5, 8, seed=1), random_windows(stream, 5, 8, seed=1)
+    assert torch.equal(w1, w2) and w1.shape == (5, 8)
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 8)) for row in w1)  # contiguous windows
+    with pytest.raises(PrunekitError, match="fewer than one chunk of 64"):
+        chunks(stream, 64, "evaluation")
+    with pytest.raises(PrunekitError, match="fewer than calibrate.seq_len=64"):
+        random_windows(stream, 2, 64, seed=0)
+
+
+def test_atomic_outputs_leave_nothing_on_failure(tmp_path) -> None:
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with atomic_file(tmp_path / "m.json") as tmp:
+            tmp.write_text("{")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "ok").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (out / "ok").read_text() == "1"
+
+
+def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
+    from prunekit.cli import main
+    from prunekit.criteria import CRITERIA
+    from prunekit.models.adapters import adapter_for
+    from prunekit.plan import Plan
+    from prunekit.slicing import apply_plan, count_params, save_model
+    from prunekit.units import UNITS
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for name in CRITERIA.names() + UNITS.names() + ["uniform", "python-docs", "hf:wikitext2", "llama"]:
+        assert f"  {name} " in listed
+    model = tiny_model(vocab_size=len(tokenizer))
+    adapter = adapter_for(model.config)
+    plan = Plan(keep={"mlp_channel": {1: list(range(24))}, "attn_kv_group": {2: [0, 3]}},
+                params_before=0, params_after=0, target=0, allocation="test")
+    pruned = apply_plan(copy.deepcopy(model), adapter, plan)
+    save_model(pruned, adapter, tokenizer, tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    info = capsys.readouterr().out
+    assert f"parameters:   {count_params(pruned):,}" in info
+    assert "    1        8         4            24" in info
+    assert "    2        4         2            64" in info
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "config.json missing" in capsys.readouterr().err
