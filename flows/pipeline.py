@@ -57,9 +57,7 @@ def dvc_command(overrides: dict[str, str], experiment: str | None) -> list[str]:
 
 def metrics_rows(repo: Path) -> list[dict[str, Any]]:
     """`dvc metrics show --json` flattened to rows of (file, metric, value)."""
-    out = subprocess.run(
-        ["dvc", "metrics", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True
-    )
+    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True)
     rows: list[dict[str, Any]] = []
     for rev in json.loads(out.stdout).values():
         for file, entry in (rev.get("data") or {}).items():
@@ -75,9 +73,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def _pipeline(
-    overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = "."
-) -> list:
+def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = ".") -> list:
     from prefect.artifacts import create_table_artifact
 
     root = Path(repo).resolve()
@@ -115,9 +111,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline once")
     run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override")

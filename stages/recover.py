@@ -24,9 +24,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
     losses: list[float] = []
     if r.steps > 0:
-        blocks = chunks(
-            token_stream(tokenizer, read_documents(Path(args.text), "training")), r.seq_len, "training"
-        )
+        blocks = chunks(token_stream(tokenizer, read_documents(Path(args.text), "training")), r.seq_len, "training")
         settings = LoraSettings(
             rank=r.rank,
             alpha=r.alpha,
@@ -47,9 +45,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
         meta["recover"] = r.model_dump()
         (tmp / "prunekit.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_json(args.loss, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
-    line_plot(
-        Path(args.plot), range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery"
-    )
+    line_plot(Path(args.plot), range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,9 +81,7 @@ def test_magnitude_equals_formula(name, fn) -> None:
     scores = CRITERIA.get(name).score(model, adapter_for(model.config), request(model))
     for layer_idx in (0, 2):
         for unit, blocks in unit_slices(model, layer_idx).items():
-            expected = torch.tensor(
-                [sum(fn(w).item() for w in b.values()) for b in blocks], dtype=torch.float64
-            )
+            expected = torch.tensor([sum(fn(w).item() for w in b.values()) for b in blocks], dtype=torch.float64)
             torch.testing.assert_close(scores[f"{unit}.{layer_idx}"], expected, rtol=1e-5, atol=1e-9)
 
 

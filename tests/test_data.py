@@ -310,9 +310,7 @@ def test_validate_spec_missing_file_names_the_path(tmp_path: Path) -> None:
         validate_spec("data/table.csv")
 
 
-def test_validate_spec_accepts_valid_specs_without_loading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_validate_spec_accepts_valid_specs_without_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("validate_spec must not download")
 

@@ -46,8 +46,13 @@ def test_bad_values_name_the_key(raw: dict, message: str) -> None:
     "section,key,value,message",
     [
         ("score", "criterion", "tayler", "params.yaml key 'score.criterion': Unknown criterion 'tayler'."),
-        ("prune", "units", ["mlp_chanel"], "params.yaml key 'prune.units[0]': Unknown unit type 'mlp_chanel'. "
-         "Did you mean 'mlp_channel'? Available: attn_kv_group, mlp_channel"),
+        (
+            "prune",
+            "units",
+            ["mlp_chanel"],
+            "params.yaml key 'prune.units[0]': Unknown unit type 'mlp_chanel'. "
+            "Did you mean 'mlp_channel'? Available: attn_kv_group, mlp_channel",
+        ),
         ("prune", "allocation", "global", "params.yaml key 'prune.allocation': Unknown allocation 'global'"),
         ("model", "source", "/nonexistent/model", "params.yaml key 'model.source'"),
         ("data", "evaluation", "python-doc", "params.yaml key 'data.evaluation'"),

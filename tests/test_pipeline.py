@@ -92,9 +92,7 @@ def tiny_params(model_dir: Path) -> dict:
     # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
     params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
     params["recover"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
-    params["evaluate"].update(
-        seq_len=32, max_chunks=8, speed_prompt_len=8, speed_new_tokens=2, speed_repeats=1
-    )
+    params["evaluate"].update(seq_len=32, max_chunks=8, speed_prompt_len=8, speed_new_tokens=2, speed_repeats=1)
     return params
 
 
@@ -140,17 +138,10 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
     env = prefect_env
     first = run(["dvc", "repro"], repo, env)
     assert stages_run(first) == ALL_STAGES
-    metrics = {
-        k: json.loads((repo / f"metrics/eval/{k}.json").read_text()) for k in ("dense", "pruned", "recovered")
-    }
+    metrics = {k: json.loads((repo / f"metrics/eval/{k}.json").read_text()) for k in ("dense", "pruned", "recovered")}
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert abs(prune["achieved_fraction"] - 0.2) <= 0.01
-    assert (
-        metrics["pruned"]["params"]
-        == prune["params_after"]
-        < metrics["dense"]["params"]
-        == prune["params_before"]
-    )
+    assert metrics["pruned"]["params"] == prune["params_after"] < metrics["dense"]["params"] == prune["params_before"]
     assert all(m["ppl"] > 1 for m in metrics.values())
     assert len(json.loads((repo / "metrics/recover_loss.json").read_text())) == 2
     assert (repo / "metrics/recover_loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -68,9 +68,7 @@ def test_masking_other_units_changes_output() -> None:
 def save_and_reload(model, tokenizer, tmp_path):
     adapter = adapter_for(model.config)
     save_model(model, adapter, tokenizer, tmp_path)
-    return AutoModelForCausalLM.from_pretrained(tmp_path).eval(), json.loads(
-        (tmp_path / "config.json").read_text()
-    )
+    return AutoModelForCausalLM.from_pretrained(tmp_path).eval(), json.loads((tmp_path / "config.json").read_text())
 
 
 def greedy(model, ids: torch.Tensor, n: int = 8) -> torch.Tensor:
@@ -95,9 +93,7 @@ def test_heterogeneous_roundtrip_generate(tmp_path, tokenizer) -> None:
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
     assert cfg["model_type"] == "prunekit_llama"
     assert cfg["architectures"] == ["PrunedLlamaForCausalLM"]
-    assert [s["intermediate_size"] for s in cfg["layer_sizes"]] == [
-        len(k) for k in plan.keep["mlp_channel"].values()
-    ]
+    assert [s["intermediate_size"] for s in cfg["layer_sizes"]] == [len(k) for k in plan.keep["mlp_channel"].values()]
     assert [s["num_key_value_heads"] for s in cfg["layer_sizes"]] == [
         len(k) for k in plan.keep["attn_kv_group"].values()
     ]

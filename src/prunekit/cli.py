@@ -56,9 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print every registered criterion, unit, allocation, data source, family")
-    info = sub.add_parser(
-        "info", help="print architecture, per-layer widths, parameters and bytes of a model"
-    )
+    info = sub.add_parser("info", help="print architecture, per-layer widths, parameters and bytes of a model")
     info.add_argument("model_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -126,9 +126,7 @@ def load_documents(spec: str, role: str, *, text_field: str = "text") -> list[st
     else:
         docs = DATA_SOURCES.get(spec).load(role, text_field)
     if not any(doc.strip() for doc in docs):
-        raise PrunekitError(
-            f"Data source '{spec}' gave no documents for role '{role}'. " + _empty_hint(path, role)
-        )
+        raise PrunekitError(f"Data source '{spec}' gave no documents for role '{role}'. " + _empty_hint(path, role))
     log.info(
         "data %s: %d documents, %d characters from '%s'",
         role,
@@ -216,9 +214,7 @@ def _check_role(role: str) -> None:
 def _empty_hint(path: Path | None, role: str) -> str:
     """How to fix a role that got no documents."""
     if path is not None:
-        share = {"evaluation": EVALUATION_FRACTION, "calibration": CALIBRATION_FRACTION}.get(
-            role, TRAINING_FRACTION
-        )
+        share = {"evaluation": EVALUATION_FRACTION, "calibration": CALIBRATION_FRACTION}.get(role, TRAINING_FRACTION)
         return (
             f"The file '{path}' is split by hash, about {share:.0%} of its documents going to "
             f"'{role}'; it needs more (non-empty) documents, e.g. at least 30 so every role gets some."
@@ -232,8 +228,7 @@ def _empty_hint(path: Path | None, role: str) -> str:
 
 @_source(
     "python-docs",
-    "Python's built-in help topics (pydoc_data, ~465 kB of English prose); no download; "
-    "split 80/10/10 by hash",
+    "Python's built-in help topics (pydoc_data, ~465 kB of English prose); no download; split 80/10/10 by hash",
 )
 def _python_docs(role: str, text_field: str) -> list[str]:
     """The non-empty pydoc topics of ``role``, in sorted key order, keyed by the topic name."""
@@ -282,9 +277,7 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise PrunekitError(
-            f"Data file '{path}' is not valid UTF-8 ({exc}). Re-save it as UTF-8 text."
-        ) from exc
+        raise PrunekitError(f"Data file '{path}' is not valid UTF-8 ({exc}). Re-save it as UTF-8 text.") from exc
     if path.suffix == ".jsonl":
         return _parse_jsonl(text, path, text_field)
     return _parse_txt(text)
@@ -457,7 +450,6 @@ def _column(rows: Any, field: str, spec: str) -> list[str]:
 def _field(row: dict[str, Any], field: str, spec: str) -> str:
     if field not in row:
         raise PrunekitError(
-            f"A row of '{spec}' has no '{field}' field (got {sorted(row)}). "
-            "Use a local .txt or .jsonl file instead."
+            f"A row of '{spec}' has no '{field}' field (got {sorted(row)}). Use a local .txt or .jsonl file instead."
         )
     return row[field] or ""

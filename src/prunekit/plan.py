@@ -64,8 +64,7 @@ class Plan:
                 allocation=str(data["allocation"]),
                 criterion=str(data.get("criterion", "")),
                 layer_ratios={
-                    u: {int(i): float(r) for i, r in d.items()}
-                    for u, d in data.get("layer_ratios", {}).items()
+                    u: {int(i): float(r) for i, r in d.items()} for u, d in data.get("layer_ratios", {}).items()
                 },
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -96,8 +95,8 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-ALLOCATIONS: Registry[Callable[[dict[str, torch.Tensor], PlanRequest], dict[tuple[str, int], int]]] = (
-    Registry("allocation")
+ALLOCATIONS: Registry[Callable[[dict[str, torch.Tensor], PlanRequest], dict[tuple[str, int], int]]] = Registry(
+    "allocation"
 )
 
 
@@ -117,17 +116,13 @@ def uniform(scores: dict[str, torch.Tensor], req: PlanRequest) -> dict[tuple[str
     """
     del scores  # uniform allocation ignores scores; they choose which units within a layer
     units = sorted({lay.unit for lay in req.layouts})
-    step = {
-        u: max(lay.params_per_unit * req.round_to.get(u, 1) for lay in req.layouts if lay.unit == u)
-        for u in units
-    }
+    step = {u: max(lay.params_per_unit * req.round_to.get(u, 1) for lay in req.layouts if lay.unit == u) for u in units}
     fine = min(units, key=lambda u: (step[u], u))
     prunable = sum(lay.count * lay.params_per_unit for lay in req.layouts)
     want = req.target * req.total_params
     r_star = min(want / prunable, 1.0) if prunable else 0.0
     counts = {
-        (lay.unit, lay.layer): kept_count(lay.count, r_star, req.round_to.get(lay.unit, 1))
-        for lay in req.layouts
+        (lay.unit, lay.layer): kept_count(lay.count, r_star, req.round_to.get(lay.unit, 1)) for lay in req.layouts
     }
     fine_layouts = [lay for lay in req.layouts if lay.unit == fine]
     coarse_removed = _removed(counts, [lay for lay in req.layouts if lay.unit != fine])

@@ -52,9 +52,7 @@ class UnitType(ABC):
             total += m.width * (p.numel() // p.shape[m.dim])
         return total
 
-    def reduce(
-        self, adapter: ModelAdapter, layer: nn.Module, elementwise: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def reduce(self, adapter: ModelAdapter, layer: nn.Module, elementwise: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum a per-element quantity (keyed by member path) over each unit's slices -> (count,)."""
         n = self.count(adapter, layer)
         out = torch.zeros(n, dtype=torch.float64)

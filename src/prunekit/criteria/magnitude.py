@@ -19,9 +19,7 @@ class RandomCriterion(Criterion):
         gen = torch.Generator().manual_seed(req.seed)
         layers = adapter.layers(model)
         return {
-            f"{unit}.{idx}": torch.rand(
-                UNITS.get(unit).count(adapter, layers[idx]), generator=gen, dtype=torch.float64
-            )
+            f"{unit}.{idx}": torch.rand(UNITS.get(unit).count(adapter, layers[idx]), generator=gen, dtype=torch.float64)
             for unit in req.units
             for idx in req.layers
         }

