@@ -28,6 +28,13 @@ class UnitLayout:
     layer: int
     count: int
     params_per_unit: int
+    # Units form ``groups`` equal contiguous groups that must all keep the same number of units
+    # (e.g. query heads inside KV groups); 1 = no constraint.
+    groups: int = 1
+
+    def kept(self, ratio: float, multiple: int) -> int:
+        """Units kept at ``ratio``: the same count in every group, rounded to ``multiple`` per group."""
+        return self.groups * kept_count(self.count // self.groups, ratio, multiple)
 
 
 @dataclass
@@ -89,10 +96,20 @@ def kept_count(count: int, ratio: float, multiple: int) -> int:
     return int(min(count, max(multiple, kept)))
 
 
-def top_k(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` highest scores, sorted; ties go to the lower index (stable)."""
-    order = torch.argsort(scores.double(), descending=True, stable=True)
-    return sorted(order[:k].tolist())
+def top_k(scores: torch.Tensor, k: int, groups: int = 1) -> list[int]:
+    """Indices of the ``k`` highest scores, sorted; ties go to the lower index (stable).
+
+    With ``groups`` > 1 the scores form that many equal contiguous groups and each keeps its own top
+    ``k / groups``.
+    """
+    if k % groups:
+        raise ValueError(f"cannot keep {k} units evenly in {groups} groups")
+    size, per = scores.numel() // groups, k // groups
+    kept: list[int] = []
+    for g in range(groups):
+        order = torch.argsort(scores[g * size : (g + 1) * size].double(), descending=True, stable=True)
+        kept.extend(int(i) + g * size for i in order[:per])
+    return sorted(kept)
 
 
 ALLOCATIONS: Registry[Callable[[dict[str, torch.Tensor], PlanRequest], dict[tuple[str, int], int]]] = Registry(
@@ -121,15 +138,13 @@ def uniform(scores: dict[str, torch.Tensor], req: PlanRequest) -> dict[tuple[str
     prunable = sum(lay.count * lay.params_per_unit for lay in req.layouts)
     want = req.target * req.total_params
     r_star = min(want / prunable, 1.0) if prunable else 0.0
-    counts = {
-        (lay.unit, lay.layer): kept_count(lay.count, r_star, req.round_to.get(lay.unit, 1)) for lay in req.layouts
-    }
+    counts = {(lay.unit, lay.layer): lay.kept(r_star, req.round_to.get(lay.unit, 1)) for lay in req.layouts}
     fine_layouts = [lay for lay in req.layouts if lay.unit == fine]
     coarse_removed = _removed(counts, [lay for lay in req.layouts if lay.unit != fine])
     fine_prunable = sum(lay.count * lay.params_per_unit for lay in fine_layouts)
     r_fine = min(max((want - coarse_removed) / fine_prunable, 0.0), 1.0) if fine_prunable else 0.0
     for lay in fine_layouts:
-        counts[(lay.unit, lay.layer)] = kept_count(lay.count, r_fine, req.round_to.get(lay.unit, 1))
+        counts[(lay.unit, lay.layer)] = lay.kept(r_fine, req.round_to.get(lay.unit, 1))
     return counts
 
 
@@ -160,7 +175,7 @@ def make_plan(
     ratios: dict[str, dict[int, float]] = {}
     for lay in req.layouts:
         k = counts[(lay.unit, lay.layer)]
-        keep.setdefault(lay.unit, {})[lay.layer] = top_k(scores[f"{lay.unit}.{lay.layer}"], k)
+        keep.setdefault(lay.unit, {})[lay.layer] = top_k(scores[f"{lay.unit}.{lay.layer}"], k, lay.groups)
         ratios.setdefault(lay.unit, {})[lay.layer] = 1.0 - k / lay.count
     removed = _removed(counts, req.layouts)
     plan = Plan(

@@ -47,7 +47,15 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
         layer = adapter.layers(model)[idx]
         for name in units:
             ut = UNITS.get(name)
-            out.append(UnitLayout(name, idx, ut.count(adapter, layer), ut.params_per_unit(adapter, layer)))
+            out.append(
+                UnitLayout(
+                    name,
+                    idx,
+                    ut.count(adapter, layer),
+                    ut.params_per_unit(adapter, layer),
+                    ut.groups(adapter, layer),
+                )
+            )
     return out
 
 
@@ -66,6 +74,8 @@ def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = 
             if keep and (max(keep) >= n or min(keep) < 0):
                 raise PrunekitError(f"plan keeps {unit} {max(keep)} of layer {idx}, which has only {n}")
             ut.apply(adapter, layers[idx], torch.tensor(sorted(keep), dtype=torch.long), mode)
+            if mode == "slice":
+                adapter.refresh_layer(layers[idx])
     if mode == "slice":
         model.config = config_for(model, adapter)
     return model

@@ -44,6 +44,10 @@ class UnitType(ABC):
     def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
         """The weight slices each unit owns in ``layer``."""
 
+    def groups(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+        """Units form this many equal groups that must keep equal counts (1: no constraint)."""
+        return 1
+
     def params_per_unit(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         """Parameters one unit holds in this layer (all members, biases included)."""
         total = 0

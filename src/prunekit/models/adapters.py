@@ -61,6 +61,11 @@ class ModelAdapter:
             intermediate_size=getattr(mlp, self.gate).out_features,
         )
 
+    def refresh_layer(self, layer: nn.Module) -> None:
+        """Recompute attributes that modules derive from their sizes, after slicing."""
+        attn = self.attention(layer)
+        attn.num_key_value_groups = getattr(attn, self.q).out_features // getattr(attn, self.k).out_features
+
     def all_layer_sizes(self, model: nn.Module) -> list[LayerSizes]:
         return [self.layer_sizes(model, i) for i in range(len(self.layers(model)))]
 
@@ -88,8 +93,23 @@ class ModelAdapter:
         return config_cls(**data)
 
 
+class MistralAdapter(ModelAdapter):
+    """Mistral: Llama's layout (sliding-window attention is a run-time setting, not a size)."""
+
+    family = "mistral"
+    model_types = ("mistral",)
+
+
+class Qwen2Adapter(ModelAdapter):
+    """Qwen2: Llama's layout with q/k/v biases (sliced with their rows by the units)."""
+
+    family = "qwen2"
+    model_types = ("qwen2",)
+
+
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
-ADAPTERS.register("llama")(ModelAdapter())
+for _adapter in (ModelAdapter(), MistralAdapter(), Qwen2Adapter()):
+    ADAPTERS.register(_adapter.family)(_adapter)
 
 
 def adapter_for(config: Any) -> ModelAdapter:

@@ -17,6 +17,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from transformers.models.mistral.configuration_mistral import MistralConfig
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
 # Keys of one entry of ``layer_sizes``: the per-layer config attributes that pruning changes.
 LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -64,6 +68,28 @@ def build_layers(layer_cls: type[nn.Module], config: Any) -> nn.ModuleList:
     return layers
 
 
+class PerLayerModel:
+    """Mixin for a family's base model: rebuild the decoder layers with per-layer sizes."""
+
+    decoder_layer_cls: type[nn.Module]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        self.layers = build_layers(self.decoder_layer_cls, config)
+        self.post_init()  # type: ignore[attr-defined]
+
+
+class PerLayerCausalLM:
+    """Mixin for a family's causal LM: use the per-layer base model."""
+
+    base_model_cls: type[nn.Module]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        self.model = self.base_model_cls(config)
+        self.post_init()  # type: ignore[attr-defined]
+
+
 class PrunedLlamaConfig(LlamaConfig):
     """LlamaConfig with per-layer sizes (``layer_sizes``); top-level sizes are the dense model's."""
 
@@ -76,27 +102,61 @@ class PrunedLlamaConfig(LlamaConfig):
         check_layer_sizes(self)
 
 
-class PrunedLlamaModel(LlamaModel):
+class PrunedLlamaModel(PerLayerModel, LlamaModel):
     config_class = PrunedLlamaConfig
-
-    def __init__(self, config: PrunedLlamaConfig) -> None:
-        super().__init__(config)
-        self.layers = build_layers(LlamaDecoderLayer, config)
-        self.post_init()
+    decoder_layer_cls = LlamaDecoderLayer
 
 
-class PrunedLlamaForCausalLM(LlamaForCausalLM):
+class PrunedLlamaForCausalLM(PerLayerCausalLM, LlamaForCausalLM):
     config_class = PrunedLlamaConfig
+    base_model_cls = PrunedLlamaModel
 
-    def __init__(self, config: PrunedLlamaConfig) -> None:
-        super().__init__(config)
-        self.model = PrunedLlamaModel(config)
-        self.post_init()
+
+class PrunedMistralConfig(MistralConfig):
+    """MistralConfig with per-layer sizes (``layer_sizes``)."""
+
+    model_type = "prunekit_mistral"
+    layer_sizes: list | None = None
+
+    def validate_architecture(self) -> None:
+        check_layer_sizes(self)
+
+
+class PrunedMistralModel(PerLayerModel, MistralModel):
+    config_class = PrunedMistralConfig
+    decoder_layer_cls = MistralDecoderLayer
+
+
+class PrunedMistralForCausalLM(PerLayerCausalLM, MistralForCausalLM):
+    config_class = PrunedMistralConfig
+    base_model_cls = PrunedMistralModel
+
+
+class PrunedQwen2Config(Qwen2Config):
+    """Qwen2Config with per-layer sizes (``layer_sizes``)."""
+
+    model_type = "prunekit_qwen2"
+    layer_sizes: list | None = None
+
+    def validate_architecture(self) -> None:
+        check_layer_sizes(self)
+
+
+class PrunedQwen2Model(PerLayerModel, Qwen2Model):
+    config_class = PrunedQwen2Config
+    decoder_layer_cls = Qwen2DecoderLayer
+
+
+class PrunedQwen2ForCausalLM(PerLayerCausalLM, Qwen2ForCausalLM):
+    config_class = PrunedQwen2Config
+    base_model_cls = PrunedQwen2Model
 
 
 # family -> (pruned config class, pruned base model class, pruned causal-LM class)
 PRUNED_CLASSES: dict[str, tuple[type, type, type]] = {
     "llama": (PrunedLlamaConfig, PrunedLlamaModel, PrunedLlamaForCausalLM),
+    "mistral": (PrunedMistralConfig, PrunedMistralModel, PrunedMistralForCausalLM),
+    "qwen2": (PrunedQwen2Config, PrunedQwen2Model, PrunedQwen2ForCausalLM),
 }
 
 
