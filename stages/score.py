@@ -27,6 +27,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
         calibration=calibration,
         batch_size=params.score.batch_size,
         seed=params.seed,
+        options=params.score.model_dump(),
     )
     scores = CRITERIA.get(params.score.criterion).score(model, adapter, req)
     with atomic_file(args.out) as tmp:

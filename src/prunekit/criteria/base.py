@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ class ScoreRequest:
     calibration: torch.Tensor  # (N, T) token ids
     batch_size: int
     seed: int
+    # The ``score`` section of params.yaml: criterion-specific settings (e.g. LoRA rank for ``lora``).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 Scores = dict[str, torch.Tensor]  # "<unit>.<layer>" -> (count,) float64
