@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from prunekit.params import Params
 from prunekit.runtime import run_stage
 
+log = logging.getLogger("prunekit.stages.prune")
+
 
 def body(params: Params, args: argparse.Namespace) -> None:
+    from prunekit.compensation import compensate
     from prunekit.fsutil import atomic_dir, write_json
     from prunekit.models.loading import load_model
     from prunekit.plan import PlanRequest, make_plan
@@ -20,7 +24,9 @@ def body(params: Params, args: argparse.Namespace) -> None:
 
     p, m = params.prune, params.model
     model, tokenizer, adapter = load_model(args.model, m.dtype, "cpu")
-    scores = read_tensors(Path(args.scores), "scores")
+    tensors = read_tensors(Path(args.scores), "scores")
+    # "<unit>.<layer>" keys are scores; "aux.*" keys are side data (channel means for bias compensation).
+    scores = {k: v for k, v in tensors.items() if not k.startswith("aux.")}
     layers = prunable_layers(len(adapter.layers(model)), p.skip_first, p.skip_last)
     req = PlanRequest(
         target=p.target,
@@ -30,10 +36,18 @@ def body(params: Params, args: argparse.Namespace) -> None:
         tolerance=p.tolerance,
     )
     plan = make_plan(scores, req, p.allocation, criterion=params.score.criterion)
+    dense_names = {name for name, _ in model.named_parameters()}
+    if p.bias_compensation:
+        compensate(model, adapter, plan, tensors)  # before slicing: it reads the removed columns
     apply_plan(model, adapter, plan, mode="slice")
     actual = count_params(model)
-    if actual != plan.params_after:
-        raise RuntimeError(f"sliced model has {actual} parameters, the plan expected {plan.params_after}")
+    # Compensation adds biases the plan does not count (o_proj/down_proj, and zeros on q/k/v/gate/up).
+    added = sum(t.numel() for name, t in model.named_parameters() if name not in dense_names)
+    if actual - added != plan.params_after:
+        raise RuntimeError(f"sliced model has {actual - added} parameters, the plan expected {plan.params_after}")
+    if added:
+        log.info("bias compensation added %d parameters; the reported fraction counts them", added)
+        plan.params_after = actual
     with atomic_dir(args.out) as tmp:
         save_model(model, adapter, tokenizer, tmp)
         meta = {"plan": plan.to_json(), "params": params.model_dump(include={"seed", "score", "prune"})}

@@ -14,6 +14,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from prunekit.criteria import CRITERIA, ScoreRequest
+    from prunekit.criteria.activations import ActivationCriterion
     from prunekit.fsutil import atomic_file
     from prunekit.models.loading import load_model
     from prunekit.stageio import read_tensors
@@ -29,7 +30,13 @@ def body(params: Params, args: argparse.Namespace) -> None:
         seed=params.seed,
         options=params.score.model_dump(),
     )
-    scores = CRITERIA.get(params.score.criterion).score(model, adapter, req)
+    criterion = CRITERIA.get(params.score.criterion)
+    if isinstance(criterion, ActivationCriterion):
+        # The channel means ride along for FLAP bias compensation at prune time (aux.mean.* keys).
+        scores, aux = criterion.score_with_aux(model, adapter, req)
+        scores = {**scores, **aux}
+    else:
+        scores = criterion.score(model, adapter, req)
     with atomic_file(args.out) as tmp:
         save_file(
             {k: v.contiguous() for k, v in scores.items()},

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from test_pruning import assert_generate_matches, logits, random_plan
+from test_pruning import WIDTH_UNITS, assert_generate_matches, logits, random_plan
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prunekit.models.adapters import ADAPTERS, adapter_for
 from prunekit.slicing import apply_plan, save_model
-from prunekit.units import UNITS
 
 SIZES = dict(
     vocab_size=160,
@@ -56,7 +55,7 @@ def test_family_prune_save_reload(family: str, tie: bool, tmp_path, tokenizer) -
     assert adapter.family == family
     if family == "qwen2":
         assert dense.model.layers[0].self_attn.q_proj.bias is not None
-    plan = random_plan(dense, UNITS.names(), seed=5)
+    plan = random_plan(dense, WIDTH_UNITS, seed=5)
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
@@ -76,7 +75,7 @@ def test_family_prune_save_reload(family: str, tie: bool, tmp_path, tokenizer) -
 def test_family_uniform_saves_stock_config(family: str, tmp_path, tokenizer) -> None:
     dense = tiny_family(family, False, len(tokenizer))
     adapter = adapter_for(dense.config)
-    plan = random_plan(dense, UNITS.names(), seed=6, counts={i: 2 for i in range(3)})
+    plan = random_plan(dense, WIDTH_UNITS, seed=6, counts={i: 2 for i in range(3)})
     plan.keep["mlp_channel"] = {i: list(range(32)) for i in range(3)}
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     save_model(sliced, adapter, tokenizer, tmp_path)

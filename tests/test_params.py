@@ -50,10 +50,14 @@ def test_bad_values_name_the_key(raw: dict, message: str) -> None:
             "prune",
             "units",
             ["mlp_chanel"],
-            "params.yaml key 'prune.units[0]': Unknown unit type 'mlp_chanel'. "
-            "Did you mean 'mlp_channel'? Available: attn_kv_group, mlp_channel",
+            "params.yaml key 'prune.units[0]': Unknown unit type 'mlp_chanel'. Did you mean 'mlp_channel'? Available: ",
         ),
-        ("prune", "allocation", "global", "params.yaml key 'prune.allocation': Unknown allocation 'global'"),
+        (
+            "prune",
+            "allocation",
+            "unifrom",
+            "params.yaml key 'prune.allocation': Unknown allocation 'unifrom'. Did you mean 'uniform'?",
+        ),
         ("model", "source", "/nonexistent/model", "params.yaml key 'model.source'"),
         ("data", "evaluation", "python-doc", "params.yaml key 'data.evaluation'"),
         ("prune", "units", [], "params.yaml key 'prune.units': empty"),
@@ -75,3 +79,13 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ParamsError, match="must be a mapping"):
         load_params(tmp_path / "list.yaml")
+
+
+def test_combinations_that_cannot_work_are_refused() -> None:
+    params = parse_params({"prune": {"units": ["attn_query_head", "attn_qk_dim"]}})
+    with pytest.raises(ParamsError, match="attn_query_head cannot be combined with attn_qk_dim"):
+        check_choices(params)
+    params = parse_params({"prune": {"bias_compensation": True}, "score": {"criterion": "l1"}})
+    with pytest.raises(ParamsError, match=r"prune.bias_compensation': needs the mean activations.*flap"):
+        check_choices(params)
+    check_choices(parse_params({"prune": {"bias_compensation": True}, "score": {"criterion": "flap"}}))

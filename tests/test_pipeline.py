@@ -228,7 +228,7 @@ def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tm
     )
     assert out.returncode == 2
     assert "params.yaml key 'score.criterion': Unknown criterion 'tayler'" in out.stderr
-    assert "Available: l1, l2, param_first, random" in out.stderr
+    assert "Available: " in out.stderr and "param_first" in out.stderr.split("Available: ")[1]
     flow = run(
         [sys.executable, "flows/pipeline.py", "run", "-S", "prune.units=[attn_head]"],
         repo,

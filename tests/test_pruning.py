@@ -17,18 +17,30 @@ from prunekit.plan import Plan, PlanRequest, kept_count, make_plan
 from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
 from prunekit.units import UNITS
 
+# The unit types whose widths the tests below check by name (per-layer sizes in the saved config).
+WIDTH_UNITS = ["attn_kv_group", "mlp_channel"]
+
 
 def random_plan(model, units: list[str], seed: int, counts: dict[int, int] | None = None) -> Plan:
-    """Keep a random subset of each unit type in each layer (``counts[layer]`` units, else about half)."""
+    """Keep a random subset of each unit type in each layer (``counts[layer]`` units, else about half).
+
+    Grouped unit types keep the same number in every group (``k // groups``, at least one); whole layers
+    are kept in odd-numbered layers (in every layer named in ``counts``).
+    """
     adapter = adapter_for(model.config)
     gen = torch.Generator().manual_seed(seed)
     keep: dict[str, dict[int, list[int]]] = {}
     for unit in units:
         ut = UNITS.get(unit)
         for idx, layer in enumerate(adapter.layers(model)):
-            n = ut.count(adapter, layer)
+            n, groups = ut.count(adapter, layer), ut.groups(adapter, layer)
+            if ut.whole_layer:
+                keep.setdefault(unit, {})[idx] = [0] if idx % 2 or idx in (counts or {}) else []
+                continue
             k = (counts or {}).get(idx, max(1, n // 2 + idx % 2))
-            keep.setdefault(unit, {})[idx] = sorted(torch.randperm(n, generator=gen)[:k].tolist())
+            size, per = n // groups, max(1, k // groups)
+            kept = [g * size + int(i) for g in range(groups) for i in torch.randperm(size, generator=gen)[:per]]
+            keep.setdefault(unit, {})[idx] = sorted(kept)
     total = count_params(model)
     return Plan(keep=keep, params_before=total, params_after=total, target=0.0, allocation="test")
 
@@ -96,7 +108,7 @@ def assert_generate_matches(model, reference, ids: torch.Tensor, n: int = 8) -> 
 def test_heterogeneous_roundtrip_generate(tmp_path, tokenizer) -> None:
     dense = tiny_model(vocab_size=len(tokenizer))
     adapter = adapter_for(dense.config)
-    plan = random_plan(dense, UNITS.names(), seed=3)  # kept counts differ between layers
+    plan = random_plan(dense, WIDTH_UNITS, seed=3)  # kept counts differ between layers
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
@@ -114,7 +126,7 @@ def test_heterogeneous_roundtrip_generate(tmp_path, tokenizer) -> None:
 def test_uniform_roundtrip_is_stock_llama(tmp_path, tokenizer) -> None:
     dense = tiny_model(vocab_size=len(tokenizer))
     adapter = adapter_for(dense.config)
-    plan = random_plan(dense, UNITS.names(), seed=4, counts={i: 2 for i in range(4)})
+    plan = random_plan(dense, WIDTH_UNITS, seed=4, counts={i: 2 for i in range(4)})
     plan.keep["mlp_channel"] = {i: list(range(0, 64, 2)) for i in range(4)}
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
@@ -148,7 +160,7 @@ def smollm2_shaped() -> LlamaForCausalLM:
 def test_achieved_fraction_within_one_point(target: float) -> None:
     model = smollm2_shaped()
     adapter = adapter_for(model.config)
-    lays = layouts(model, adapter, UNITS.names(), prunable_layers(30, 3, 2))
+    lays = layouts(model, adapter, WIDTH_UNITS, prunable_layers(30, 3, 2))
     scores = {f"{lay.unit}.{lay.layer}": torch.arange(lay.count, dtype=torch.float64) for lay in lays}
     req = PlanRequest(target, count_params(model), lays, {"mlp_channel": 8}, 0.01)
     plan = make_plan(scores, req, "uniform")

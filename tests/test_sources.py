@@ -30,7 +30,6 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from prunekit.errors import PrunekitError
-from prunekit.models import sources
 from prunekit.models.sources import (
     HF_ALLOW_PATTERNS,
     PINNED_WHEELS,
@@ -40,6 +39,7 @@ from prunekit.models.sources import (
     parse_source,
     validate_source,
 )
+from prunekit.models.sources import pypi as sources  # where pip and convert_gguf are looked up (and faked)
 
 TINY = dict(
     hidden_size=32,

@@ -35,5 +35,24 @@ def check_choices(params: Params) -> None:
         check(f"prune.round_to.{unit}", UNITS.get, unit)
         if multiple < 1:
             problems.append(f"params.yaml key 'prune.round_to.{unit}': must be >= 1 (given: {multiple})")
+    units = set(params.prune.units)
+    if "attn_query_head" in units and units & {"attn_qk_dim", "attn_vo_dim"}:
+        # The planner counts each unit type's parameters separately; query heads and head dims share q rows
+        # and o_proj columns, so their joint parameter count is a product it does not model yet.
+        problems.append(
+            "params.yaml key 'prune.units': attn_query_head cannot be combined with attn_qk_dim / attn_vo_dim; "
+            "prune whole heads with attn_kv_group together with head dims instead"
+        )
+    if params.prune.bias_compensation:
+        from prunekit.criteria.activations import ActivationCriterion
+
+        name = params.score.criterion
+        if name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
+            activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]
+            problems.append(
+                f"params.yaml key 'prune.bias_compensation': needs the mean activations an activation-based "
+                f"criterion records; score.criterion is '{name}'. Choose one of {', '.join(activation_based)} "
+                "or set prune.bias_compensation: false"
+            )
     if problems:
         raise ParamsError("\n".join(problems))

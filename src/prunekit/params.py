@@ -53,6 +53,17 @@ class ScoreParams(Section):
 
     criterion: str = "param_first"
     batch_size: int = Field(10, ge=1)
+    # ``lora`` (LoRAPrune): fresh LoRA adapters on the scored modules; base weights get no gradient.
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    # Adam steps on the calibration windows before scoring: at init B = 0, so dL/dA = 0 and the
+    # estimate keeps only its dL/dB @ A term; a few steps make B nonzero so both terms contribute.
+    lora_steps: int = Field(10, ge=0)
+    lora_lr: float = Field(1e-4, gt=0.0)
+    # Every module the pruned units touch must be a target (the criterion errors otherwise).
+    # ``bip``: "strict" is a Lipschitz upper bound on the block-output change; "local" its first-order form.
+    bip_bound: Literal["strict", "local"] = "strict"
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class PruneParams(Section):
@@ -66,6 +77,8 @@ class PruneParams(Section):
     # Kept widths are rounded to a multiple of this, per unit type (speed on GPUs wants multiples of 8).
     round_to: dict[str, int] = {"attn_kv_group": 1, "mlp_channel": 8}
     tolerance: float = Field(0.01, gt=0.0, lt=1.0)
+    # FLAP: fold the calibration mean of removed o_proj / down_proj inputs into a bias (activation criteria).
+    bias_compensation: bool = False
 
 
 class RecoverParams(Section):

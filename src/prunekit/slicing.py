@@ -41,12 +41,26 @@ def prunable_layers(n_layers: int, skip_first: int, skip_last: int) -> list[int]
 
 
 def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> list[UnitLayout]:
-    """The unit counts and sizes the planner needs, for the given unit types and layers."""
+    """The unit counts and sizes the planner needs, for the given unit types and layers.
+
+    A model-wide unit type (``hidden_channel``) gets one layout, at the first of ``layers``, standing for
+    the whole model. It cannot be combined with other unit types: a removed hidden channel shrinks every
+    projection of every layer, so the parameters two types remove overlap and the planner, which adds
+    removals per type, would miscount.
+    """
+    wide = [name for name in units if UNITS.get(name).model_wide]
+    if wide and len(units) > 1:
+        raise PrunekitError(
+            f"prune.units: {wide[0]} spans the whole model and cannot be planned together with other unit "
+            f"types ({[u for u in units if u != wide[0]]}); prune it alone"
+        )
     out = []
     for idx in layers:
         layer = adapter.layers(model)[idx]
         for name in units:
             ut = UNITS.get(name)
+            if ut.model_wide and idx != layers[0]:
+                continue
             out.append(
                 UnitLayout(
                     name,
@@ -54,6 +68,8 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
                     ut.count(adapter, layer),
                     ut.params_per_unit(adapter, layer),
                     ut.groups(adapter, layer),
+                    parent=ut.parent,
+                    whole_layer=ut.whole_layer,
                 )
             )
     return out
@@ -61,24 +77,45 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = "slice") -> nn.Module:
-    """Keep only the plan's units, in place. ``mode="mask"`` zeroes the others instead of removing them."""
+    """Keep only the plan's units, in place. ``mode="mask"`` zeroes the others instead of removing them.
+
+    Every index in a plan numbers the units of the model the plan was made for (the dense model). Unit
+    types are applied in ascending ``UnitType.order`` so that each type's indices are still valid when its
+    turn comes, whatever the order of ``plan.keep``: units inside a parent unit first (query heads before
+    the KV groups that contain them: every group loses the same query heads, so the KV groups stay whole
+    and keep their numbering), then the other width units, then whole layers (width indices are given per
+    dense layer index; removing layers renumbers them). All indices are checked before anything changes.
+    """
     if mode not in ("slice", "mask"):
         raise ValueError(f"mode must be 'slice' or 'mask', got {mode!r}")
-    layers = adapter.layers(model)
-    for unit, per_layer in plan.keep.items():
-        ut = UNITS.get(unit)
-        for idx, keep in per_layer.items():
-            if not 0 <= idx < len(layers):
-                raise PrunekitError(f"plan names layer {idx} but the model has {len(layers)} layers")
-            n = ut.count(adapter, layers[idx])
-            if keep and (max(keep) >= n or min(keep) < 0):
-                raise PrunekitError(f"plan keeps {unit} {max(keep)} of layer {idx}, which has only {n}")
-            ut.apply(adapter, layers[idx], torch.tensor(sorted(keep), dtype=torch.long), mode)
-            if mode == "slice":
-                adapter.refresh_layer(layers[idx])
+    units = sorted(plan.keep, key=lambda u: (UNITS.get(u).order, u))
+    for unit in units:
+        _check_keep(model, adapter, unit, plan.keep[unit])
+    for unit in units:
+        UNITS.get(unit).apply_model(model, adapter, plan.keep[unit], mode)
     if mode == "slice":
         model.config = config_for(model, adapter)
     return model
+
+
+def _check_keep(model: nn.Module, adapter: ModelAdapter, unit: str, per_layer: dict[int, list[int]]) -> None:
+    """PrunekitError unless ``per_layer`` names existing layers and units and keeps equal counts per group."""
+    ut = UNITS.get(unit)
+    layers = adapter.layers(model)
+    for idx, keep in per_layer.items():
+        if not 0 <= idx < len(layers):
+            raise PrunekitError(f"plan names layer {idx} but the model has {len(layers)} layers")
+        n = ut.count(adapter, layers[idx])
+        if keep and (max(keep) >= n or min(keep) < 0):
+            raise PrunekitError(f"plan keeps {unit} {max(keep)} of layer {idx}, which has only {n}")
+        groups = ut.groups(adapter, layers[idx])
+        if groups > 1:
+            per_group = torch.bincount(torch.tensor(keep, dtype=torch.long) // (n // groups), minlength=groups)
+            if (per_group != per_group[0]).any() or per_group[0] == 0:
+                raise PrunekitError(
+                    f"plan keeps {per_group.tolist()} {unit} units in the {groups} groups of layer {idx}; every "
+                    f"group must keep the same number, at least one (plans from make_plan do)"
+                )
 
 
 def config_for(model: nn.Module, adapter: ModelAdapter) -> Any:

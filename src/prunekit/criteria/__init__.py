@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prunekit.criteria import magnitude, taylor  # noqa: F401  (registration)
+from prunekit.criteria import bip, block_influence, flap, lora, magnitude, taylor, transact  # noqa: F401  (registration)
 from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
 
 __all__ = ["CRITERIA", "Criterion", "ScoreRequest", "Scores"]

@@ -6,12 +6,14 @@ Everything prunekit does to a model goes through an adapter, so supporting a fam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models.attention import HeadDimAttention
 from prunekit.models.modeling import LAYER_SIZE_KEYS, PRUNED_CLASSES
 from prunekit.registry import Registry
 
@@ -23,9 +25,63 @@ class LayerSizes:
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    # Within-head widths, only in layers whose head dims are pruned (None: stock attention, dense head_dim).
+    qk_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_pairs: tuple[tuple[int, ...], ...] | None = None  # kept rotary pairs of each k/v head
 
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in LAYER_SIZE_KEYS}
+    @property
+    def head_dims_pruned(self) -> bool:
+        return self.qk_head_dim is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config entry: keys left at None are omitted, so unpruned head dims write what they always did."""
+        out = {k: getattr(self, k) for k in LAYER_SIZE_KEYS if getattr(self, k) is not None}
+        if "rope_pairs" in out:
+            out["rope_pairs"] = [list(p) for p in out["rope_pairs"]]
+        return out
+
+
+# Attribute of each decoder layer (set by ``ModelAdapter.layers``) through which paths such as
+# ``"_prunekit_root.lm_head.weight"`` reach the layer's model.
+ROOT_ATTR = "_prunekit_root"
+
+
+class RootLink(nn.Module):
+    """A weak, unregistered link from a decoder layer to its model.
+
+    Stored in the layer's ``__dict__`` (not ``_modules``), so it is no submodule: it adds nothing to
+    ``parameters()``, ``state_dict()`` or ``modules()``. The reference is weak so that a model is freed as
+    soon as it is dropped (a strong one would make a cycle, freed only by the cyclic GC). Attribute access
+    is forwarded to the model, which is what ``get_submodule`` / ``get_parameter`` walk.
+    """
+
+    def __init__(self, model: nn.Module | None) -> None:
+        super().__init__()
+        self.__dict__["_target"] = weakref.ref(model) if model is not None else None
+
+    @property
+    def target(self) -> nn.Module | None:
+        """The linked model, or None if it was freed (or this link was copied without it)."""
+        ref = self.__dict__["_target"]
+        return ref() if ref is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            return super().__getattr__(name)
+        model = self.target
+        if model is None:
+            raise AttributeError(f"the model this decoder layer belonged to is gone (looking up {name!r})")
+        return getattr(model, name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RootLink:
+        # A deep copy of a model links its copied layers to the copied model (already in ``memo``).
+        model = self.target
+        return RootLink(memo.get(id(model), model) if model is not None else None)
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        # Weak references do not pickle; ``ModelAdapter.layers`` relinks the layers of a loaded model.
+        return (RootLink, (None,))
 
 
 class ModelAdapter:
@@ -39,7 +95,12 @@ class ModelAdapter:
     gate, up, down = "gate_proj", "up_proj", "down_proj"
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_decoder().layers
+        layers = model.get_decoder().layers
+        for layer in layers:
+            # Model-wide units (units/hidden.py) own parameters outside any layer, and every caller
+            # resolves members as ``layer.get_parameter(path)``: a layer names its model through this link.
+            layer.__dict__[ROOT_ATTR] = RootLink(model)
+        return layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.attn_path)
@@ -50,16 +111,27 @@ class ModelAdapter:
     def head_dim(self, model: nn.Module) -> int:
         return int(self.attention(self.layers(model)[0]).head_dim)
 
+    def qk_head_dim(self, attn: nn.Module) -> int:
+        """Width of one query or key head: ``head_dim`` unless the layer's q/k dims are pruned."""
+        return int(attn.qk_head_dim if isinstance(attn, HeadDimAttention) else attn.head_dim)
+
+    def v_head_dim(self, attn: nn.Module) -> int:
+        """Width of one value head (and of each query head's o_proj columns)."""
+        return int(attn.v_head_dim if isinstance(attn, HeadDimAttention) else attn.head_dim)
+
     def layer_sizes(self, model: nn.Module, layer_idx: int) -> LayerSizes:
         """Read the sizes of one layer from its weights (the source of truth after slicing)."""
         layer = self.layers(model)[layer_idx]
         attn, mlp = self.attention(layer), self.mlp(layer)
-        hd = int(attn.head_dim)
-        return LayerSizes(
-            num_attention_heads=getattr(attn, self.q).out_features // hd,
-            num_key_value_heads=getattr(attn, self.k).out_features // hd,
+        qk = self.qk_head_dim(attn)
+        sizes = LayerSizes(
+            num_attention_heads=getattr(attn, self.q).out_features // qk,
+            num_key_value_heads=getattr(attn, self.k).out_features // qk,
             intermediate_size=getattr(mlp, self.gate).out_features,
         )
+        if isinstance(attn, HeadDimAttention):
+            sizes = replace(sizes, qk_head_dim=qk, v_head_dim=attn.v_head_dim, rope_pairs=attn.rope_pairs())
+        return sizes
 
     def refresh_layer(self, layer: nn.Module) -> None:
         """Recompute attributes that modules derive from their sizes, after slicing."""
@@ -74,6 +146,8 @@ class ModelAdapter:
 
     def stock_config(self, config: Any, sizes: LayerSizes) -> Any:
         """The family's stock config with uniform ``sizes``; raises ValueError if stock rejects them."""
+        if sizes.head_dims_pruned:
+            raise ValueError("stock attention has one head_dim for q, k and v and no kept rotary pairs")
         stock_cls = type(config).__mro__[1] if config.model_type.startswith("prunekit_") else type(config)
         data = config.to_dict()
         for key in ("layer_sizes", "model_type", "architectures", "transformers_version"):

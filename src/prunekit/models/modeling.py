@@ -5,7 +5,9 @@ so stock transformers loads it without prunekit. When layers differ, the config 
 family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_type = "prunekit_<family>"``;
 ``import prunekit`` registers these with the Auto classes, so ``AutoModelForCausalLM.from_pretrained``
 loads them. The model classes subclass the family's own modules (no vendored modeling code): each
-decoder layer is built from a copy of the config carrying that layer's sizes.
+decoder layer is built from a copy of the config carrying that layer's sizes. Layers whose head dims are
+pruned (q/k and v widths of their own, which no stock config can express) get the family's attention
+subclass from :mod:`prunekit.models.attention`; the others keep the stock attention.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, Mi
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
+from prunekit.models.attention import HeadDimLlamaAttention, HeadDimMistralAttention, HeadDimQwen2Attention
+
+# Within-head widths of a layer whose head dims are pruned (all three or none; none: stock attention).
+# ``rope_pairs`` lists, per k/v head, the kept rotary pairs (frequency indices in [0, head_dim / 2)).
+HEAD_DIM_KEYS = ("qk_head_dim", "v_head_dim", "rope_pairs")
 # Keys of one entry of ``layer_sizes``: the per-layer config attributes that pruning changes.
-LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", *HEAD_DIM_KEYS)
 
 
 def layer_config(config: Any, layer_idx: int) -> Any:
@@ -52,15 +59,46 @@ def check_layer_sizes(config: Any) -> None:
             raise ValueError(f"layer_sizes[{i}]: {heads} query heads cannot share {kv} key/value heads")
         if entry.get("intermediate_size", config.intermediate_size) < 1:
             raise ValueError(f"layer_sizes[{i}]: intermediate_size must be positive")
+        _check_head_dims(i, entry, getattr(config, "head_dim", None) or config.hidden_size // heads, kv)
 
 
-def build_layers(layer_cls: type[nn.Module], config: Any) -> nn.ModuleList:
+def _check_head_dims(i: int, entry: dict[str, Any], head_dim: int, kv: int) -> None:
+    """Raise ValueError unless the within-head widths of ``layer_sizes[i]`` are absent or consistent."""
+    present = [k for k in HEAD_DIM_KEYS if k in entry]
+    if not present:
+        return
+    if len(present) != len(HEAD_DIM_KEYS):
+        raise ValueError(f"layer_sizes[{i}] has {present}: give all of {HEAD_DIM_KEYS} or none")
+    qk, v, pairs = (entry[k] for k in HEAD_DIM_KEYS)
+    if qk < 2 or qk % 2 or qk > head_dim:
+        raise ValueError(f"layer_sizes[{i}]: qk_head_dim={qk} must be even (rotary pairs) and in [2, {head_dim}]")
+    if not 1 <= v <= head_dim:
+        raise ValueError(f"layer_sizes[{i}]: v_head_dim={v} must be in [1, {head_dim}]")
+    if len(pairs) != kv or any(len(p) != qk // 2 for p in pairs):
+        raise ValueError(f"layer_sizes[{i}]: rope_pairs must list {qk // 2} pairs for each of {kv} key/value heads")
+    for p in pairs:
+        if list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= head_dim // 2:
+            raise ValueError(
+                f"layer_sizes[{i}]: rope_pairs {list(p)} must be ascending, distinct, in [0, {head_dim // 2})"
+            )
+
+
+def build_layer(layer_cls: type[nn.Module], config: Any, idx: int, attention_cls: type[nn.Module]) -> nn.Module:
+    """Decoder layer ``idx`` with its sizes; ``attention_cls`` replaces the attention if its head dims are pruned."""
+    cfg = layer_config(config, idx)
+    layer = layer_cls(cfg, idx)
+    if getattr(cfg, "qk_head_dim", None) is not None:
+        layer.self_attn = attention_cls(cfg, idx)
+    return layer
+
+
+def build_layers(layer_cls: type[nn.Module], config: Any, attention_cls: type[nn.Module]) -> nn.ModuleList:
     """Decoder layers with per-layer sizes, all sharing ``config`` afterwards.
 
     Modules keep a reference to the config they were built with and read run-time settings from it
     (``_attn_implementation``); pointing them back at the shared config keeps those settings global.
     """
-    layers = nn.ModuleList(layer_cls(layer_config(config, i), i) for i in range(config.num_hidden_layers))
+    layers = nn.ModuleList(build_layer(layer_cls, config, i, attention_cls) for i in range(config.num_hidden_layers))
     for layer in layers:
         for module in layer.modules():
             if getattr(module, "config", None) is not None and module is not layer:
@@ -72,10 +110,11 @@ class PerLayerModel:
     """Mixin for a family's base model: rebuild the decoder layers with per-layer sizes."""
 
     decoder_layer_cls: type[nn.Module]
+    attention_cls: type[nn.Module]  # for layers whose head dims are pruned
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)  # type: ignore[call-arg]
-        self.layers = build_layers(self.decoder_layer_cls, config)
+        self.layers = build_layers(self.decoder_layer_cls, config, self.attention_cls)
         self.post_init()  # type: ignore[attr-defined]
 
 
@@ -105,6 +144,7 @@ class PrunedLlamaConfig(LlamaConfig):
 class PrunedLlamaModel(PerLayerModel, LlamaModel):
     config_class = PrunedLlamaConfig
     decoder_layer_cls = LlamaDecoderLayer
+    attention_cls = HeadDimLlamaAttention
 
 
 class PrunedLlamaForCausalLM(PerLayerCausalLM, LlamaForCausalLM):
@@ -125,6 +165,7 @@ class PrunedMistralConfig(MistralConfig):
 class PrunedMistralModel(PerLayerModel, MistralModel):
     config_class = PrunedMistralConfig
     decoder_layer_cls = MistralDecoderLayer
+    attention_cls = HeadDimMistralAttention
 
 
 class PrunedMistralForCausalLM(PerLayerCausalLM, MistralForCausalLM):
@@ -145,6 +186,7 @@ class PrunedQwen2Config(Qwen2Config):
 class PrunedQwen2Model(PerLayerModel, Qwen2Model):
     config_class = PrunedQwen2Config
     decoder_layer_cls = Qwen2DecoderLayer
+    attention_cls = HeadDimQwen2Attention
 
 
 class PrunedQwen2ForCausalLM(PerLayerCausalLM, Qwen2ForCausalLM):

@@ -5,7 +5,7 @@ Each module registers its unit types when imported; add a module here to add uni
 
 from __future__ import annotations
 
-from prunekit.units import width  # noqa: F401  (registration)
+from prunekit.units import head_dims, heads, hidden, layers, width  # noqa: F401  (registration)
 from prunekit.units.base import UNITS, Member, UnitType, unit_indices
 
 __all__ = ["UNITS", "Member", "UnitType", "unit_indices"]

@@ -9,7 +9,7 @@ new unit type only has to describe its members.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,12 +22,32 @@ from prunekit.registry import Registry
 class Member:
     """Unit ``u`` owns ``[u * width, (u + 1) * width)`` along ``dim`` of parameter ``path``.
 
-    ``path`` is relative to the decoder layer, e.g. ``"self_attn.q_proj.weight"``.
+    ``path`` is relative to the decoder layer, e.g. ``"self_attn.q_proj.weight"``. Units whose entries are
+    not contiguous (a rotary pair is dims i and i + d/2 of every query head of a KV group) list them in
+    ``index``: a (units, width) long tensor whose row ``u`` holds the ``width`` entries unit ``u`` owns.
     """
 
     path: str
     dim: int
     width: int
+    index: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.index is not None and (self.index.dim() != 2 or self.index.shape[1] != self.width):
+            raise ValueError(f"Member {self.path}: index must be (units, {self.width}), got {tuple(self.index.shape)}")
+
+    def entries(self, units: torch.Tensor) -> torch.Tensor:
+        """The axis entries owned by ``units``, ascending: slicing keeps the surviving entries' order."""
+        if self.index is None:
+            return unit_indices(units, self.width)
+        return self.index[units.long()].reshape(-1).sort().values
+
+    def per_unit(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """``values`` (shaped like the parameter) regrouped to (n, everything unit u owns)."""
+        moved = values.movedim(self.dim, 0)
+        if self.index is None:
+            return moved.reshape(n, -1)
+        return moved[self.index.to(moved.device)].reshape(n, -1)
 
 
 class UnitType(ABC):
@@ -35,6 +55,24 @@ class UnitType(ABC):
 
     name = ""
     description = ""
+    # Each group of this type's units (see ``groups``) lies inside one unit of ``parent`` (query heads
+    # inside KV groups): the planner then counts only the removals in the parent units that stay.
+    parent = ""
+    # A unit that is the whole decoder layer (depth pruning): planned globally, kept 0 or 1 times per layer.
+    whole_layer = False
+    # A unit that spans the whole model (a hidden channel): one layout, at the first pruned layer's index,
+    # stands for the model; its members reach outside that layer (``ModelAdapter.layers`` links a layer
+    # to its model). See units/hidden.py.
+    model_wide = False
+
+    @property
+    def order(self) -> int:
+        """Application order in ``apply_plan`` (ascending): a plan's indices all number the dense model's
+        units, so units inside a parent go first (the parent's numbering survives them), whole layers last
+        (width indices are per layer index)."""
+        if self.whole_layer:
+            return 2
+        return 0 if self.parent else 1
 
     @abstractmethod
     def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
@@ -61,25 +99,32 @@ class UnitType(ABC):
         n = self.count(adapter, layer)
         out = torch.zeros(n, dtype=torch.float64)
         for m in self.members(adapter, layer):
-            e = elementwise[m.path]
-            out += e.movedim(m.dim, 0).reshape(n, -1).sum(dim=1).to(torch.float64).cpu()
+            out += m.per_unit(elementwise[m.path], n).sum(dim=1).to(torch.float64).cpu()
         return out
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
         """Keep only units ``keep`` (sorted indices): ``mode="slice"`` shrinks, ``"mask"`` zeroes the rest."""
-        n = self.count(adapter, layer)
         for m in self.members(adapter, layer):
             owner, attr = _owner(layer, m.path)
             p = getattr(owner, attr)
-            rows = unit_indices(keep, m.width).to(p.device)
+            rows = m.entries(keep).to(p.device)
             if mode == "slice":
                 new = p.data.index_select(m.dim, rows).clone()
                 setattr(owner, attr, nn.Parameter(new, requires_grad=p.requires_grad))
                 _fix_features(owner)
             else:
-                drop = torch.ones(n * m.width, dtype=torch.bool, device=p.device)
+                drop = torch.ones(p.shape[m.dim], dtype=torch.bool, device=p.device)
                 drop[rows] = False
                 p.data.index_fill_(m.dim, drop.nonzero().squeeze(1), 0.0)
+
+    def apply_model(self, model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
+        """Apply ``keep`` (layer index -> kept unit indices) to the model; unit types that change the
+        layer list (``whole_layer``) override this."""
+        layers = adapter.layers(model)
+        for idx, kept in keep.items():
+            self.apply(adapter, layers[idx], torch.tensor(sorted(kept), dtype=torch.long), mode)
+            if mode == "slice":
+                adapter.refresh_layer(layers[idx])
 
 
 def unit_indices(keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.attention import HeadDimAttention
 from prunekit.units.base import UNITS, Member, UnitType
 
 
@@ -16,24 +18,31 @@ class AttnKVGroup(UnitType):
 
     def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         attn = adapter.attention(layer)
-        return getattr(attn, adapter.k).out_features // attn.head_dim
+        return getattr(attn, adapter.k).out_features // adapter.qk_head_dim(attn)
 
     def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
         attn = adapter.attention(layer)
-        hd = int(attn.head_dim)
-        q_width = hd * getattr(attn, adapter.q).out_features // getattr(attn, adapter.k).out_features
+        # q/k and v/o head widths differ once head dims are pruned (units/head_dims.py).
+        qk, v = adapter.qk_head_dim(attn), adapter.v_head_dim(attn)
+        n_rep = getattr(attn, adapter.q).out_features // getattr(attn, adapter.k).out_features
         a = adapter.attn_path
         out = [
-            Member(f"{a}.{adapter.q}.weight", 0, q_width),
-            Member(f"{a}.{adapter.k}.weight", 0, hd),
-            Member(f"{a}.{adapter.v}.weight", 0, hd),
-            Member(f"{a}.{adapter.o}.weight", 1, q_width),
+            Member(f"{a}.{adapter.q}.weight", 0, n_rep * qk),
+            Member(f"{a}.{adapter.k}.weight", 0, qk),
+            Member(f"{a}.{adapter.v}.weight", 0, v),
+            Member(f"{a}.{adapter.o}.weight", 1, n_rep * v),
         ]
         # Families with q/k/v biases (Qwen2) slice them with their rows.
-        for proj, width in ((adapter.q, q_width), (adapter.k, hd), (adapter.v, hd)):
+        for proj, width in ((adapter.q, n_rep * qk), (adapter.k, qk), (adapter.v, v)):
             if getattr(getattr(attn, proj), "bias", None) is not None:
                 out.append(Member(f"{a}.{proj}.bias", 0, width))
         return out
+
+    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+        super().apply(adapter, layer, keep, mode)
+        attn = adapter.attention(layer)
+        if mode == "slice" and isinstance(attn, HeadDimAttention):
+            attn.keep_kv_heads(keep)  # the kept k/v heads' rotary pairs
 
 
 class MLPChannel(UnitType):

@@ -1,0 +1,85 @@
+"""Every registered criterion at targets 0.2 and 0.5 of all parameters, without recovery.
+
+For each criterion: scoring time, then for each target the achieved fraction and the evaluation
+perplexity (LLM-Pruner protocol, evaluate.seq_len tokens), on the default model and the given data.
+
+    python benchmarks/criteria.py [DATA] [--model models/base] [--criteria l1 l2 ...] [--targets 0.2 0.5]
+    python benchmarks/criteria.py ../shared/data/c4/c4_validation_2k.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    from common import add_common_args, make_setup
+
+    from prunekit.criteria import CRITERIA, ScoreRequest
+    from prunekit.errors import PrunekitError
+    from prunekit.evaluation import perplexity
+    from prunekit.models.loading import load_model
+    from prunekit.params import load_params
+    from prunekit.plan import PlanRequest, make_plan
+    from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.units import UNITS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--criteria", nargs="*", default=None, help="default: every registered criterion")
+    parser.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.5])
+    args = parser.parse_args()
+    params = load_params(args.params)
+    setup = make_setup(args)
+    dense, _, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)
+    p = params.prune
+    n_layers = len(adapter.layers(dense))
+    dense_ppl = perplexity(dense, setup.evaluation, params.evaluate.batch_size)["ppl"]
+    print(
+        f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, "
+        f"units {', '.join(p.units)}, allocation {p.allocation}, layers {p.skip_first}..{n_layers - p.skip_last - 1}"
+    )
+    print(f"dense perplexity: {dense_ppl:.2f}\n")
+    print("| criterion | scoring s | " + " | ".join(f"achieved @{t} | ppl @{t}" for t in args.targets) + " |")
+    print("|---|---|" + "---|---|" * len(args.targets))
+    for name in args.criteria or CRITERIA.names():
+        units = [u for u in p.units if u in UNITS]
+        req = ScoreRequest(
+            units,
+            list(range(n_layers)),
+            setup.calibration,
+            params.score.batch_size,
+            params.seed,
+            params.score.model_dump(),
+        )
+        start = time.perf_counter()
+        try:
+            scores = CRITERIA.get(name).score(dense, adapter, req)
+        except PrunekitError as e:  # e.g. a criterion for other unit types (block_influence: layers)
+            print(f"| {name} | - | " + " | ".join("- | -" for _ in args.targets) + f" |  ({e})")
+            continue
+        seconds = time.perf_counter() - start
+        cells = []
+        for target in args.targets:
+            lays = layouts(dense, adapter, units, prunable_layers(n_layers, p.skip_first, p.skip_last))
+            plan = make_plan(
+                scores,
+                PlanRequest(target, count_params(dense), lays, dict(p.round_to), p.tolerance),
+                p.allocation,
+                criterion=name,
+            )
+            pruned = apply_plan(copy.deepcopy(dense), adapter, plan)
+            ppl = perplexity(pruned, setup.evaluation, params.evaluate.batch_size)["ppl"]
+            cells.append(f"{plan.achieved:.4f} | {ppl:.2f}")
+            del pruned
+        print(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

