@@ -58,6 +58,7 @@ class ScoreParams(Section):
     lora_alpha: float = Field(16.0, gt=0.0)
     # Adam steps on the calibration windows before scoring: at init B = 0, so dL/dA = 0 and the
     # estimate keeps only its dL/dB @ A term; a few steps make B nonzero so both terms contribute.
+    # Each step costs one forward + backward pass of a calibration batch.
     lora_steps: int = Field(10, ge=0)
     lora_lr: float = Field(1e-4, gt=0.0)
     # Every module the pruned units touch must be a target (the criterion errors otherwise).

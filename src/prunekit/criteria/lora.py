@@ -6,7 +6,9 @@ Source: Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Ef
 One-shot form: fresh LoRA adapters (peft, rank r, alpha, dropout 0) are attached to the target modules of
 the requested layers; every base parameter has ``requires_grad=False`` for the whole scoring, so the
 backward passes store gradients for the adapters only (r * (in + out) numbers per module instead of
-in * out: that is the memory saving). After ``lora_steps`` Adam steps on the calibration windows, the
+in * out: that is the memory saving; it lowers the peak only where weight gradients outweigh the saved
+activations, i.e. large models or small calibration batches). After ``lora_steps`` Adam steps on the
+calibration windows (each one forward and backward pass of a batch, as costly as ``param_first``'s), the
 gradients G_A, G_B of the mean LM loss over all calibration windows are accumulated and, per module,
 
     G_hat = s * (G_B @ A + B @ G_A - eta * G_B @ G_A)          (estimated gradient of the merged weight)
@@ -124,6 +126,7 @@ def train_adapters(peft_model: nn.Module, params: list[nn.Parameter], req: Score
     opt = torch.optim.Adam(params, lr=cfg.lora_lr)
     device = next(peft_model.parameters()).device
     starts = list(range(0, req.calibration.shape[0], req.batch_size))
+    losses = []
     for step in tqdm(range(cfg.lora_steps), desc="LoRA steps", unit="step"):
         start = starts[step % len(starts)]
         batch = req.calibration[start : start + req.batch_size].to(device)
@@ -133,6 +136,9 @@ def train_adapters(peft_model: nn.Module, params: list[nn.Parameter], req: Score
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    if losses:
+        log.info("lora: %d adapter steps, batch loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
 
 
 @dataclass(frozen=True)
