@@ -190,45 +190,25 @@ def test_flow_runs_experiment(repo: Path, prefect_env: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
     bad = yaml.safe_load((repo / "params.yaml").read_text())
+
+    def download_data_with(params: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        cmd = [sys.executable, str(repo / "stages/download.py"), "data", "--out", str(tmp_path / "text"),
+               "--params", str(tmp_path / "params.yaml")]  # fmt: skip
+        return run(cmd, repo, prefect_env, check=False)
+
     bad["prune"]["target"] = 1.5
     bad["score"]["criterion"] = "tayler"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
-    out = run(
-        [
-            sys.executable,
-            str(repo / "stages/download.py"),
-            "data",
-            "--out",
-            str(tmp_path / "text"),
-            "--params",
-            str(tmp_path / "params.yaml"),
-        ],
-        repo,
-        prefect_env,
-        check=False,
-    )
+    out = download_data_with(bad)
     assert out.returncode == 2
     assert "params.yaml key 'prune.target': Input should be less than 1" in out.stderr
     assert not (tmp_path / "text").exists()
     bad["prune"]["target"] = 0.2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
-    out = run(
-        [
-            sys.executable,
-            str(repo / "stages/download.py"),
-            "data",
-            "--out",
-            str(tmp_path / "text"),
-            "--params",
-            str(tmp_path / "params.yaml"),
-        ],
-        repo,
-        prefect_env,
-        check=False,
-    )
+    out = download_data_with(bad)
     assert out.returncode == 2
     assert "params.yaml key 'score.criterion': Unknown criterion 'tayler'" in out.stderr
     assert "Available: " in out.stderr and "param_first" in out.stderr.split("Available: ")[1]
+    assert not (tmp_path / "text").exists()
     flow = run(
         [sys.executable, "flows/pipeline.py", "run", "-S", "prune.units=[attn_head]"],
         repo,
