@@ -48,37 +48,42 @@ def main() -> None:
     print(f"dense perplexity: {dense_ppl:.2f}\n")
     print("| criterion | scoring s | " + " | ".join(f"achieved @{t} | ppl @{t}" for t in args.targets) + " |")
     print("|---|---|" + "---|---|" * len(args.targets))
+
+    def request(units: list[str]) -> ScoreRequest:
+        return ScoreRequest(
+            units, list(range(n_layers)), setup.calibration, params.score.batch_size, params.seed,
+            params.score.model_dump(),
+        )  # fmt: skip
+
+    notes: list[str] = []
     for name in args.criteria or CRITERIA.names():
         units = [u for u in p.units if u in UNITS]
-        req = ScoreRequest(
-            units,
-            list(range(n_layers)),
-            setup.calibration,
-            params.score.batch_size,
-            params.seed,
-            params.score.model_dump(),
-        )
         start = time.perf_counter()
         try:
-            scores = CRITERIA.get(name).score(dense, adapter, req)
-        except PrunekitError as e:  # e.g. a criterion for other unit types (block_influence: layers)
-            print(f"| {name} | - | " + " | ".join("- | -" for _ in args.targets) + f" |  ({e})")
-            continue
+            scores = CRITERIA.get(name).score(dense, adapter, request(units))
+        except PrunekitError:  # a criterion for whole layers only (block_influence): prune layers with it
+            units = ["layer"]
+            start = time.perf_counter()
+            scores = CRITERIA.get(name).score(dense, adapter, request(units))
         seconds = time.perf_counter() - start
         cells = []
         for target in args.targets:
             lays = layouts(dense, adapter, units, prunable_layers(n_layers, p.skip_first, p.skip_last))
-            plan = make_plan(
-                scores,
-                PlanRequest(target, count_params(dense), lays, dict(p.round_to), p.tolerance),
-                p.allocation,
-                criterion=name,
-            )
+            req = PlanRequest(target, count_params(dense), lays, dict(p.round_to), p.tolerance)
+            try:
+                plan = make_plan(scores, req, p.allocation, criterion=name)
+            except PrunekitError as e:  # e.g. whole layers cannot hit the target within the tolerance
+                cells.append("n/a | n/a")
+                notes.append(f"{name} @{target}: {e}")
+                continue
             pruned = apply_plan(copy.deepcopy(dense), adapter, plan)
             ppl = perplexity(pruned, setup.evaluation, params.evaluate.batch_size)["ppl"]
             cells.append(f"{plan.achieved:.4f} | {ppl:.2f}")
             del pruned
+        name = name if units != ["layer"] else f"{name} (layer unit)"
         print(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + " |", flush=True)
+    for note in notes:
+        print(f"\n{note}")
 
 
 if __name__ == "__main__":
