@@ -89,19 +89,19 @@ def _hand_sum(model, c: int, f) -> float:
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_l1_score_is_the_hand_sum_and_the_same_at_every_layer_index(tie: bool) -> None:
+def test_l1_score_is_the_hand_sum_and_scored_once(tie: bool) -> None:
     model = tiny_model(tie_word_embeddings=tie)
     adapter = adapter_for(model.config)
     req = ScoreRequest(units=[HC], layers=[1, 2], calibration=torch.zeros(1, 4, dtype=torch.long), batch_size=1, seed=0)
     scores = CRITERIA.get("l1").score(model, adapter, req)
-    assert scores[f"{HC}.1"].shape == (D,)
-    assert torch.equal(scores[f"{HC}.1"], scores[f"{HC}.2"])  # model-wide: the index only anchors it
+    assert list(scores) == [f"{HC}.0"]  # model-wide: scored once, named by layer 0
+    assert scores[f"{HC}.0"].shape == (D,)
     for c in (0, 17, 47):
-        assert scores[f"{HC}.1"][c].item() == pytest.approx(hand_sum(model, c, torch.abs), rel=1e-6)
+        assert scores[f"{HC}.0"][c].item() == pytest.approx(hand_sum(model, c, torch.abs), rel=1e-6)
     # The embedding column alone is a large part; a score missing it (or lm_head) would not match.
     assert hand_sum(model, 17, torch.abs) - model.model.embed_tokens.weight[:, 17].abs().sum() > 0
     rnd = CRITERIA.get("random").score(model, adapter, req)
-    assert rnd[f"{HC}.1"].shape == (D,)
+    assert list(rnd) == [f"{HC}.0"] and rnd[f"{HC}.0"].shape == (D,)
 
 
 def test_param_first_is_the_hand_sum_of_weight_times_gradient() -> None:
@@ -109,7 +109,7 @@ def test_param_first_is_the_hand_sum_of_weight_times_gradient() -> None:
     adapter = adapter_for(model.config)
     calib = torch.randint(1, 128, (3, 9), generator=torch.Generator().manual_seed(1))
     req = ScoreRequest(units=[HC], layers=[1], calibration=calib, batch_size=2, seed=0)
-    scores = CRITERIA.get("param_first").score(model, adapter, req)[f"{HC}.1"]
+    scores = CRITERIA.get("param_first").score(model, adapter, req)[f"{HC}.0"]
     ref = copy.deepcopy(model)
     ref(input_ids=calib, labels=calib).loss.backward()  # the mean NLL over all windows (equal lengths)
     grads = {id(p): p.grad for p in ref.parameters()}
@@ -210,14 +210,14 @@ def test_plan_is_one_model_wide_layout_and_counts_match(tmp_path, tokenizer) -> 
     dense = tiny_model(vocab_size=len(tokenizer))
     adapter = adapter_for(dense.config)
     lays = layouts(dense, adapter, [HC], prunable_layers(4, 1, 1))
-    assert [(lay.unit, lay.layer, lay.count) for lay in lays] == [(HC, 1, D)]
+    assert [(lay.unit, lay.layer, lay.count) for lay in lays] == [(HC, 0, D)]
     req = ScoreRequest(units=[HC], layers=[1, 2], calibration=torch.zeros(1, 4, dtype=torch.long), batch_size=1, seed=0)
     scores = CRITERIA.get("l1").score(dense, adapter, req)
     total = count_params(dense)
     plan = make_plan(scores, PlanRequest(0.15, total, lays, {HC: 8}, 0.03), "uniform", "l1")
-    kept = plan.keep[HC][1]
+    kept = plan.keep[HC][0]
     assert len(kept) == 40  # 48 * 0.85 = 40.8 -> a multiple of 8
-    assert set(kept) == set(torch.argsort(scores[f"{HC}.1"], descending=True)[:40].tolist())
+    assert set(kept) == set(torch.argsort(scores[f"{HC}.0"], descending=True)[:40].tolist())
     assert plan.params_after == total - 8 * lays[0].params_per_unit
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
@@ -239,9 +239,9 @@ def test_threshold_allocations_plan_hidden_channels(model, allocation: str) -> N
     the lowest-scored channels go, and the sliced model has the plan's parameter count."""
     adapter = adapter_for(model.config)
     lays = layouts(model, adapter, [HC], prunable_layers(4, 1, 1))
-    scores = {f"{HC}.1": torch.linspace(0.0, 1.0, D, dtype=torch.float64).flip(0)}  # channel 0 most important
+    scores = {f"{HC}.0": torch.linspace(0.0, 1.0, D, dtype=torch.float64).flip(0)}  # channel 0 most important
     plan = make_plan(scores, PlanRequest(0.15, count_params(model), lays, {HC: 8}, 0.03), allocation)
-    assert plan.keep[HC][1] == list(range(40))
+    assert plan.keep[HC][0] == list(range(40))
     sliced = apply_plan(copy.deepcopy(model), adapter, plan, mode="slice")
     assert count_params(sliced) == plan.params_after
 

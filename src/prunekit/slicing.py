@@ -43,7 +43,7 @@ def prunable_layers(n_layers: int, skip_first: int, skip_last: int) -> list[int]
 def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> list[UnitLayout]:
     """The unit counts and sizes the planner needs, for the given unit types and layers.
 
-    A model-wide unit type (``hidden_channel``) gets one layout, at the first of ``layers``, standing for
+    A model-wide unit type (``hidden_channel``) gets one layout, named by layer 0 (whatever ``layers``), for
     the whole model. It cannot be combined with other unit types: a removed hidden channel shrinks every
     projection of every layer, so the parameters two types remove overlap and the planner, which adds
     removals per type, would miscount.
@@ -54,25 +54,22 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
             f"prune.units: {wide[0]} spans the whole model and cannot be planned together with other unit "
             f"types ({[u for u in units if u != wide[0]]}); prune it alone"
         )
-    out = []
-    for idx in layers:
-        layer = adapter.layers(model)[idx]
-        for name in units:
-            ut = UNITS.get(name)
-            if ut.model_wide and idx != layers[0]:
-                continue
-            out.append(
-                UnitLayout(
-                    name,
-                    idx,
-                    ut.count(adapter, layer),
-                    ut.params_per_unit(adapter, layer),
-                    ut.groups(adapter, layer),
-                    parent=ut.parent,
-                    whole_layer=ut.whole_layer,
-                )
-            )
+    out = [_layout(model, adapter, name, 0) for name in wide]  # model-wide: one layout, named by layer 0
+    out += [_layout(model, adapter, name, idx) for idx in layers for name in units if name not in wide]
     return out
+
+
+def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
+    ut, layer = UNITS.get(name), adapter.layers(model)[idx]
+    return UnitLayout(
+        name,
+        idx,
+        ut.count(adapter, layer),
+        ut.params_per_unit(adapter, layer),
+        ut.groups(adapter, layer),
+        parent=ut.parent,
+        whole_layer=ut.whole_layer,
+    )
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def reduce_elementwise(
     layers = adapter.layers(model)
     for unit in req.units:
         ut = UNITS.get(unit)
-        for idx in req.layers:
+        for idx in ut.score_layers(req.layers):
             layer = layers[idx]
             values = {m.path: elementwise(layer.get_parameter(m.path)) for m in ut.members(adapter, layer)}
             out[f"{unit}.{idx}"] = ut.reduce(adapter, layer, values)

@@ -21,7 +21,7 @@ class RandomCriterion(Criterion):
         return {
             f"{unit}.{idx}": torch.rand(UNITS.get(unit).count(adapter, layers[idx]), generator=gen, dtype=torch.float64)
             for unit in req.units
-            for idx in req.layers
+            for idx in UNITS.get(unit).score_layers(req.layers)
         }
 
 

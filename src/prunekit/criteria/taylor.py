@@ -79,7 +79,7 @@ def member_parameters(model: nn.Module, adapter: ModelAdapter, req: ScoreRequest
     wanted = {
         id(layers[idx].get_parameter(m.path))
         for unit in req.units
-        for idx in req.layers
+        for idx in UNITS.get(unit).score_layers(req.layers)
         for m in UNITS.get(unit).members(adapter, layers[idx])
     }
     return [p for p in model.parameters() if id(p) in wanted]

@@ -65,6 +65,11 @@ class UnitType(ABC):
     # to its model). See units/hidden.py.
     model_wide = False
 
+    def score_layers(self, layers: list[int]) -> list[int]:
+        """Layer indices at which to score this type: each requested layer, or only index 0 for a
+        model-wide type (its units and scores are the same whichever layer names them)."""
+        return [0] if self.model_wide else list(layers)
+
     @property
     def order(self) -> int:
         """Application order in ``apply_plan`` (ascending): a plan's indices all number the dense model's
