@@ -53,6 +53,9 @@ class ScoreParams(Section):
 
     criterion: str = "param_first"
     batch_size: int = Field(10, ge=1)
+    # Gradient criteria: recompute each decoder layer in the backward pass instead of keeping its
+    # activations (about a third more compute, activation memory of one layer instead of all).
+    gradient_checkpointing: bool = True
     # ``lora`` (LoRAPrune): fresh LoRA adapters on the scored modules; base weights get no gradient.
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0.0)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from prunekit.errors import PrunekitError
+from prunekit.lmloss import lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tup
             order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
         batch = blocks[order[pos : pos + cfg.batch_size]].to(device)
         pos += cfg.batch_size
-        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss = lm_loss(peft_model, batch)  # logits chunked: the LM head's memory of one chunk at a time
         if not torch.isfinite(loss):
             raise PrunekitError(
                 f"LoRA loss became {loss.item()} at step {len(losses)}; lower recover.learning_rate or "

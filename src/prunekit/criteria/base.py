@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.params import ScoreParams
 from prunekit.registry import Registry
 from prunekit.units import UNITS
 
@@ -29,6 +30,11 @@ class ScoreRequest:
 
 
 Scores = dict[str, torch.Tensor]  # "<unit>.<layer>" -> (count,) float64
+
+
+def score_settings(options: Mapping[str, Any]) -> ScoreParams:
+    """The ``score`` options with ScoreParams' defaults for any key left out (validated)."""
+    return ScoreParams(**{k: v for k, v in options.items() if k in ScoreParams.model_fields})
 
 
 class Criterion(ABC):

@@ -51,9 +51,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise
+from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
 from prunekit.criteria.taylor import accumulate_lm_gradients, gradient_scope
 from prunekit.errors import PrunekitError
+from prunekit.lmloss import layer_checkpointing, lm_loss
 from prunekit.models.adapters import ModelAdapter
 from prunekit.params import ScoreParams
 from prunekit.units import UNITS
@@ -64,11 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name
-
-
-def score_settings(options: dict) -> ScoreParams:
-    """The ``score`` options with ScoreParams' defaults for any key left out (validated)."""
-    return ScoreParams(**{k: v for k, v in options.items() if k in ScoreParams.model_fields})
 
 
 def lora_gradient_estimate(
@@ -130,7 +126,7 @@ def train_adapters(peft_model: nn.Module, params: list[nn.Parameter], req: Score
     for step in tqdm(range(cfg.lora_steps), desc="LoRA steps", unit="step"):
         start = starts[step % len(starts)]
         batch = req.calibration[start : start + req.batch_size].to(device)
-        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss = lm_loss(peft_model, batch)
         if not torch.isfinite(loss):
             raise PrunekitError(f"LoRA scoring loss became {loss.item()} at step {step}; lower score.lora_lr")
         loss.backward()
@@ -197,10 +193,17 @@ class LoraCriterion(Criterion):
                 lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
                 # Exactly the adapters train: the base weights are frozen throughout (no gradient memory).
                 with gradient_scope(model, lora_params):
-                    train_adapters(peft_model, lora_params, req, cfg)
+                    with layer_checkpointing(peft_model, cfg.gradient_checkpointing):
+                        train_adapters(peft_model, lora_params, req, cfg)
                     for p in lora_params:
                         p.grad = None
-                    accumulate_lm_gradients(peft_model, req.calibration, req.batch_size, desc="LoRA gradients")
+                    accumulate_lm_gradients(
+                        peft_model,
+                        req.calibration,
+                        req.batch_size,
+                        desc="LoRA gradients",
+                        checkpointing=cfg.gradient_checkpointing,
+                    )
                     factors = collect_factors(model)
         finally:
             model.train(was_training)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise
+from prunekit.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
+from prunekit.lmloss import layer_checkpointing, lm_loss
 from prunekit.models.adapters import ModelAdapter
 from prunekit.units import UNITS
 
@@ -51,24 +52,27 @@ def accumulate_lm_gradients(
     batch_size: int,
     after_batch: Callable[[], None] | None = None,
     desc: str = "gradients",
+    checkpointing: bool = False,
 ) -> None:
     """Add to ``.grad`` of every parameter that requires grad the gradient of the mean token NLL over
     all calibration windows: ``sum over batches b of (|b| / N) * dL_b/dw`` (``.grad`` is not zeroed first).
 
     ``after_batch`` runs after each batch's backward pass (per-sample statistics read ``.grad`` there).
+    The loss is :func:`~prunekit.lmloss.lm_loss` (logits chunked); ``checkpointing`` also checkpoints
+    every decoder layer (``score.gradient_checkpointing``).
     """
     device = next(model.parameters()).device
     n = calibration.shape[0]
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deterministic loss
     try:
-        for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
-            batch = calibration[start : start + batch_size].to(device)
-            out = model(input_ids=batch, labels=batch)
-            # Weight each batch by its share of windows so the sum equals the mean over all windows.
-            (out.loss * batch.shape[0] / n).backward()
-            if after_batch is not None:
-                after_batch()
+        with layer_checkpointing(model, checkpointing):
+            for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+                batch = calibration[start : start + batch_size].to(device)
+                # Weight each batch by its share of windows so the sum equals the mean over all windows.
+                (lm_loss(model, batch) * batch.shape[0] / n).backward()
+                if after_batch is not None:
+                    after_batch()
     finally:
         model.train(was_training)
 
@@ -109,7 +113,9 @@ def gradient_scope(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
 
 def mean_gradients(model: nn.Module, params: list[nn.Parameter], req: ScoreRequest) -> GradMap:
     """g = dL/dw of the mean NLL over all calibration windows, batched by ``req.batch_size``."""
-    accumulate_lm_gradients(model, req.calibration, req.batch_size)
+    accumulate_lm_gradients(
+        model, req.calibration, req.batch_size, checkpointing=score_settings(req.options).gradient_checkpointing
+    )
     return {p: p.grad for p in params if p.grad is not None}
 
 
@@ -136,7 +142,14 @@ def per_sample_statistics(
                 mean[p].add_(g)
             p.grad = None  # the next window's gradient must not add to this one
 
-    accumulate_lm_gradients(model, req.calibration, 1, after_batch=collect, desc="per-sample gradients")
+    accumulate_lm_gradients(
+        model,
+        req.calibration,
+        1,
+        after_batch=collect,
+        desc="per-sample gradients",
+        checkpointing=score_settings(req.options).gradient_checkpointing,
+    )
     for f in fisher.values():
         f.mul_(n)
     return mean, fisher
