@@ -98,7 +98,9 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             rows[criterion, checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])
     malloc = "glibc default" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=65536"
-    print(f"model {args.model}, data {args.data}, device {args.device}" + ("" if args.device != "cpu" else f", {malloc}"))
+    print(
+        f"model {args.model}, data {args.data}, device {args.device}" + ("" if args.device != "cpu" else f", {malloc}")
+    )
     keys = ["seconds", "model_mib", "peak_mib", "added_mib"]
     print("| criterion | gradient checkpointing | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")

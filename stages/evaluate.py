@@ -14,14 +14,25 @@ def body(params: Params, args: argparse.Namespace) -> None:
     import torch
 
     from prunekit.evaluation import perplexity, speed
-    from prunekit.fsutil import write_json
+    from prunekit.fsutil import read_json, write_json
     from prunekit.models.loading import load_model
+    from prunekit.quant.apply import (
+        is_quantized_dir,
+        load_quantized,
+        logical_param_count,
+        plan_cost_of_model,
+        quantized_weight_bytes,
+    )
     from prunekit.slicing import count_params, weight_bytes
     from prunekit.stageio import read_documents
     from prunekit.tokens import chunks, token_stream
 
     e, m = params.evaluate, params.model
-    model, tokenizer, _ = load_model(args.model, m.dtype, m.device, m.device_map)
+    quantized = is_quantized_dir(args.model)
+    if quantized:
+        model, tokenizer, plan = load_quantized(args.model, m.device)
+    else:
+        model, tokenizer, _ = load_model(args.model, m.dtype, m.device, m.device_map)
     stream = token_stream(tokenizer, read_documents(Path(args.text), "evaluation"))
     chunked = chunks(stream, e.seq_len, "evaluation")
     if e.max_chunks:
@@ -30,18 +41,26 @@ def body(params: Params, args: argparse.Namespace) -> None:
     prompt = chunks(stream, e.speed_prompt_len, "evaluation")[:1]
     timing = speed(model, prompt, e.speed_new_tokens, e.speed_repeats)
     device = next(model.parameters()).device
-    write_json(
-        args.out,
-        {
-            "ppl": round(ppl["ppl"], 4),
-            "seq_len": e.seq_len,
-            "eval_tokens": ppl["tokens"],
-            "params": count_params(model),
-            "weight_bytes": weight_bytes(model),
-            "speed": {k: round(v, 2) for k, v in timing.items()}
-            | {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
-        },
-    )
+    out = {
+        "ppl": round(ppl["ppl"], 4),
+        "seq_len": e.seq_len,
+        "eval_tokens": ppl["tokens"],
+        "params": count_params(model),
+        "weight_bytes": weight_bytes(model),
+    }
+    if quantized:
+        n_params, n_adapter = logical_param_count(model)
+        base = model.get_base_model() if n_adapter else model
+        out["params"], out["adapter_params"] = n_params, n_adapter
+        out["weight_bytes"] = quantized_weight_bytes(base)
+        out["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
+        if args.dense_metrics:
+            dense = read_json(args.dense_metrics, "dense model metrics")
+            out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
+    out["speed"] = {k: round(v, 2) for k, v in timing.items()} | {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+    }
+    write_json(args.out, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--text", required=True)
     parser.add_argument("--out", required=True, help="metrics (.json)")
+    parser.add_argument("--dense-metrics", help="the dense model's metrics (.json): bytes ratio to its 16-bit size")
     return run_stage("evaluate", parser, body, argv)
 
 

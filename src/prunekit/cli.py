@@ -15,6 +15,7 @@ def cmd_list() -> None:
     from prunekit.data import describe_sources
     from prunekit.models.adapters import ADAPTERS
     from prunekit.plan import ALLOCATIONS
+    from prunekit.quant import SCHEMES
     from prunekit.units import UNITS
 
     def first_line(obj: object) -> str:
@@ -27,6 +28,10 @@ def cmd_list() -> None:
         ("allocations (prune.allocation)", [(n, first_line(a)) for n, a in ALLOCATIONS.items()]),
         ("data sources (data.calibration / training / evaluation)", describe_sources()),
         ("model families", [(n, ", ".join(a.model_types)) for n, a in ADAPTERS.items()]),
+        (
+            "quantization schemes (search.choices)",
+            [(n, f"{s.bits:>2} bits  {s.description}") for n, s in SCHEMES.items()],
+        ),
     ]
     for title, rows in sections:
         print(title)

@@ -35,6 +35,16 @@ def check_choices(params: Params) -> None:
         check(f"prune.round_to.{unit}", UNITS.get, unit)
         if multiple < 1:
             problems.append(f"params.yaml key 'prune.round_to.{unit}': must be >= 1 (given: {multiple})")
+    from prunekit.quant import SCHEMES
+
+    for i, scheme in enumerate(params.search.choices):
+        check(f"search.choices[{i}]", SCHEMES.get, scheme)
+    if len(params.search.choices) < 2:
+        problems.append("params.yaml key 'search.choices': list at least two schemes to choose between")
+    if (params.search.budget_bits is None) == (params.search.budget_bytes is None):
+        problems.append(
+            "params.yaml keys 'search.budget_bits' / 'search.budget_bytes': set exactly one (the other null)"
+        )
     units = set(params.prune.units)
     if "attn_query_head" in units and units & {"attn_qk_dim", "attn_vo_dim"}:
         # The planner counts each unit type's parameters separately; query heads and head dims share q rows

@@ -111,6 +111,41 @@ class EvaluateParams(Section):
     speed_repeats: int = Field(3, ge=1)
 
 
+class QuantizeParams(Section):
+    """``quantize``: how schemes are realised, and QLoRA on the quantized base."""
+
+    group_size: int = Field(128, ge=8)  # rtn*: input weights per scale / zero point
+    double_quant: bool = True  # nf4 / fp4: quantize the block absmax too (QLoRA)
+    int8_threshold: float = Field(6.0, ge=0.0)  # int8: LLM.int8 outlier threshold (0: none)
+    qlora_steps: int = Field(20, ge=0)  # LoRA steps on the quantized base (0: none)
+    qlora_rank: int = Field(8, ge=1)
+    qlora_alpha: float = Field(16.0, gt=0.0)
+    qlora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    qlora_learning_rate: float = Field(1e-4, gt=0.0)
+    qlora_batch_size: int = Field(8, ge=1)
+    qlora_seq_len: int = Field(128, ge=2)
+    qlora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SearchParams(Section):
+    """``search``: Bayesian mixed-precision search (QPruner) under a memory budget."""
+
+    # Sorted by width for the search. rtn2 is available but so destructive per layer on small models
+    # that it mostly widens the region of useless candidates.
+    choices: list[str] = ["rtn3", "nf4", "int8"]
+    granularity: Literal["layer", "layer_module"] = "layer"
+    budget_bits: float | None = Field(4.5, gt=0.0, le=16.0)
+    budget_bytes: int | None = Field(None, ge=1)
+    trials: int = Field(20, ge=0)  # gp_minimize calls after the initial points
+    random_starts: int = Field(4, ge=0)  # of those, random points before the GP takes over
+    importance_spreads: list[float] = [0.25, 0.5]
+    samples: int = Field(4, ge=1)  # held windows for the objective
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, ge=1)
+    # Keep every dequantized image the search makes when they fit in this many MiB (else recompute).
+    cache_mib: int = Field(4096, ge=0)
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -122,6 +157,8 @@ class Params(Section):
     prune: PruneParams = PruneParams()
     recover: RecoverParams = RecoverParams()
     evaluate: EvaluateParams = EvaluateParams()
+    search: SearchParams = SearchParams()
+    quantize: QuantizeParams = QuantizeParams()
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

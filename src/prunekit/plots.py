@@ -34,3 +34,27 @@ def line_plot(
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def scatter_plot(
+    path: Path,
+    left: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    right: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+) -> None:
+    """Two side-by-side scatter panels, each one (x label -> (xs, ys)) series, y = loss, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, panel in zip(axes, (left, right), strict=True):
+        for xlabel, (xs, ys) in panel.items():
+            ax.scatter(list(xs), list(ys), s=12)
+            ax.set(xlabel=xlabel, ylabel="loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -31,23 +31,36 @@ class LoraSettings:
     seed: int
 
 
-def check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Every LoRA target must name Linear modules of the model (error lists the ones it has)."""
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+def check_targets(model: nn.Module, targets: list[str], key: str = "recover.target_modules") -> None:
+    """Every LoRA target must name Linear(-like) modules of the model (error lists the ones it has)."""
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features"))
+    }
     missing = [t for t in targets if t not in names]
     if missing:
-        raise PrunekitError(
-            f"recover.target_modules {missing} match no Linear module of the model; available: {sorted(names)}"
-        )
+        raise PrunekitError(f"{key} {missing} match no Linear module of the model; available: {sorted(names)}")
 
 
-def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tuple[nn.Module, list[float]]:
-    """Train LoRA on ``blocks`` (N, T) for ``cfg.steps`` steps, merge, return (merged model, loss per step).
+def train_lora(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: LoraSettings,
+    merge: bool = True,
+    custom_modules: dict[type, type] | None = None,
+    key: str = "recover.target_modules",
+) -> tuple[nn.Module, list[float]]:
+    """Train LoRA on ``blocks`` (N, T) for ``cfg.steps`` steps; return (model, loss per step).
+
+    With ``merge`` the adapters are merged into the weights and the plain model comes back; without it
+    (a quantized base, QLoRA) the peft model comes back with its adapters. ``custom_modules`` maps
+    module types peft does not know to the LoRA layer that wraps them.
 
     Blocks are visited in a seeded random order, epoch after epoch. The base weights stay frozen; the
     adapters are kept in float32 (peft's default) so half-precision bases do not produce NaN losses.
     """
-    check_targets(model, cfg.target_modules)
+    check_targets(model, cfg.target_modules, key)
     torch.manual_seed(cfg.seed)  # LoRA A is initialised at random
     lora = LoraConfig(
         r=cfg.rank,
@@ -57,6 +70,8 @@ def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tup
         task_type="CAUSAL_LM",
         bias="none",
     )
+    if custom_modules:
+        lora._register_custom_module(custom_modules)
     peft_model = get_peft_model(model, lora)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -82,6 +97,9 @@ def train_lora(model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> tup
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if not merge:
+        peft_model.eval()
+        return peft_model, losses
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, losses

@@ -1,0 +1,436 @@
+"""Quantization plans: which scheme each decoder Linear gets, what that costs, and realising it.
+
+A plan maps module names (as in ``model.named_modules()`` of the causal LM, e.g.
+``model.layers.3.mlp.down_proj``) to scheme names. Only the Linear modules inside decoder layers are
+quantized (QPruner's layer-wise setting); embeddings, norms and the LM head stay as they are.
+
+* :func:`fake_quantized` swaps each planned weight for its quantize -> dequantize image for the length of
+  a ``with`` block (the search's objective; no module changes).
+* :func:`realise` replaces each planned module by its realised form: bitsandbytes ``Linear8bitLt`` /
+  ``Linear4bit`` or prunekit's :class:`~prunekit.quant.rtn.RTNLinear` / ``Float16Linear``.
+* :func:`save_quantized` / :func:`load_quantized` write and read a directory: ``config.json``, the
+  tokenizer, ``model.safetensors`` (codes and their statistics as bitsandbytes and prunekit lay them out),
+  ``quant_plan.json``, and ``adapter/`` when LoRA adapters were trained on the quantized base.
+
+bitsandbytes on CPUs with AVX512-BF16: the first eval / no-grad forward of a ``Linear4bit`` repacks its
+weight in place for a faster kernel, after which training silently gets no gradient through it and the
+saved state changes layout. Every realised ``Linear4bit`` gets ``support_avx512bf16_for_cpu = False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.fsutil import atomic_dir, read_json, write_json
+from prunekit.models.adapters import ModelAdapter
+from prunekit.quant.rtn import Float16Linear, RTNLinear, rtn_fake_quantize
+from prunekit.quant.schemes import BNB_BLOCKSIZE, SCHEMES, QuantSettings, Scheme
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "quant_plan.json"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """A quantizable Linear: its name, decoder layer, kind (``attn`` / ``mlp``) and weight shape."""
+
+    name: str
+    layer: int
+    kind: str
+    rows: int
+    cols: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+def quant_targets(model: nn.Module, adapter: ModelAdapter) -> list[QuantTarget]:
+    """Every Linear of every decoder layer, in model order."""
+    names = {id(layer): i for i, layer in enumerate(adapter.layers(model))}
+    prefix = {}
+    for name, module in model.named_modules():
+        if id(module) in names:
+            prefix[names[id(module)]] = name
+    out = []
+    for idx, layer in enumerate(adapter.layers(model)):
+        for sub, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                kind = "attn" if sub.rsplit(".", 1)[-1] in ATTN_MODULES else "mlp"
+                rows, cols = module.weight.shape
+                out.append(QuantTarget(f"{prefix[idx]}.{sub}", idx, kind, rows, cols))
+    if not out:
+        raise PrunekitError("the model has no Linear modules in its decoder layers to quantize")
+    return out
+
+
+def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
+    """Every planned module is a quantization target and every scheme exists (else PrunekitError)."""
+    known = {t.name for t in targets}
+    unknown = sorted(set(plan) - known)
+    if unknown:
+        raise PrunekitError(
+            f"quantization plan names modules the model does not have as decoder Linears: {unknown[:5]}"
+            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        )
+    for scheme in set(plan.values()):
+        SCHEMES.get(scheme)
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """What a plan costs: mean nominal bits per planned weight, and bytes of the planned weights."""
+
+    avg_bits: float
+    quantized_bytes: int
+    quantized_weights: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def plan_cost(plan: Mapping[str, str], targets: list[QuantTarget], settings: QuantSettings) -> PlanCost:
+    """Nominal mean bits (weighted by weight count) and storage bytes (codes + statistics) of ``plan``."""
+    by_name = {t.name: t for t in targets}
+    bits = weights = storage = 0
+    for name, scheme_name in plan.items():
+        t, scheme = by_name[name], SCHEMES.get(scheme_name)
+        bits += scheme.bits * t.numel
+        weights += t.numel
+        storage += scheme.storage_bits(t.rows, t.cols, settings)
+    return PlanCost(bits / weights if weights else 0.0, -(-storage // 8), weights)
+
+
+def fake_quantize_weight(w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
+    """``w`` after quantize -> dequantize in ``scheme`` (same dtype and device as ``w``).
+
+    For ``int8`` this is the vector-wise int8 image without LLM.int8's run-time outlier path (which
+    depends on the inputs): the realised module can only be closer to the float weight than this.
+    """
+    if scheme.backend == "float":
+        return w.to(FLOAT_DTYPES[scheme.name]).to(w.dtype)
+    if scheme.backend == "rtn":
+        return rtn_fake_quantize(w, scheme.bits, settings.group_size).to(w.dtype)
+    import bitsandbytes.functional as bnbf
+
+    if scheme.backend == "bnb_int8":
+        codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().float().contiguous())
+        return bnbf.int8_vectorwise_dequant(codes, stats).to(w.dtype)
+    packed, state = bnbf.quantize_4bit(
+        w.detach().contiguous(),
+        blocksize=BNB_BLOCKSIZE,
+        compress_statistics=settings.double_quant,
+        quant_type=scheme.name,
+    )
+    return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+
+@contextmanager
+def fake_quantized(
+    model: nn.Module,
+    plan: Mapping[str, str],
+    settings: QuantSettings,
+    cache: dict[tuple[str, str], torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Inside: each planned module's weight holds its quantize -> dequantize image; restored on exit.
+
+    With a ``cache`` dict, images are kept by (module, scheme) and reused: a search revisits the same
+    few images of every module, and bitsandbytes' 4-bit quantization costs ~0.1 s per MLP matrix on a CPU.
+    """
+    saved = []
+    try:
+        with torch.no_grad():
+            for name, scheme_name in plan.items():
+                module = model.get_submodule(name)
+                saved.append((module, module.weight.data))
+                image = cache.get((name, scheme_name)) if cache is not None else None
+                if image is None:
+                    image = fake_quantize_weight(module.weight.data, SCHEMES.get(scheme_name), settings)
+                    if cache is not None:
+                        cache[name, scheme_name] = image
+                module.weight.data = image
+        yield
+    finally:
+        for module, data in saved:
+            module.weight.data = data
+
+
+def _realised(linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
+    if scheme.backend == "float":
+        return Float16Linear.from_linear(linear, FLOAT_DTYPES[scheme.name])
+    if scheme.backend == "rtn":
+        return RTNLinear.from_linear(linear, scheme.bits, settings.group_size)
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    has_bias = linear.bias is not None
+    if scheme.backend == "bnb_int8":
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=settings.int8_threshold,
+        )
+    else:
+        module = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=linear.weight.dtype,
+            compress_statistics=settings.double_quant,
+            quant_type=scheme.name,
+        )
+    module.load_state_dict({k: v.detach().clone() for k, v in linear.state_dict().items()})
+    module = module.to(device)  # bitsandbytes quantizes on the move to a device
+    _guard_repacking(module)
+    return module
+
+
+def _guard_repacking(module: nn.Module) -> None:
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
+def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) -> nn.Module:
+    """Replace each planned Linear by its quantized module (in place); returns ``model``."""
+    for name, scheme_name in plan.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise PrunekitError(f"module '{name}' is {type(linear).__name__}, not a Linear: already quantized?")
+        parent, _, attr = name.rpartition(".")
+        module = _realised(linear, SCHEMES.get(scheme_name), settings)
+        module.train(linear.training)  # bitsandbytes' int8 matmul takes another path in training mode
+        setattr(model.get_submodule(parent), attr, module)
+    return model
+
+
+def lora_custom_modules() -> dict[type, type]:
+    """peft's LoRA layer for prunekit's quantized modules (peft handles bitsandbytes' own)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return {RTNLinear: LoraLinear, Float16Linear: LoraLinear}
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    if isinstance(module, (RTNLinear, Float16Linear)):
+        return True
+    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+
+
+def logical_param_count(model: nn.Module) -> tuple[int, int]:
+    """(model parameters as their float shapes count them, LoRA adapter parameters); tied weights once.
+
+    A quantized Linear counts in x out (+ bias) whatever its storage; adapter weights are counted apart.
+    """
+    seen: set[int] = set()
+    params = adapters = 0
+    for name, module in model.named_modules():
+        if _is_quantized_module(module):
+            params += module.in_features * module.out_features
+            if module.bias is not None:
+                params += module.bias.numel()
+            seen.update(id(p) for p in module.parameters())
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if "lora_" in f"{name}.{pname}":
+                adapters += p.numel()
+            else:
+                params += p.numel()
+    return params, adapters
+
+
+def plan_cost_of_model(model: nn.Module, plan: Mapping[str, str]) -> float:
+    """Mean nominal bits per planned weight of a realised (or plain) model, from module shapes."""
+    bits = weights = 0
+    for name, scheme in plan.items():
+        module = model.get_submodule(name)
+        n = module.in_features * module.out_features
+        bits += SCHEMES.get(scheme).bits * n
+        weights += n
+    return bits / weights if weights else 0.0
+
+
+def quantized_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` as stored (codes, statistics, float weights)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:  # bitsandbytes 4-bit statistics live outside the parameter
+            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values())
+        scb = getattr(t, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    plan: Mapping[str, str],
+    settings: QuantSettings,
+    dtype: str,
+    out_dir: Path,
+    peft_model: nn.Module | None = None,
+) -> None:
+    """Write a quantized model directory (atomically): config, tokenizer, weights, plan, adapters."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        state = base_state(model) if peft_model is not None else model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # the embedding, tied back at load time
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        write_json(tmp / PLAN_FILE, {"schemes": dict(plan), "settings": asdict(settings), "dtype": dtype})
+        if peft_model is not None:
+            peft_model.save_pretrained(tmp / ADAPTER_DIR)
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of a model peft has injected adapters into, as it was before: ``x.base_layer.y`` keys
+    back to ``x.y`` and no adapter weights (those are saved by peft, in ``adapter/``)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def read_plan(path: Path) -> tuple[dict[str, str], QuantSettings, str]:
+    """(module -> scheme, settings, dtype) from a quantized directory or a plan JSON file."""
+    f = path / PLAN_FILE if path.is_dir() else path
+    raw = read_json(f, "quantization plan")
+    try:
+        return dict(raw["schemes"]), QuantSettings(**raw["settings"]), str(raw.get("dtype", "float32"))
+    except (KeyError, TypeError) as e:
+        raise PrunekitError(f"quantization plan '{f}' is malformed ({e}); rerun the stage that wrote it") from e
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / PLAN_FILE).is_file()
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict[str, str]]:
+    """(model in eval mode, tokenizer, plan) from :func:`save_quantized`'s directory, adapters attached."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunekit.models.loading import DTYPES, load_config
+
+    p = Path(path)
+    config = load_config(p)
+    plan, settings, dtype = read_plan(p)
+    if not (p / WEIGHTS_FILE).is_file():
+        raise PrunekitError(f"no {WEIGHTS_FILE} in '{p}'; rerun the quantize stage")
+    try:
+        state = load_file(str(p / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise PrunekitError(f"'{p / WEIGHTS_FILE}' cannot be read (corrupt?): {e}") from e
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).to(device)
+    from prunekit.models.adapters import adapter_for
+
+    check_plan(plan, quant_targets(model, adapter_for(config)))
+    planned = {name: {} for name in plan}
+    for key in list(state):
+        owner = key.rsplit(".", 1)[0]
+        while owner and owner not in planned:
+            owner = owner.rpartition(".")[0]
+        if owner:
+            planned[owner][key[len(owner) + 1 :]] = state.pop(key)
+    # The float part first, on the plain skeleton (bitsandbytes modules must not see a partial state).
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    prefixes = tuple(n + "." for n in plan)
+    missing = [k for k in missing if not k.startswith(prefixes) and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise PrunekitError(
+            f"'{p / WEIGHTS_FILE}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, scheme_name in plan.items():
+        module = _empty_realised(model.get_submodule(name), SCHEMES.get(scheme_name), settings, planned[name], device)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    if (p / ADAPTER_DIR).is_dir():
+        from peft import LoraConfig, PeftModel
+
+        lora_config = LoraConfig.from_pretrained(str(p / ADAPTER_DIR))
+        lora_config._register_custom_module(lora_custom_modules())
+        model = PeftModel.from_pretrained(model, str(p / ADAPTER_DIR), config=lora_config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    return model, tokenizer, plan
+
+
+def _empty_realised(
+    linear: nn.Linear, scheme: Scheme, settings: QuantSettings, state: dict[str, torch.Tensor], device: str
+) -> nn.Module:
+    """The quantized module for ``linear``'s shape, filled from its saved ``state``."""
+    has_bias = linear.bias is not None
+    if scheme.backend == "float":
+        module = Float16Linear(linear.in_features, linear.out_features, FLOAT_DTYPES[scheme.name], has_bias)
+    elif scheme.backend == "rtn":
+        module = RTNLinear(
+            linear.in_features, linear.out_features, scheme.bits, settings.group_size, has_bias, linear.weight.dtype
+        )
+    elif scheme.backend == "bnb_int8":
+        import bitsandbytes as bnb
+
+        # Moved to the device first (bitsandbytes refuses saved codes in a module it has not quantized).
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=settings.int8_threshold,
+        )
+    else:
+        import bitsandbytes as bnb
+
+        module = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=linear.weight.dtype,
+            compress_statistics=settings.double_quant,
+            quant_type=scheme.name,
+        )
+        stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
+        module.weight = bnb.nn.Params4bit.from_prequantized(
+            data=state["weight"], quantized_stats=stats, requires_grad=False, device=device
+        )
+        if has_bias:
+            module.bias = nn.Parameter(state["bias"].to(device), requires_grad=False)
+        _guard_repacking(module)
+        return module
+    module = module.to(device)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
+    return module

@@ -1,0 +1,78 @@
+"""Quantization schemes: a name, a nominal bit width, and how a weight is realised in that format.
+
+A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. The realised formats:
+
+* ``int8`` - bitsandbytes LLM.int8: one int8 per weight, one float32 absmax per output row; at run time
+  input features above ``quantize.int8_threshold`` go through a 16-bit side path (outlier decomposition).
+* ``nf4`` / ``fp4`` - bitsandbytes 4-bit NormalFloat / float: two codes per byte, a float32 absmax per
+  block of 64 weights, or with ``quantize.double_quant`` an 8-bit absmax plus a float32 per 256 blocks.
+* ``rtn2`` / ``rtn3`` / ``rtn4`` / ``rtn8`` - prunekit's pure-torch round-to-nearest, asymmetric, one
+  float16 scale and one float16 zero point per group of ``quantize.group_size`` input weights, codes
+  bit-packed (bitsandbytes has no 2- or 3-bit format; ``rtn4`` / ``rtn8`` are the reference and the fast
+  path for the search on any device).
+* ``fp16`` / ``bf16`` - left unquantized, stored in that 16-bit dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prunekit.registry import Registry
+
+BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on every device it supports
+BNB_NESTED_BLOCKSIZE = 256  # blocks per second-level absmax with double quantization
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The ``quantize`` settings every scheme reads."""
+
+    group_size: int = 128
+    double_quant: bool = True
+    int8_threshold: float = 6.0
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization format. ``bits`` is the nominal width of a weight (the search budget counts it)."""
+
+    name: str
+    bits: int
+    backend: Literal["bnb_int8", "bnb_4bit", "rtn", "float"]
+    description: str
+
+    def storage_bits(self, rows: int, cols: int, settings: QuantSettings) -> int:
+        """Bits a (rows x cols) weight takes in this format, codes and their scales together."""
+        n = rows * cols
+        if self.backend == "float":
+            return 16 * n
+        if self.backend == "bnb_int8":
+            return 8 * n + 32 * rows
+        if self.backend == "bnb_4bit":
+            blocks = -(-n // BNB_BLOCKSIZE)
+            if settings.double_quant:
+                return 4 * n + 8 * blocks + 32 * -(-blocks // BNB_NESTED_BLOCKSIZE)
+            return 4 * n + 32 * blocks
+        groups = rows * -(-cols // settings.group_size)
+        return self.bits * n + 2 * 16 * groups
+
+
+SCHEMES: Registry[Scheme] = Registry("quantization scheme")
+
+for _s in (
+    Scheme(
+        "int8", 8, "bnb_int8", "bitsandbytes LLM.int8: int8 per weight, absmax per row, outlier features in 16 bits"
+    ),
+    Scheme(
+        "nf4", 4, "bnb_4bit", "bitsandbytes 4-bit NormalFloat, absmax per block of 64 (double quantization optional)"
+    ),
+    Scheme("fp4", 4, "bnb_4bit", "bitsandbytes 4-bit float, absmax per block of 64 (double quantization optional)"),
+    Scheme("rtn2", 2, "rtn", "round-to-nearest 2-bit, scale and zero per group (pure torch, bit-packed)"),
+    Scheme("rtn3", 3, "rtn", "round-to-nearest 3-bit, scale and zero per group (pure torch, bit-packed)"),
+    Scheme("rtn4", 4, "rtn", "round-to-nearest 4-bit, scale and zero per group (pure torch, bit-packed)"),
+    Scheme("rtn8", 8, "rtn", "round-to-nearest 8-bit, scale and zero per group (pure torch)"),
+    Scheme("fp16", 16, "float", "left unquantized, stored as float16"),
+    Scheme("bf16", 16, "float", "left unquantized, stored as bfloat16"),
+):
+    SCHEMES.register(_s.name)(_s)

@@ -1,0 +1,282 @@
+"""Quantization: RTN against its bound, plans applied exactly, budgets, gradients after eval, save/reload."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import adapter_for
+from prunekit.quant.apply import (
+    fake_quantized,
+    load_quantized,
+    logical_param_count,
+    lora_custom_modules,
+    plan_cost,
+    quant_targets,
+    realise,
+    save_quantized,
+)
+from prunekit.quant.rtn import RTNLinear, pack_bits, rtn_dequantize, rtn_quantize, unpack_bits
+from prunekit.quant.schemes import SCHEMES, QuantSettings
+from prunekit.quant.search import Budget, build_space, greedy_index, repair, search, uniform_index
+from prunekit.recovery import LoraSettings, train_lora
+
+ALL = ["int8", "nf4", "fp4", "rtn2", "rtn3", "rtn4", "rtn8", "fp16", "bf16"]
+SETTINGS = QuantSettings(group_size=16)
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def mixed_plan(model) -> dict[str, str]:
+    """Every scheme on some module of the tiny model (28 Linears, 9 schemes)."""
+    return {t.name: ALL[i % len(ALL)] for i, t in enumerate(quant_targets(model, adapter_for(model.config)))}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("rows", "cols", "group", "shift"), [(33, 40, 16, 0.0), (8, 128, 128, 0.0), (5, 7, 7, 0.3)])
+def test_rtn_error_within_half_a_step(bits: int, rows: int, cols: int, group: int, shift: float) -> None:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(bits)) * 0.05 + shift  # shift: all > 0
+    w[0, :group] = 0.0  # a group of zeros: exact
+    codes, scale, zero = rtn_quantize(w, bits, group)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    w_hat = rtn_dequantize(codes, scale, zero, group)
+    step = scale.float().repeat_interleave(group, dim=1)[:, :cols]
+    # Independent bound: half a step of the stored scale, and the step is the group range / (2^b - 1)
+    # rounded up to float16 (so it is at most one float16 ulp above the exact step).
+    assert torch.all((w - w_hat).abs() <= step / 2 * (1 + 1e-6))
+    g = torch.nn.functional.pad(w, (0, -cols % group)).reshape(rows, -1, group) if cols % group == 0 else None
+    if g is not None:
+        exact = (g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)) / (2**bits - 1)
+        nonzero = exact > 0
+        assert torch.all(scale.float()[nonzero] >= exact[nonzero])
+        assert torch.all(scale.float()[nonzero] <= exact[nonzero] * (1 + 2**-10))
+    assert torch.equal(w_hat[0, :group], torch.zeros(group))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_packing_roundtrip_and_size(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (37, 11), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, codes.numel()).view_as(codes), codes)
+
+
+def test_plan_quantizes_exactly_the_named_modules() -> None:
+    model, ref = tiny_model(), tiny_model()
+    plan = {"model.layers.1.self_attn.k_proj": "nf4", "model.layers.2.mlp.down_proj": "rtn3"}
+    realise(model, plan, SETTINGS)
+    ref_modules = dict(ref.named_modules())
+    for name, module in model.named_modules():
+        if name in plan:
+            assert not isinstance(module, nn.Linear) or type(module).__name__ == "Linear4bit"
+            assert type(module) is not nn.Linear
+        elif isinstance(ref_modules.get(name), nn.Linear):
+            assert type(module) is nn.Linear and torch.equal(module.weight, ref_modules[name].weight)
+    assert type(model.get_submodule("model.layers.1.self_attn.k_proj")).__name__ == "Linear4bit"
+    assert isinstance(model.get_submodule("model.layers.2.mlp.down_proj"), RTNLinear)
+    # Embeddings, norms and the LM head are never touched.
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    params, adapters = logical_param_count(model)
+    assert params == sum(p.numel() for p in ref.parameters()) and adapters == 0
+
+
+def test_unknown_module_or_scheme_in_a_plan() -> None:
+    model = tiny_model()
+    with pytest.raises(PrunekitError, match="Unknown quantization scheme 'nf5'. Did you mean 'nf4'"):
+        realise(model, {"model.layers.0.mlp.up_proj": "nf5"}, SETTINGS)
+    from prunekit.quant.apply import check_plan
+
+    with pytest.raises(PrunekitError, match="model.layers.9.mlp.up_proj"):
+        check_plan({"model.layers.9.mlp.up_proj": "nf4"}, quant_targets(model, adapter_for(model.config)))
+
+
+def test_fake_quantized_matches_realised_and_restores_weights() -> None:
+    model = tiny_model()
+    plan = mixed_plan(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = _ids()
+    with torch.no_grad():
+        with fake_quantized(model, plan, SETTINGS):
+            simulated = model(ids).logits
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        dense = model(ids).logits
+        realise(model, plan, SETTINGS)
+        real = model(ids).logits
+    # Same weights; only the compute paths differ (bitsandbytes' int8 matmul rounds its inputs to int8 too).
+    assert (real - simulated).abs().max() < 0.05 * (real - dense).abs().max()
+
+
+def test_storage_cost_of_rtn_modules_is_what_they_hold() -> None:
+    model = tiny_model()
+    plan = {t.name: "rtn3" for t in quant_targets(model, adapter_for(model.config))}
+    cost = plan_cost(plan, quant_targets(model, adapter_for(model.config)), SETTINGS)
+    realise(model, plan, SETTINGS)
+    held = sum(
+        sum(b.numel() * b.element_size() for b in m.buffers()) for m in model.modules() if isinstance(m, RTNLinear)
+    )
+    per_module_rounding = len(plan)  # each module's packed codes round up to a whole byte
+    assert cost.avg_bits == 3.0
+    assert cost.quantized_bytes <= held <= cost.quantized_bytes + per_module_rounding
+
+
+def _space(model, choices=("rtn3", "nf4", "int8"), granularity="layer"):
+    return build_space(quant_targets(model, adapter_for(model.config)), granularity, list(choices), SETTINGS)
+
+
+def test_budget_is_enforced_by_repair_uniform_and_greedy() -> None:
+    space = _space(tiny_model())
+    n = len(space.groups)
+    assert len(space.groups[0]) == 7 and space.choices == ["rtn3", "nf4", "int8"]
+    budget = Budget(bits=5.0)  # 4 equal layers: one at int8 and three at nf4 is exactly 5 bits
+    importance = [float(g + 1) for g in range(n)]  # the last layer matters most
+    fixed = repair(space, [2] * n, importance, budget)  # all int8: 8 bits, far over
+    assert space.fits(fixed, budget) and space.cost(fixed)[0] <= 5.0
+    assert fixed == [0, 0, 1, 2]  # least important first, one choice at a time, until it fits (4.5 bits)
+    assert uniform_index(space, budget) == [1] * n  # nf4 everywhere: the widest single scheme that fits
+    greedy = greedy_index(space, importance, budget)
+    assert greedy == [1, 1, 1, 2] and space.cost(greedy)[0] == 5.0  # the spare bit went to the last layer
+    by_bytes = Budget(bytes=space.cost([1] * n)[1])
+    assert uniform_index(space, by_bytes) == [1] * n
+    with pytest.raises(PrunekitError, match="below the narrowest"):
+        repair(space, [2] * n, importance, Budget(bits=2.0))
+    with pytest.raises(PrunekitError, match="exactly one"):
+        Budget(bits=4.0, bytes=100)
+
+
+def test_search_records_every_trial_within_budget() -> None:
+    model = tiny_model()
+    space = _space(model, granularity="layer_module")
+    ids = _ids()
+
+    @torch.no_grad()
+    def loss_of(plan):
+        with fake_quantized(model, plan, SETTINGS):
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    budget = Budget(bits=5.0)
+    result = search(space, loss_of, budget, trials=4, random_starts=2, spreads=[0.5], seed=0)
+    assert [t.source for t in result.trials[:2]] == ["uniform", "importance:greedy"]
+    assert sum(t.source == "gp" for t in result.trials) == 4
+    assert all(t.avg_bits <= 5.0 + 1e-9 for t in result.trials)
+    best = result.best()
+    assert best.loss == min(t.loss for t in result.trials) <= result.uniform().loss
+    # The recorded loss is the loss of the recorded plan.
+    assert best.loss == pytest.approx(loss_of(space.plan(best.index)))
+
+
+def test_lora_gradients_flow_after_an_eval_forward() -> None:
+    """bitsandbytes repacks Linear4bit weights in place on the first eval forward on AVX512-BF16 CPUs,
+    after which gradients through them silently vanish; realise() turns that path off. The LoRA
+    gradients after an eval forward must equal those of a model that never ran one, and be nonzero."""
+    from peft import LoraConfig, get_peft_model
+
+    # Input widths a multiple of bitsandbytes' 64-block, as the repacking kernel expects.
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    plan = {t.name: "nf4" for t in quant_targets(tiny_model(**shape), adapter_for(tiny_model(**shape).config))}
+    ids = _ids(2)
+    grads = []
+    for eval_first in (False, True):
+        model = realise(tiny_model(**shape), plan, SETTINGS)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(_ids())
+        torch.manual_seed(0)
+        config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "down_proj"])
+        pm = get_peft_model(model, config)
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:  # B = 0 at init would make every lora_A gradient 0
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(7))
+        pm.train()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in pm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * tiny_model().config.num_hidden_layers
+    for name, g in grads[1].items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(g, grads[0][name], msg=name)
+
+
+def test_quantized_model_saves_and_reloads_with_the_same_outputs(tmp_path: Path) -> None:
+    model = tiny_model()
+    plan = mixed_plan(model)
+    realise(model, plan, SETTINGS)
+    cfg = LoraSettings(
+        rank=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"], learning_rate=1e-2,
+        batch_size=2, steps=2, warmup_steps=0, weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    blocks = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))
+    peft_model, _ = train_lora(model, blocks, cfg, merge=False, custom_modules=lora_custom_modules())
+    ids = _ids()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q", peft_model=peft_model)
+    loaded, _, loaded_plan = load_quantized(tmp_path / "q")
+    assert loaded_plan == plan
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    # And without adapters.
+    plain = realise(tiny_model(), plan, SETTINGS).eval()
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+    save_quantized(plain, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "plain")
+    reloaded, _, _ = load_quantized(tmp_path / "plain")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_corrupt_or_missing_quantized_checkpoint(tmp_path: Path) -> None:
+    plain = realise(tiny_model(), {"model.layers.0.mlp.up_proj": "rtn4"}, SETTINGS)
+    save_quantized(plain, tiny_tokenizer(), {"model.layers.0.mlp.up_proj": "rtn4"}, SETTINGS, "float32", tmp_path / "q")
+    weights = tmp_path / "q" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PrunekitError, match="cannot be read"):
+        load_quantized(tmp_path / "q")
+    weights.unlink()
+    with pytest.raises(PrunekitError, match="no model.safetensors"):
+        load_quantized(tmp_path / "q")
+
+
+def test_schemes_registry_lists_every_format() -> None:
+    assert SCHEMES.names() == sorted(ALL)
+    assert {SCHEMES.get(n).bits for n in ALL} == {2, 3, 4, 8, 16}
+    copy.deepcopy(SETTINGS)  # settings are plain data (saved in the plan JSON)
+
+
+def test_list_shows_schemes(capsys: pytest.CaptureFixture[str]) -> None:
+    from prunekit.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("quantization schemes (search.choices)") :]
+    assert all(f"  {name} " in section for name in ALL)
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        (
+            {"choices": ["rtn3", "nf5"]},
+            "params.yaml key 'search.choices[1]': Unknown quantization scheme 'nf5'. Did you mean 'nf4'",
+        ),
+        ({"choices": ["nf4"]}, "params.yaml key 'search.choices': list at least two schemes"),
+        ({"budget_bits": 4.0, "budget_bytes": 1000}, "'search.budget_bits' / 'search.budget_bytes': set exactly one"),
+        ({"budget_bits": None}, "'search.budget_bits' / 'search.budget_bytes': set exactly one"),
+    ],
+)
+def test_search_params_errors(search: dict, message: str) -> None:
+    from prunekit.config import check_choices
+    from prunekit.errors import ParamsError
+    from prunekit.params import parse_params
+
+    with pytest.raises(ParamsError) as e:
+        check_choices(parse_params({"search": search}))
+    assert message in str(e.value)
