@@ -19,6 +19,7 @@ from prunekit.quant.apply import (
     lora_custom_modules,
     plan_cost,
     quant_targets,
+    quantized_weight_bytes,
     realise,
     save_quantized,
 )
@@ -231,6 +232,9 @@ def test_quantized_model_saves_and_reloads_with_the_same_outputs(tmp_path: Path)
     reloaded, _, _ = load_quantized(tmp_path / "plain")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
+    # Stored bytes count the quantized base only: the adapters are reported apart.
+    assert quantized_weight_bytes(loaded.get_base_model()) == quantized_weight_bytes(reloaded)
+    assert logical_param_count(loaded)[1] == sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) > 0
 
 
 def test_corrupt_or_missing_quantized_checkpoint(tmp_path: Path) -> None:

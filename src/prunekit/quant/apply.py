@@ -269,11 +269,13 @@ def plan_cost_of_model(model: nn.Module, plan: Mapping[str, str]) -> float:
 
 
 def quantized_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``model`` as stored (codes, statistics, float weights)."""
+    """Bytes of every parameter and buffer of ``model`` as stored (codes, statistics, float weights),
+    LoRA adapter weights excluded (see :func:`logical_param_count` for their count)."""
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in named:
+        if id(t) in seen or "lora_" in name:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
