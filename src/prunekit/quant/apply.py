@@ -169,34 +169,36 @@ def fake_quantized(
             module.weight.data = data
 
 
+def _empty_bnb(linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
+    """An unfilled bitsandbytes module of ``linear``'s shape for an ``int8`` / 4-bit scheme."""
+    import bitsandbytes as bnb
+
+    if scheme.backend == "bnb_int8":
+        return bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=settings.int8_threshold,
+        )
+    return bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=linear.weight.dtype,
+        compress_statistics=settings.double_quant,
+        quant_type=scheme.name,
+    )
+
+
 def _realised(linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
     if scheme.backend == "float":
         return Float16Linear.from_linear(linear, FLOAT_DTYPES[scheme.name])
     if scheme.backend == "rtn":
         return RTNLinear.from_linear(linear, scheme.bits, settings.group_size)
-    import bitsandbytes as bnb
-
-    device = linear.weight.device
-    has_bias = linear.bias is not None
-    if scheme.backend == "bnb_int8":
-        module = bnb.nn.Linear8bitLt(
-            linear.in_features,
-            linear.out_features,
-            bias=has_bias,
-            has_fp16_weights=False,
-            threshold=settings.int8_threshold,
-        )
-    else:
-        module = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=has_bias,
-            compute_dtype=linear.weight.dtype,
-            compress_statistics=settings.double_quant,
-            quant_type=scheme.name,
-        )
+    module = _empty_bnb(linear, scheme, settings)
     module.load_state_dict({k: v.detach().clone() for k, v in linear.state_dict().items()})
-    module = module.to(device)  # bitsandbytes quantizes on the move to a device
+    module = module.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
     _guard_repacking(module)
     return module
 
@@ -401,27 +403,12 @@ def _empty_realised(
             linear.in_features, linear.out_features, scheme.bits, settings.group_size, has_bias, linear.weight.dtype
         )
     elif scheme.backend == "bnb_int8":
-        import bitsandbytes as bnb
-
         # Moved to the device first (bitsandbytes refuses saved codes in a module it has not quantized).
-        module = bnb.nn.Linear8bitLt(
-            linear.in_features,
-            linear.out_features,
-            bias=has_bias,
-            has_fp16_weights=False,
-            threshold=settings.int8_threshold,
-        )
+        module = _empty_bnb(linear, scheme, settings)
     else:
         import bitsandbytes as bnb
 
-        module = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=has_bias,
-            compute_dtype=linear.weight.dtype,
-            compress_statistics=settings.double_quant,
-            quant_type=scheme.name,
-        )
+        module = _empty_bnb(linear, scheme, settings)
         stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
         module.weight = bnb.nn.Params4bit.from_prequantized(
             data=state["weight"], quantized_stats=stats, requires_grad=False, device=device
