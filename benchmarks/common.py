@@ -30,7 +30,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=str(ROOT / "models/base"), help="model directory (dvc repro writes it)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="calibration/evaluation sizes and seed")
-    parser.add_argument("--eval-chunks", type=int, default=64, help="evaluation chunks of evaluate.seq_len tokens")
+    parser.add_argument("--eval-chunks", type=int, default=64, help="evaluation chunks of evaluate.seq_lens[0] tokens")
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -42,5 +42,5 @@ def make_setup(args: argparse.Namespace) -> Setup:
         model_dir=Path(args.model),
         data=args.data,
         calibration=random_windows(calib, params.calibrate.samples, params.calibrate.seq_len, params.seed),
-        evaluation=chunks(evals, params.evaluate.seq_len, "evaluation")[: args.eval_chunks],
+        evaluation=chunks(evals, params.evaluate.seq_lens[0], "evaluation")[: args.eval_chunks],
     )

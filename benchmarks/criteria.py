@@ -1,7 +1,7 @@
 """Every registered criterion at targets 0.2 and 0.5 of all parameters, without recovery.
 
 For each criterion: scoring time, then for each target the achieved fraction and the evaluation
-perplexity (LLM-Pruner protocol, evaluate.seq_len tokens), on the default model and the given data.
+perplexity (LLM-Pruner protocol, evaluate.seq_lens[0] tokens), on the default model and the given data.
 
     python benchmarks/criteria.py [DATA] [--model models/base] [--criteria l1 l2 ...] [--targets 0.2 0.5]
     python benchmarks/criteria.py ../shared/data/c4/c4_validation_2k.jsonl

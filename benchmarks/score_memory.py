@@ -1,14 +1,18 @@
 """Peak memory of scoring with `param_first` (gradients of every scored weight) and `lora` (LoRA gradients only).
 
-Each (criterion, gradient checkpointing) pair runs in its own fresh process so peaks do not mix; the rows are
-printed side by side with the lora / param_first ratios.
+Each row (criterion, base dtype, gradient checkpointing) runs in its own fresh process so peaks do not mix;
+the rows are printed side by side with the ratios to `param_first`'s. `lora` runs twice: on the float32 base
+like `param_first`, and on a bfloat16 frozen base (`score.base_dtype`, as LoRAPrune scores on a half-precision
+or 8-bit base; `param_first` cannot, it differentiates the base weights).
 
-    python benchmarks/score_memory.py [DATA] [--model models/base] [--device cpu|cuda]
+    python benchmarks/score_memory.py [DATA] [--model models/base] [--device cpu|cuda] [--checkpointing on off]
 
-Per row: `model_mib`, the resident memory once the model is loaded and has run one forward pass (weights
-paged in, Python and torch included); `peak_mib`, the highest resident memory while scoring; `added_mib`
-= peak - model, what the criterion itself needs (activations, gradients, adapters, temporaries). On CUDA the
-same three numbers come from `torch.cuda.memory_allocated` / `max_memory_allocated` (no CUDA context).
+Per row: `runtime_mib`, resident memory before the model is loaded (Python, torch, transformers, data);
+`model_mib`, once the model is loaded and has run one forward pass (weights paged in); `peak_mib`, the highest
+resident memory while scoring; `stage_mib` = peak - runtime, what the scoring holds at its peak (model,
+gradients, activations, adapters: the CPU counterpart of CUDA's max allocated); `added_mib` = peak - model,
+what the criterion needs beyond the loaded model. On CUDA the numbers come from `torch.cuda.memory_allocated`
+/ `max_memory_allocated` (no CUDA context; runtime 0).
 
 On CPU the peak is the process's VmHWM (reset after the model is resident, Linux `/proc/self/clear_refs`).
 The children run with `MALLOC_MMAP_THRESHOLD_=65536`: glibc otherwise raises its mmap threshold after the
@@ -47,10 +51,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
     params = load_params(args.params)
     setup = make_setup(args)
-    model, _, adapter = load_model(setup.model_dir, params.model.dtype, args.device)
+    cuda = args.device.startswith("cuda")
+    runtime = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
+    model, _, adapter = load_model(setup.model_dir, args.base_dtype, args.device)
     with torch.no_grad():  # page every weight in, so the model's own memory is in the baseline
         model(input_ids=setup.calibration[:1].to(args.device))
-    cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -71,7 +76,14 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     CRITERIA.get(args.criterion).score(model, adapter, req)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
-    return {"seconds": seconds, "model_mib": base, "peak_mib": peak, "added_mib": peak - base}
+    return {
+        "seconds": seconds,
+        "runtime_mib": runtime,
+        "model_mib": base,
+        "peak_mib": peak,
+        "stage_mib": peak - runtime,
+        "added_mib": peak - base,
+    }
 
 
 def main() -> None:
@@ -81,38 +93,45 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
+    parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on"])
     parser.add_argument("--criterion", help=argparse.SUPPRESS)  # set in the child processes
-    parser.add_argument("--checkpointing", choices=["on", "off"], help=argparse.SUPPRESS)
+    parser.add_argument("--base-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.criterion:
+        args.checkpointing = args.checkpointing[0]
         print(json.dumps(measure(args)))
         return
     env = dict(os.environ)
     if not args.glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    for checkpointing in ("off", "on"):
-        for criterion in ("param_first", "lora"):
+    from prunekit.params import load_params
+
+    model_dtype = load_params(args.params).model.dtype
+    configs = [("param_first", model_dtype), ("lora", model_dtype), ("lora", "bfloat16")]
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
+    for checkpointing in args.checkpointing:
+        for criterion, dtype in configs:
             cmd = [sys.executable, __file__, args.data, "--model", args.model, "--params", args.params]
             cmd += ["--device", args.device, "--criterion", criterion, "--checkpointing", checkpointing]
+            cmd += ["--base-dtype", dtype]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            rows[criterion, checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[criterion, dtype, checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])
     malloc = "glibc default" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=65536"
     print(
         f"model {args.model}, data {args.data}, device {args.device}" + ("" if args.device != "cpu" else f", {malloc}")
     )
-    keys = ["seconds", "model_mib", "peak_mib", "added_mib"]
-    print("| criterion | gradient checkpointing | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 2) + "|")
-    for (name, checkpointing), r in rows.items():
-        print(f"| {name} | {checkpointing} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    keys = ["seconds", "runtime_mib", "model_mib", "peak_mib", "stage_mib", "added_mib"]
+    print("| criterion | base dtype | gradient checkpointing | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 3) + "|")
+    for (name, dtype, checkpointing), r in rows.items():
+        print(f"| {name} | {dtype} | {checkpointing} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
     print()
-    for checkpointing in ("off", "on"):
-        lora, first = rows["lora", checkpointing], rows["param_first", checkpointing]
-        print(
-            f"checkpointing {checkpointing}: lora / param_first peak {lora['peak_mib'] / first['peak_mib']:.3f}, "
-            f"added by scoring {lora['added_mib'] / first['added_mib']:.3f}"
-        )
+    for checkpointing in args.checkpointing:
+        first = rows["param_first", model_dtype, checkpointing]
+        for _, dtype in configs[1:]:
+            lora = rows["lora", dtype, checkpointing]
+            ratios = ", ".join(f"{k} {lora[k] / first[k]:.3f}" for k in ("peak_mib", "stage_mib", "added_mib"))
+            print(f"checkpointing {checkpointing}, lora on a {dtype} base / param_first: {ratios}")
 
 
 if __name__ == "__main__":

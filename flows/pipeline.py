@@ -21,6 +21,7 @@ from prunekit.errors import PrunekitError
 from prunekit.runtime import configure_logging
 
 log = logging.getLogger("prunekit.flows.pipeline")
+REPORT = Path("reports/experiments.md")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
@@ -74,7 +75,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = ".") -> list:
-    from prefect.artifacts import create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from prunekit.report import build_report, exp_show_json
 
     root = Path(repo).resolve()
     overrides = dict(overrides or {})
@@ -90,6 +93,9 @@ def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = 
         table=rows,
         description=f"Metrics after `{' '.join(cmd)}`",
     )
+    # The comparison of every experiment so far (reports/experiments.md + .png), also as a Prefect artifact.
+    report = build_report(exp_show_json(root), root / REPORT)
+    create_markdown_artifact(key="prunekit-report", markdown=report, description="prunekit experiments")
     return rows
 
 

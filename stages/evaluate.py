@@ -1,4 +1,4 @@
-"""Stage `evaluate`: perplexity (LLM-Pruner protocol), size and speed of one model."""
+"""Stage `evaluate`: perplexity protocols, lm-eval zero-shot accuracy, size, cost and speed of one model."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from prunekit.runtime import run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
-    import torch
-
-    from prunekit.evaluation import perplexity, speed
+    from prunekit.data import data_name
+    from prunekit.evaluation import evaluate_model
     from prunekit.fsutil import read_json, write_json
+    from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import load_model
     from prunekit.quant.apply import (
         is_quantized_dir,
@@ -25,29 +25,16 @@ def body(params: Params, args: argparse.Namespace) -> None:
     )
     from prunekit.slicing import count_params, weight_bytes
     from prunekit.stageio import read_documents
-    from prunekit.tokens import chunks, token_stream
 
-    e, m = params.evaluate, params.model
+    m = params.model
     quantized = is_quantized_dir(args.model)
     if quantized:
         model, tokenizer, plan = load_quantized(args.model, m.device)
+        adapter = adapter_for(model.config)
     else:
-        model, tokenizer, _ = load_model(args.model, m.dtype, m.device, m.device_map)
-    stream = token_stream(tokenizer, read_documents(Path(args.text), "evaluation"))
-    chunked = chunks(stream, e.seq_len, "evaluation")
-    if e.max_chunks:
-        chunked = chunked[: e.max_chunks]
-    ppl = perplexity(model, chunked, e.batch_size)
-    prompt = chunks(stream, e.speed_prompt_len, "evaluation")[:1]
-    timing = speed(model, prompt, e.speed_new_tokens, e.speed_repeats)
-    device = next(model.parameters()).device
-    out = {
-        "ppl": round(ppl["ppl"], 4),
-        "seq_len": e.seq_len,
-        "eval_tokens": ppl["tokens"],
-        "params": count_params(model),
-        "weight_bytes": weight_bytes(model),
-    }
+        model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
+    rows = read_documents(Path(args.text), "evaluation")
+    out: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
     if quantized:
         n_params, n_adapter = logical_param_count(model)
         base = model.get_base_model() if n_adapter else model
@@ -57,9 +44,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
         if args.dense_metrics:
             dense = read_json(args.dense_metrics, "dense model metrics")
             out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
-    out["speed"] = {k: round(v, 2) for k, v in timing.items()} | {
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
-    }
+    out |= evaluate_model(model, tokenizer, adapter, params, rows, data_name(params.data.evaluation))
     write_json(args.out, out)
 
 

@@ -20,7 +20,8 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.stageio import read_tensors
 
     m = params.model
-    model, _, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
+    # A criterion without base-weight gradients may score on a lower-precision frozen base (score.base_dtype).
+    model, _, adapter = load_model(args.model, params.score.base_dtype or m.dtype, m.device, m.device_map)
     calibration = read_tensors(Path(args.calibration), "calibration tokens")["input_ids"]
     req = ScoreRequest(
         units=list(params.prune.units),

@@ -215,6 +215,35 @@ def test_lora_scores_equal_independent_computation() -> None:
         torch.testing.assert_close(scores[key], exp, rtol=1e-4, atol=1e-12)
 
 
+def test_lora_on_a_bfloat16_base_keeps_float32_adapters_and_the_ranking() -> None:
+    """score.base_dtype=bfloat16: the frozen base is bf16, the adapters and estimates float32, and the scores
+    are the float32 base's up to bf16 rounding (>= 90% of each layer's top half shared)."""
+    model = tiny_model()
+    req = _lora_request(model)
+    ref = CRITERIA.get("lora").score(model, adapter_for(model.config), req)
+    half = tiny_model().to(torch.bfloat16)
+    seen = {}
+    original = lora_module.collect_factors
+
+    def spy(m):
+        factors = original(m)
+        seen["dtypes"] = {f.a.dtype for f in factors.values()} | {f.grad_b.dtype for f in factors.values()}
+        return factors
+
+    lora_module.collect_factors, saved = spy, lora_module.collect_factors
+    try:
+        got = CRITERIA.get("lora").score(half, adapter_for(half.config), req)
+    finally:
+        lora_module.collect_factors = saved
+    assert seen["dtypes"] == {torch.float32}
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # the base stays as loaded
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0.25, atol=1e-3 * float(ref[key].abs().max()))
+        k = ref[key].numel() // 2
+        overlap = set(ref[key].topk(k).indices.tolist()) & set(got[key].topk(k).indices.tolist())
+        assert len(overlap) >= 0.9 * k, key
+
+
 def test_lora_estimate_is_the_projected_true_gradient() -> None:
     """With B != 0: G_B = s G A^T, G_A = s B^T G, and the estimate equals
     s^2 (G A^T A + B B^T G) - eta s^3 G A^T B^T G, with G the true gradient of the merged weight."""

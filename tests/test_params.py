@@ -89,3 +89,8 @@ def test_combinations_that_cannot_work_are_refused() -> None:
     with pytest.raises(ParamsError, match=r"prune.bias_compensation': needs the mean activations.*flap"):
         check_choices(params)
     check_choices(parse_params({"prune": {"bias_compensation": True}, "score": {"criterion": "flap"}}))
+    # A lower-precision frozen base only for criteria that never differentiate the base weights.
+    params = parse_params({"score": {"criterion": "param_first", "base_dtype": "bfloat16"}})
+    with pytest.raises(ParamsError, match=r"score.base_dtype': criterion 'param_first' differentiates the base"):
+        check_choices(params)
+    check_choices(parse_params({"score": {"criterion": "lora", "base_dtype": "bfloat16"}}))

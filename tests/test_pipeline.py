@@ -95,7 +95,9 @@ def tiny_params(model_dir: Path) -> dict:
     # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
     params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
     params["recover"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
-    params["evaluate"].update(seq_len=32, max_chunks=8, speed_prompt_len=8, speed_new_tokens=2, speed_repeats=1)
+    params["evaluate"].update(seq_lens=[16, 32], max_chunks=8)
+    params["evaluate"]["zero_shot"].update(auto_mc_questions=4, auto_mc_context_words=12, auto_mc_continuation_words=4)
+    params["evaluate"]["speed"].update(batch_sizes=[1, 2], prompt_len=8, new_tokens=2, repeats=1)
     params["search"].update(trials=3, random_starts=1, samples=2, seq_len=16, batch_size=2, budget_bits=5.0)
     params["quantize"].update(qlora_steps=2, qlora_batch_size=2, qlora_seq_len=32, group_size=16)
     return params
@@ -147,7 +149,14 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
     prune = json.loads((repo / "metrics/prune.json").read_text())
     assert abs(prune["achieved_fraction"] - 0.2) <= 0.01
     assert metrics["pruned"]["params"] == prune["params_after"] < metrics["dense"]["params"] == prune["params_before"]
-    assert all(m["ppl"] > 1 for m in metrics.values())
+    assert all(set(m["ppl"]) == {"python-docs-evaluation-16", "python-docs-evaluation-32"} for m in metrics.values())
+    assert all(v > 1 for m in metrics.values() for v in m["ppl"].values())
+    for m in metrics.values():
+        assert set(m["zero_shot"]) == {"auto_mc", "average"} and 0 <= m["zero_shot"]["auto_mc"]["acc"] <= 1
+        eff = m["efficiency"]
+        assert eff["batch_2"]["decode_tokens_per_s"] > 0 and eff["batch_1"]["peak_memory_mib"] > 0
+    dense_eff, pruned_eff = metrics["dense"]["efficiency"], metrics["pruned"]["efficiency"]
+    assert pruned_eff["linear_macs_per_token"] < dense_eff["linear_macs_per_token"]
     assert len(json.loads((repo / "metrics/recover_loss.json").read_text())) == 2
     assert (repo / "metrics/recover_loss.png").read_bytes()[:4] == b"\x89PNG"
     search = json.loads((repo / "metrics/search.json").read_text())
@@ -155,7 +164,7 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
     assert len(trials) == search["trials"] >= 4 and all(t["avg_bits"] <= 5.0 for t in trials)
     assert search["best"]["loss"] == min(t["loss"] for t in trials) <= search["uniform"]["loss"]
     quantized = json.loads((repo / "metrics/eval/quantized.json").read_text())
-    assert quantized["avg_bits"] == search["best"]["avg_bits"] and quantized["ppl"] > 1
+    assert quantized["avg_bits"] == search["best"]["avg_bits"] and quantized["ppl"]["python-docs-evaluation-16"] > 1
     assert quantized["params"] == metrics["recovered"]["params"] and quantized["adapter_params"] > 0
     # fp32 embeddings dominate this tiny model, so the ratio itself is not below 1 here; check its definition.
     assert quantized["bytes_vs_dense_16bit"] == round(quantized["weight_bytes"] / (2 * metrics["dense"]["params"]), 4)
@@ -205,6 +214,13 @@ def test_flow_runs_experiment(repo: Path, prefect_env: dict[str, str]) -> None:
                 data = (rev.get("data") or {}).get("params", {}).get("params.yaml", {}).get("data", {})
                 found[name] = data.get("prune", {}).get("target")
     assert found.get("t25") == 0.25
+    # The comparison report: a row per run (the baseline commit and t25), written and published to Prefect.
+    report = (repo / "reports/experiments.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert "| prune.target |" in rows[0] and any(r.startswith("| t25 | 0.25 |") for r in rows)
+    assert (repo / "reports/experiments.png").read_bytes()[:4] == b"\x89PNG"
+    artifact = run(["prefect", "artifact", "inspect", "prunekit-report"], repo, env).stdout
+    assert "t25" in artifact and "prune.target" in artifact
 
 
 @pytest.mark.slow

@@ -57,17 +57,39 @@ def cmd_info(model_dir: str) -> None:
         print(f"{i:>5}  {s.num_attention_heads:>7}  {s.num_key_value_heads:>8}  {s.intermediate_size:>12}")
 
 
+def cmd_report(json_path: str | None, out: str) -> None:
+    import json
+    from pathlib import Path
+
+    from prunekit.report import build_report, exp_show_json
+
+    if json_path:
+        try:
+            entries = json.loads(Path(json_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PrunekitError(f"cannot read `dvc exp show --json` output from '{json_path}': {e}") from e
+    else:
+        entries = exp_show_json(Path.cwd())
+    build_report(entries, Path(out))
+    print(f"wrote {out} and {Path(out).with_suffix('.png')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print every registered criterion, unit, allocation, data source, family")
     info = sub.add_parser("info", help="print architecture, per-layer widths, parameters and bytes of a model")
     info.add_argument("model_dir")
+    report = sub.add_parser("report", help="markdown + PNG comparison of the DVC experiments (dvc exp show --json)")
+    report.add_argument("--json", help="a saved `dvc exp show --json` output (default: run it here)")
+    report.add_argument("--out", default="reports/experiments.md", help="markdown path (the PNG goes beside it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.command == "list":
             cmd_list()
+        elif args.command == "report":
+            cmd_report(args.json, args.out)
         else:
             cmd_info(args.model_dir)
     except PrunekitError as e:

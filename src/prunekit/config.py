@@ -26,6 +26,13 @@ def check_choices(params: Params) -> None:
     for role in ("calibration", "training", "evaluation"):
         check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
     check("score.criterion", CRITERIA.get, params.score.criterion)
+    if params.score.base_dtype is not None and params.score.criterion in CRITERIA.names():
+        if CRITERIA.get(params.score.criterion).base_gradients:
+            problems.append(
+                f"params.yaml key 'score.base_dtype': criterion '{params.score.criterion}' differentiates the "
+                "base weights, which must stay in model.dtype; set score.base_dtype: null (or use lora or a "
+                "forward-only criterion)"
+            )
     check("prune.allocation", ALLOCATIONS.get, params.prune.allocation)
     if not params.prune.units:
         problems.append("params.yaml key 'prune.units': empty; choose from " + ", ".join(UNITS.names()))
@@ -35,6 +42,25 @@ def check_choices(params: Params) -> None:
         check(f"prune.round_to.{unit}", UNITS.get, unit)
         if multiple < 1:
             problems.append(f"params.yaml key 'prune.round_to.{unit}': must be >= 1 (given: {multiple})")
+    e = params.evaluate
+    from prunekit.protocols import check_local_file, check_ppl_name
+    from prunekit.zeroshot import check_local_dir, check_task
+
+    if not e.perplexity:
+        problems.append("params.yaml key 'evaluate.perplexity': empty; list at least one dataset, e.g. [default]")
+    for i, name in enumerate(e.perplexity):
+        check(f"evaluate.perplexity[{i}]", check_ppl_name, name)
+    if not e.seq_lens or any(n < 2 for n in e.seq_lens):
+        problems.append(f"params.yaml key 'evaluate.seq_lens': give lengths >= 2 (given: {list(e.seq_lens)})")
+    for name, path in e.local_files.items():
+        if path:
+            check(f"evaluate.local_files.{name}", check_local_file, name, path)
+    for i, task in enumerate(e.zero_shot.tasks):
+        check(f"evaluate.zero_shot.tasks[{i}]", check_task, task)
+    if e.zero_shot.local_dir:
+        check("evaluate.zero_shot.local_dir", check_local_dir, e.zero_shot.local_dir, e.zero_shot.tasks)
+    if not e.speed.batch_sizes or any(b < 1 for b in e.speed.batch_sizes):
+        problems.append(f"params.yaml key 'evaluate.speed.batch_sizes': give sizes >= 1 (given: {e.speed.batch_sizes})")
     from prunekit.quant import SCHEMES
 
     for i, scheme in enumerate(params.search.choices):

@@ -453,3 +453,9 @@ def _field(row: dict[str, Any], field: str, spec: str) -> str:
             f"A row of '{spec}' has no '{field}' field (got {sorted(row)}). Use a local .txt or .jsonl file instead."
         )
     return row[field] or ""
+
+
+def data_name(spec: str) -> str:
+    """A short name for a data spec in metric names: the registered name, or a local file's stem."""
+    path = _local_path(spec)
+    return path.stem if path is not None else spec.removeprefix("hf:")

@@ -1,4 +1,4 @@
-"""Perplexity (LLM-Pruner protocol) and speed of a causal LM."""
+"""Perplexity (LLM-Pruner protocol) and speed of a causal LM; :func:`evaluate_model` runs the whole evaluation."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def speed_prompts(stream: torch.Tensor, batch_size: int, prompt_len: int) -> torch.Tensor:
+    """``batch_size`` prompts: consecutive non-overlapping ``prompt_len``-token windows of the evaluation stream,
+    repeated from the start when the text holds fewer (throughput does not depend on which tokens)."""
+    from prunekit.tokens import chunks
+
+    windows = chunks(stream, prompt_len, "evaluation (speed prompts)")
+    reps = -(-batch_size // windows.shape[0])
+    return windows.repeat(reps, 1)[:batch_size]
+
+
 @torch.no_grad()
 def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
     """Prefill and decode tokens/s at batch ``prompt.shape[0]``: median over ``repeats`` after one warm-up.
@@ -62,3 +72,78 @@ def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int)
         "prefill_tokens_per_s": b * t / statistics.median(prefill_times),
         "decode_tokens_per_s": b * new_tokens / statistics.median(decode_times),
     }
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: object,
+    params: object,
+    default_rows: list[str],
+    default_name: str,
+) -> dict[str, object]:
+    """Perplexity protocols, zero-shot accuracy and efficiency of one loaded model (``params``: the whole
+    params.yaml; ``default_rows``: the ``data.evaluation`` documents, named ``default_name``)."""
+    from prunekit.efficiency import efficiency, peak_memory_mib, reset_peak_memory
+    from prunekit.protocols import DEFAULT, PplText, perplexity_table, protocol_rows
+    from prunekit.tokens import token_stream
+    from prunekit.zeroshot import AUTO_MC, auto_mc_rows, zero_shot
+
+    e = params.evaluate  # type: ignore[attr-defined]
+    seconds: dict[str, float] = {}
+    texts = []
+    for name in e.perplexity:
+        if name == DEFAULT:
+            texts.append(PplText(default_name, "evaluation", default_rows))
+        else:
+            from prunekit.protocols import PPL_DATASETS
+
+            join = e.ptb_join if name == "ptb" else "\n\n"
+            texts.append(PplText(name, PPL_DATASETS[name].split, protocol_rows(name, e.local_files), join))
+    t0 = time.perf_counter()
+    table = perplexity_table(model, tokenizer, texts, list(e.seq_lens), e.batch_size, e.max_chunks)
+    seconds["perplexity"] = time.perf_counter() - t0
+    out: dict[str, object] = {
+        "ppl": {k: round(v["ppl"], 4) for k, v in table.items()},
+        "ppl_tokens": {k: v["tokens"] for k, v in table.items()},
+    }
+    z = e.zero_shot
+    if z.tasks:
+        rows = None
+        if AUTO_MC in z.tasks:
+            rows = auto_mc_rows(
+                default_rows,
+                z.auto_mc_questions,
+                z.auto_mc_choices,
+                z.auto_mc_context_words,
+                z.auto_mc_continuation_words,
+                params.seed,  # type: ignore[attr-defined]
+            )
+        t0 = time.perf_counter()
+        out["zero_shot"] = zero_shot(
+            model,
+            tokenizer,
+            list(z.tasks),
+            local_dir=z.local_dir,
+            auto_rows=rows,
+            batch_size=z.batch_size,
+            limit=z.limit,
+            seed=params.seed,  # type: ignore[attr-defined]
+        )
+        seconds["zero_shot"] = time.perf_counter() - t0
+    device = next(model.parameters()).device
+    eff: dict[str, object] = dict(efficiency(model, adapter, list(e.seq_lens)))  # type: ignore[arg-type]
+    stream = token_stream(tokenizer, default_rows)
+    t0 = time.perf_counter()
+    for batch in e.speed.batch_sizes:
+        reset_peak_memory(device)
+        prompt = speed_prompts(stream, batch, e.speed.prompt_len)
+        timing = speed(model, prompt, e.speed.new_tokens, e.speed.repeats)
+        peak, kind = peak_memory_mib(device)
+        eff[f"batch_{batch}"] = {k: round(v, 2) for k, v in timing.items()} | {"peak_memory_mib": round(peak, 1)}
+        eff["peak_memory"] = kind
+    seconds["speed"] = time.perf_counter() - t0
+    eff["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+    out["efficiency"] = eff
+    out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    return out

@@ -68,6 +68,10 @@ class ScoreParams(Section):
     # ``bip``: "strict" is a Lipschitz upper bound on the block-output change; "local" its first-order form.
     bip_bound: Literal["strict", "local"] = "strict"
     lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # dtype the score stage loads the model in; null: ``model.dtype``. Only for criteria that take no
+    # gradient of the base weights (``lora`` and the forward-only ones): LoRAPrune scores on a frozen
+    # half-precision (or 8-bit) base, adapters stay float32. The gradient criteria refuse it.
+    base_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class PruneParams(Section):
@@ -100,15 +104,43 @@ class RecoverParams(Section):
     weight_decay: float = Field(0.0, ge=0.0)
 
 
-class EvaluateParams(Section):
-    """``evaluate``: perplexity protocol and speed measurement."""
+class ZeroShotParams(Section):
+    """``evaluate.zero_shot``: lm-eval multiple-choice tasks on the in-memory model."""
 
-    seq_len: int = Field(128, ge=2)
+    # auto_mc (built from the evaluation text, offline) | boolq | piqa | hellaswag | winogrande | arc_easy |
+    # arc_challenge | openbookqa (lm-eval's own tasks from the Hub, or local copies from ``local_dir``)
+    tasks: list[str] = ["auto_mc"]
+    local_dir: str | None = None  # folder of <task>.jsonl copies in the Hub's row format (README: formats)
+    limit: int | None = Field(None, ge=1)  # questions per task (null: all)
     batch_size: int = Field(8, ge=1)
-    max_chunks: int | None = Field(None, ge=1)
-    speed_prompt_len: int = Field(128, ge=1)
-    speed_new_tokens: int = Field(32, ge=1)
-    speed_repeats: int = Field(3, ge=1)
+    # auto_mc: choose a passage's true continuation among continuations drawn from other documents
+    auto_mc_questions: int = Field(100, ge=1)
+    auto_mc_choices: int = Field(4, ge=2)
+    auto_mc_context_words: int = Field(32, ge=1)
+    auto_mc_continuation_words: int = Field(8, ge=1)
+
+
+class SpeedParams(Section):
+    """``evaluate.speed``: prefill / decode throughput with the KV cache."""
+
+    batch_sizes: list[int] = [1, 16]
+    prompt_len: int = Field(128, ge=1)
+    new_tokens: int = Field(16, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class EvaluateParams(Section):
+    """``evaluate``: perplexity protocols, zero-shot accuracy, efficiency."""
+
+    # default (the data.evaluation text) | wikitext2 | ptb | c4 (the Hub, or local_files when set)
+    perplexity: list[str] = ["default"]
+    seq_lens: list[int] = [128, 2048]
+    ptb_join: str = "\n\n"  # LLM-Pruner's; " " is the GPTQ-family join (then named in the metric)
+    local_files: dict[str, str | None] = {"wikitext2": None, "ptb": None, "c4": None}
+    batch_size: int = Field(8, ge=1)
+    max_chunks: int | None = Field(None, ge=1)  # per dataset and length (null: all)
+    zero_shot: ZeroShotParams = ZeroShotParams()
+    speed: SpeedParams = SpeedParams()
 
 
 class QuantizeParams(Section):

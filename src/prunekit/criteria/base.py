@@ -41,6 +41,9 @@ class Criterion(ABC):
     """Scores every requested unit. ``score`` leaves the model's weights unchanged."""
 
     name = ""
+    # True when scoring differentiates the base weights themselves (the Taylor criteria): such a
+    # criterion needs them in the model's training dtype (``score.base_dtype`` must stay null).
+    base_gradients = False
 
     @abstractmethod
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:

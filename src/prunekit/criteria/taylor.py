@@ -158,6 +158,7 @@ def per_sample_statistics(
 class TaylorCriterion(Criterion):
     """Shared gradient pass; subclasses give the per-element quantity and how a unit's sum is finished."""
 
+    base_gradients = True
     needs_mean = True
     needs_fisher = False
 
