@@ -24,7 +24,9 @@ DATA = Path(__file__).parent / "data"
 
 # ------------------------------------------------------------------ perplexity protocols
 
-WIKI_RAW = " = Title = \n\n The first paragraph of the article , with tokens . \n\n = = Section = = \n\n More text here .\n"
+WIKI_RAW = (
+    " = Title = \n\n The first paragraph of the article , with tokens . \n\n = = Section = = \n\n More text here .\n"
+)
 
 
 def _nll_by_hand(model, ids: torch.Tensor, seq_len: int) -> tuple[float, int]:
@@ -93,9 +95,10 @@ def test_agrees_with_lm_eval_rolling_loglikelihood_up_to_chunk_boundaries(tokeni
     token of the chunk after an EOS prefix token; we predict all but the first, with no prefix. Prepending that
     one boundary token to every chunk turns our computation into lm-eval's exactly: the two protocols differ
     by the chunk-boundary token and nothing else."""
+    from pydoc_data.topics import topics
+
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from pydoc_data.topics import topics
 
     from prunekit.evaluation import perplexity
 
@@ -146,18 +149,22 @@ LOCAL_ROWS = {
         },
     ],
     "winogrande": [
-        {"sentence": "The cup fell off the table because _ was bad.", "option1": "cup", "option2": "table", "answer": "2"},
+        {"sentence": "The cup fell off the table as _ was bad.", "option1": "cup", "option2": "table", "answer": "2"},
         {"sentence": "Anna thanked Maria because _ was kind.", "option1": "Anna", "option2": "Maria", "answer": "1"},
     ],
     "arc_easy": [
-        {"question": "Water is?", "choices": {"text": ["wet", "iron", "sand"], "label": ["A", "B", "C"]}, "answerKey": "A"},
+        {
+            "question": "Water is?",
+            "choices": {"text": ["wet", "iron", "dry"], "label": ["A", "B", "C"]},
+            "answerKey": "A",
+        },
         {"question": "A planet?", "choices": {"text": ["Moon", "Mars"], "label": ["A", "B"]}, "answerKey": "B"},
     ],
     "arc_challenge": [
         {"question": "Plants take?", "choices": {"text": ["oxygen", "CO2"], "label": ["1", "2"]}, "answerKey": "2"},
     ],
     "openbookqa": [
-        {"question_stem": "The sun is", "choices": {"text": ["a star", "a rock"], "label": ["A", "B"]}, "answerKey": "A"},
+        {"question_stem": "The sun is", "choices": {"text": ["a star", "rock"], "label": ["A", "B"]}, "answerKey": "A"},
     ],
 }
 
