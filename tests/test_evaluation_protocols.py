@@ -333,3 +333,16 @@ def test_report_from_two_experiments(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "experiments.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(PrunekitError, match="not `dvc exp show --json` output"):
         parse_exp_show({"rev": "x"})
+
+
+def test_hub_tasks_reach_the_network_boundary(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    """Without local copies a hub task is lm-eval's own (piqa -> its Hub dataset); offline that fails with
+    the fix in the message, not a traceback from deep inside lm-eval."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = tiny_model(vocab_size=len(tokenizer))
+    with pytest.raises(PrunekitError, match=r"could not load the tasks \['piqa'\].*baber/piqa.*local_dir"):
+        zero_shot(model, tokenizer, ["piqa"], batch_size=2)
