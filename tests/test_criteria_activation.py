@@ -363,6 +363,9 @@ def test_score_and_prune_stages_compensate(tiny_model_dir: Path, tmp_path: Path)
             out=out,
             plan=tmp_path / "plan.json",
             metrics=tmp_path / "metrics.json",
+            text=None,
+            calibration=None,
+            state=tmp_path / "state",
         ),
     )
     loaded = AutoModelForCausalLM.from_pretrained(out)

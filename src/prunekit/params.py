@@ -87,6 +87,28 @@ class PruneParams(Section):
     tolerance: float = Field(0.01, gt=0.0, lt=1.0)
     # FLAP: fold the calibration mean of removed o_proj / down_proj inputs into a bias (activation criteria).
     bias_compensation: bool = False
+    # oneshot | iterative (LoRAPrune: masks raised on a cubic schedule while LoRA trains) | kshot (TransAct)
+    schedule: Literal["oneshot", "iterative", "kshot"] = "oneshot"
+
+
+class ScheduleParams(Section):
+    """``schedule``: the iterative and k-shot schedules (``prune.schedule``) and the LoRA they train."""
+
+    iterative_steps: int = Field(100, ge=1)  # iterative: LoRA steps in all
+    prune_freq: int = Field(10, ge=1)  # iterative: steps between mask updates
+    warmup: float = Field(0.1, ge=0.0, lt=1.0)  # iterative: share of the steps before pruning starts
+    cooldown: float = Field(0.1, ge=0.0, lt=1.0)  # iterative: share at the end with the target reached
+    ema: float = Field(0.9, ge=0.0, lt=1.0)  # iterative: weight of the old scores in the moving average
+    checkpoint_every: int = Field(10, ge=1)  # iterative: steps between checkpoints (resume)
+    shots: int = Field(8, ge=1)  # kshot: rounds of score -> prune -> train
+    steps_per_shot: int = Field(10, ge=0)  # kshot: LoRA steps after each cut (merged)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)
 
 
 class RecoverParams(Section):
@@ -187,6 +209,7 @@ class Params(Section):
     calibrate: CalibrateParams = CalibrateParams()
     score: ScoreParams = ScoreParams()
     prune: PruneParams = PruneParams()
+    schedule: ScheduleParams = ScheduleParams()
     recover: RecoverParams = RecoverParams()
     evaluate: EvaluateParams = EvaluateParams()
     search: SearchParams = SearchParams()

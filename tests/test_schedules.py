@@ -1,0 +1,249 @@
+"""Schedules: cubic fractions, mask == slice with LoRA, masked training == sliced training, iterative and k-shot
+runs, and resume equivalence."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from peft import LoraConfig, get_peft_model
+from test_head_dims import grouped_plan
+
+from prunekit.criteria import CRITERIA, ScoreRequest
+from prunekit.errors import PrunekitError
+from prunekit.lmloss import lm_loss
+from prunekit.models.adapters import adapter_for
+from prunekit.plan import PlanRequest, make_plan
+from prunekit.recovery import LoraSettings
+from prunekit.schedules import (
+    IterativeSettings,
+    KShotSettings,
+    UnitMasks,
+    cubic_fraction,
+    iterative_prune,
+    kshot_prune,
+    kshot_targets,
+)
+from prunekit.slicing import apply_plan, count_params, layouts
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNITS = ["attn_kv_group", "mlp_channel"]
+LAYERS = [1, 2]
+
+
+def test_cubic_fraction_per_step() -> None:
+    total, target = 20, 0.5
+    got = [cubic_fraction(s, total, target, 0.1, 0.2) for s in range(total)]
+    # 2 warm-up steps, a ramp of 14, 4 cool-down steps: 0, then target * (1 - (1 - k/14)^3), then target.
+    expected = [0.0, 0.0] + [target * (1 - (1 - k / 14) ** 3) for k in range(1, 15)] + [target] * 4
+    assert got == pytest.approx(expected)
+    assert all(a <= b for a, b in zip(got, got[1:], strict=False)) and got[15] == target
+    with pytest.raises(PrunekitError, match="leave no step of 10 to prune in"):
+        cubic_fraction(0, 10, 0.5, 0.5, 0.5)
+    assert kshot_targets(4, 0.5) == [0.125, 0.25, 0.375, 0.5]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _with_lora(model, seed: int = 0):
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    with torch.no_grad():  # B = 0 at init: make the adapters matter
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return pm
+
+
+@pytest.mark.parametrize("units", [UNITS, ["attn_query_head"], ["attn_qk_dim", "attn_vo_dim", "mlp_channel"]])
+def test_masks_on_lora_model_equal_merged_then_sliced(units: list[str]) -> None:
+    dense = tiny_model()
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, units, seed=2)
+    masks = UnitMasks(dense, adapter, units, list(range(4)))
+    pm = _with_lora(copy.deepcopy(dense))
+    masks.set_plan(plan)
+    masks.attach(pm)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    masked = _logits(pm, ids)
+    masks.detach()
+    unmasked = _logits(pm, ids)
+    sliced = apply_plan(pm.merge_and_unload(), adapter, plan, mode="slice")
+    assert (masked - _logits(sliced, ids)).abs().max() < 1e-5
+    assert (masked - unmasked).abs().max() > 1e-3  # the hooks did something
+
+
+def _lora_params(pm):
+    return {n: p for n, p in pm.named_parameters() if "lora_" in n}
+
+
+def test_masked_training_equals_training_the_sliced_model() -> None:
+    """With a fixed mask and no dropout, LoRA trained on the masked model, merged and sliced, equals LoRA trained
+    from the same (sliced) start on the sliced model: masked rows/columns get exactly zero gradient."""
+    dense = tiny_model()
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, UNITS, seed=4)
+    masks = UnitMasks(dense, adapter, UNITS, list(range(4)))
+    masks.set_plan(plan)
+    masked = _with_lora(copy.deepcopy(dense), seed=1)
+    sliced = _with_lora(apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice"), seed=1)
+    # Start the sliced adapters from the masked ones' kept rows (B) and columns (A).
+    layers = adapter.layers(masked)
+    with torch.no_grad():
+        for idx, layer in enumerate(adapter.layers(sliced)):
+            for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+                src, dst = layers[idx].get_submodule(path), layer.get_submodule(path)
+                a, b = src.lora_A["default"].weight, src.lora_B["default"].weight
+                rows = masks.masks.get((idx, path, "out"), torch.ones(b.shape[0])).bool()
+                cols = masks.masks.get((idx, path, "in"), torch.ones(a.shape[1])).bool()
+                dst.lora_A["default"].weight.copy_(a[:, cols])
+                dst.lora_B["default"].weight.copy_(b[rows])
+    masks.attach(masked)
+    blocks = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(3))
+    for pm in (masked, sliced):
+        opt = torch.optim.Adam(list(_lora_params(pm).values()), lr=1e-2)
+        pm.train()
+        for step in range(4):
+            lm_loss(pm, blocks[2 * (step % 3) : 2 * (step % 3) + 2]).backward()
+            opt.step()
+            opt.zero_grad()
+    masks.detach()
+    a = apply_plan(masked.merge_and_unload(), adapter, plan, mode="slice")
+    b = sliced.merge_and_unload()
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), tiny_model().parameters(), strict=False))
+
+
+def _iterative_setup(steps: int = 12):
+    model = tiny_model()
+    adapter = adapter_for(model.config)
+    req = PlanRequest(
+        target=0.1,
+        total_params=count_params(model),
+        layouts=layouts(model, adapter, UNITS, LAYERS),
+        round_to={"mlp_channel": 8},
+        tolerance=0.03,
+    )
+    cfg = IterativeSettings(
+        steps=steps, prune_freq=2, warmup=0.2, cooldown=0.2, ema=0.9, checkpoint_every=3, rank=4, alpha=8,
+        dropout=0.05, target_modules=TARGETS, learning_rate=1e-3, batch_size=2, seed=7,
+    )  # fmt: skip
+    blocks = torch.randint(0, 128, (9, 16), generator=torch.Generator().manual_seed(5))
+    return model, adapter, req, cfg, blocks
+
+
+def test_iterative_schedule_prunes_along_the_cubic_fractions() -> None:
+    model, adapter, req, cfg, blocks = _iterative_setup()
+    out, plan, history = iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg)
+    assert abs(plan.achieved - 0.1) <= 0.03 and count_params(out) == plan.params_after
+    fractions = [h["fraction"] for h in history]
+    assert fractions[:2] == [0.0, 0.0] and fractions[-1] == plan.achieved
+    assert all(a <= b for a, b in zip(fractions, fractions[1:], strict=False)) and len(set(fractions)) >= 3
+
+
+def test_iterative_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    model, adapter, req, cfg, blocks = _iterative_setup()
+    full, plan, _ = iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg)
+    state = tmp_path / "state"
+    model, adapter, req, cfg, blocks = _iterative_setup()
+    with pytest.raises(KeyboardInterrupt):
+        iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg, state, "k", stop_after=8)
+    assert (state / "state.json").is_file()
+    model, adapter, req, cfg, blocks = _iterative_setup()
+    resumed, plan2, history = iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg, state, "k")
+    assert plan2.keep == plan.keep and len(history) == cfg.steps
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # A state from other params is discarded, not resumed.
+    model, adapter, req, cfg, blocks = _iterative_setup()
+    other, _, _ = iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg, state, "other-key")
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), other.parameters(), strict=True))
+
+
+def _kshot_run(tmp_path: Path, tokenizer, stop_after: int | None = None, state: Path | None = None):
+    model = tiny_model(vocab_size=len(tokenizer))
+    adapter = adapter_for(model.config)
+    calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(2))
+    blocks = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(3))
+    layers = LAYERS
+
+    def score(m, a, shot):
+        req = ScoreRequest(UNITS, layers, calibration, 2, seed=shot)
+        return CRITERIA.get("activation").score(m, a, req)
+
+    def plan_for(m, a, scores, fraction, original):
+        current = count_params(m)
+        req = PlanRequest(1 - original * (1 - fraction) / current, current, layouts(m, a, UNITS, layers), {}, 0.05)
+        return make_plan(scores, req, "uniform", "activation")
+
+    lora = LoraSettings(4, 8, 0.0, TARGETS, 1e-3, 2, 2, 0, 0.0, seed=11)
+    cfg = KShotSettings(target=0.12, shots=3, lora=lora)
+    return kshot_prune(model, adapter, blocks, None, score, plan_for, cfg, tokenizer, state, "k", stop_after)
+
+
+def test_kshot_prunes_in_shots_and_resumes(tmp_path: Path, tokenizer) -> None:
+    full, records = _kshot_run(tmp_path, tokenizer)
+    assert [r["shot"] for r in records] == [1, 2, 3]
+    assert [r["target"] for r in records] == pytest.approx([0.04, 0.08, 0.12])
+    assert all(abs(r["removed"] - r["target"]) <= 0.05 for r in records)
+    assert records[0]["removed"] < records[1]["removed"] < records[2]["removed"]
+    state = tmp_path / "kstate"
+    with pytest.raises(KeyboardInterrupt):
+        _kshot_run(tmp_path, tokenizer, stop_after=2, state=state)
+    resumed, records2 = _kshot_run(tmp_path, tokenizer, state=state)
+    assert records2 == records
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "kshot"])
+def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import argparse
+    import json
+    from pydoc_data.topics import topics
+
+    from safetensors.torch import save_file
+    from test_criteria_activation import load_stage
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.params import parse_params
+
+    params = parse_params(
+        {
+            "score": {"criterion": "param_first", "batch_size": 2},
+            "prune": {"target": 0.1, "skip_first": 1, "skip_last": 1, "tolerance": 0.03, "schedule": schedule},
+            "schedule": {"iterative_steps": 6, "prune_freq": 1, "warmup": 0.2, "cooldown": 0.2, "checkpoint_every": 2,
+                         "shots": 2, "steps_per_shot": 1, "batch_size": 2, "seq_len": 16},
+        }
+    )  # fmt: skip
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "training.jsonl").write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:8]))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    calib = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": calib}, str(tmp_path / "calib.safetensors"))
+    scores = tmp_path / "scores.safetensors"
+    load_stage("score").body(
+        params,
+        argparse.Namespace(model=str(tiny_model_dir), calibration=str(tmp_path / "calib.safetensors"), out=scores),
+    )
+    args = argparse.Namespace(
+        model=str(tiny_model_dir), scores=str(scores), out=tmp_path / "pruned", plan=tmp_path / "plan.json",
+        metrics=tmp_path / "metrics.json", text=str(text), calibration=str(tmp_path / "calib.safetensors"),
+        state=tmp_path / "state",
+    )  # fmt: skip
+    load_stage("prune").body(params, args)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert metrics["schedule"] == schedule and metrics["params_after"] == count_params(loaded)
+    assert abs(metrics["achieved_fraction"] - 0.1) <= 0.03
+    assert len(metrics["schedule_log"]) == (6 if schedule == "iterative" else 2)
+    assert (tmp_path / "state").is_dir() and not any((tmp_path / "state").iterdir())  # finished: nothing to resume
