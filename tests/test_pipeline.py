@@ -224,6 +224,25 @@ def test_flow_runs_experiment(repo: Path, prefect_env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
+def test_schedules_run_as_experiments(repo: Path, prefect_env: dict[str, str]) -> None:
+    """`dvc exp run -S prune.schedule=...` runs the schedule inside the prune stage, with a persisted state folder."""
+    env = prefect_env
+    run(["dvc", "repro"], repo, env)
+    small = ["-S", "schedule.seq_len=16", "-S", "schedule.batch_size=2", "-S", "prune.tolerance=0.03"]
+    for schedule, extra in (
+        ("kshot", ["-S", "schedule.shots=2", "-S", "schedule.steps_per_shot=1"]),
+        ("iterative", ["-S", "schedule.iterative_steps=6", "-S", "schedule.prune_freq=1"]),
+    ):
+        out = run(["dvc", "exp", "run", "-S", f"prune.schedule={schedule}", *small, *extra], repo, env)
+        assert {"prune", "recover", "evaluate@recovered"} <= stages_run(out)
+        prune = json.loads((repo / "metrics/prune.json").read_text())
+        assert prune["schedule"] == schedule and abs(prune["achieved_fraction"] - 0.2) <= 0.03
+        assert len(prune["schedule_log"]) == (2 if schedule == "kshot" else 6)
+        assert (repo / "models/prune_state").is_dir()
+        run(["git", "checkout", "params.yaml"], repo, env)
+
+
+@pytest.mark.slow
 def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
     bad = yaml.safe_load((repo / "params.yaml").read_text())
 
