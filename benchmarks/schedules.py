@@ -67,10 +67,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
         req = ScoreRequest(units, live, setup.calibration, params.score.batch_size, seed, params.score.model_dump())
         return CRITERIA.get(name).score(m, a, req)
 
-    lora = LoraSettings(
-        sc.rank, sc.alpha, sc.dropout, list(sc.target_modules), sc.learning_rate, sc.batch_size, args.steps, 0, 0.0,
-        params.seed,
-    )  # fmt: skip
+    lora = LoraSettings.from_params(sc, args.steps, params.seed)
     if args.schedule == "oneshot":
         plan = make_plan(score(model, adapter, "param_first", params.seed), request(model, adapter, args.target),
                          p.allocation, "param_first")  # fmt: skip
@@ -78,10 +75,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
         model, _ = train_lora(model, blocks, lora)
     elif args.schedule == "iterative":
         live = prunable_layers(len(adapter.layers(model)), p.skip_first, p.skip_last)
-        cfg = IterativeSettings(
-            args.steps, sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, sc.rank, sc.alpha,
-            sc.dropout, list(sc.target_modules), sc.learning_rate, sc.batch_size, params.seed,
-        )  # fmt: skip
+        cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora)
         model, _, _ = iterative_prune(
             model, adapter, blocks, request(model, adapter, args.target), units, live, p.allocation, cfg
         )

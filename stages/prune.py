@@ -80,6 +80,8 @@ def body(params: Params, args: argparse.Namespace) -> None:
 
 def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa: ANN001, ANN201
     """prune.schedule iterative / kshot (prunekit.schedules): (model, plan, log, parameters before)."""
+    import dataclasses
+
     from prunekit.criteria import CRITERIA, ScoreRequest
     from prunekit.plan import Plan, PlanRequest, make_plan
     from prunekit.recovery import LoraSettings, check_targets
@@ -103,6 +105,7 @@ def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa:
     before = count_params(model)
     units, layers = list(p.units), [lay.layer for lay in req.layouts]
     layers = sorted(set(layers))
+    lora = LoraSettings.from_params(sc, sc.steps_per_shot, params.seed)  # kshot's; iterative replaces the steps
     if p.schedule == "iterative":
         from prunekit.criteria.lora import missing_targets
         from prunekit.errors import PrunekitError
@@ -116,19 +119,12 @@ def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa:
                 "schedule scores every pruned module from its LoRA adapter"
             )
         cfg = IterativeSettings(
-            steps=sc.iterative_steps,
             prune_freq=sc.prune_freq,
             warmup=sc.warmup,
             cooldown=sc.cooldown,
             ema=sc.ema,
             checkpoint_every=sc.checkpoint_every,
-            rank=sc.rank,
-            alpha=sc.alpha,
-            dropout=sc.dropout,
-            target_modules=list(sc.target_modules),
-            learning_rate=sc.learning_rate,
-            batch_size=sc.batch_size,
-            seed=params.seed,
+            lora=dataclasses.replace(lora, steps=sc.iterative_steps),
         )
         model, plan, history = iterative_prune(
             model, adapter, blocks, req, units, layers, p.allocation, cfg, state, key
@@ -158,18 +154,6 @@ def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa:
         return make_plan({k: v for k, v in s.items() if not k.startswith("aux.")}, shot_req, p.allocation,
                          params.score.criterion)  # fmt: skip
 
-    lora = LoraSettings(
-        rank=sc.rank,
-        alpha=sc.alpha,
-        dropout=sc.dropout,
-        target_modules=list(sc.target_modules),
-        learning_rate=sc.learning_rate,
-        batch_size=sc.batch_size,
-        steps=sc.steps_per_shot,
-        warmup_steps=0,
-        weight_decay=0.0,
-        seed=params.seed,
-    )
     cfg = KShotSettings(target=p.target, shots=sc.shots, lora=lora)
     model, records = kshot_prune(model, adapter, blocks, scores, score, plan_for, cfg, tokenizer, state, key)
     final = Plan(keep={}, params_before=before, params_after=count_params(model), target=p.target,

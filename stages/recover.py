@@ -25,18 +25,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     losses: list[float] = []
     if r.steps > 0:
         blocks = chunks(token_stream(tokenizer, read_documents(Path(args.text), "training")), r.seq_len, "training")
-        settings = LoraSettings(
-            rank=r.rank,
-            alpha=r.alpha,
-            dropout=r.dropout,
-            target_modules=list(r.target_modules),
-            learning_rate=r.learning_rate,
-            batch_size=r.batch_size,
-            steps=r.steps,
-            warmup_steps=r.warmup_steps,
-            weight_decay=r.weight_decay,
-            seed=params.seed,
-        )
+        settings = LoraSettings.from_params(r, r.steps, params.seed, r.warmup_steps, r.weight_decay)
         model, losses = train_lora(model, blocks, settings)
     with atomic_dir(args.out) as tmp:
         save_model(model, adapter, tokenizer, tmp)

@@ -132,10 +132,8 @@ def _iterative_setup(steps: int = 12):
         round_to={"mlp_channel": 8},
         tolerance=0.03,
     )
-    cfg = IterativeSettings(
-        steps=steps, prune_freq=2, warmup=0.2, cooldown=0.2, ema=0.9, checkpoint_every=3, rank=4, alpha=8,
-        dropout=0.05, target_modules=TARGETS, learning_rate=1e-3, batch_size=2, seed=7,
-    )  # fmt: skip
+    lora = LoraSettings(4, 8, 0.05, TARGETS, 1e-3, 2, steps, 0, 0.0, seed=7)
+    cfg = IterativeSettings(prune_freq=2, warmup=0.2, cooldown=0.2, ema=0.9, checkpoint_every=3, lora=lora)
     blocks = torch.randint(0, 128, (9, 16), generator=torch.Generator().manual_seed(5))
     return model, adapter, req, cfg, blocks
 
@@ -159,7 +157,7 @@ def test_iterative_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert (state / "state.json").is_file()
     model, adapter, req, cfg, blocks = _iterative_setup()
     resumed, plan2, history = iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg, state, "k")
-    assert plan2.keep == plan.keep and len(history) == cfg.steps
+    assert plan2.keep == plan.keep and len(history) == cfg.lora.steps
     for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
     # A state from other params is discarded, not resumed.

@@ -91,7 +91,19 @@ class PruneParams(Section):
     schedule: Literal["oneshot", "iterative", "kshot"] = "oneshot"
 
 
-class ScheduleParams(Section):
+class LoraTrainParams(Section):
+    """The LoRA a section trains: adapters, optimiser and batches (``recover`` and ``schedule``)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)
+
+
+class ScheduleParams(LoraTrainParams):
     """``schedule``: the iterative and k-shot schedules (``prune.schedule``) and the LoRA they train."""
 
     iterative_steps: int = Field(100, ge=1)  # iterative: LoRA steps in all
@@ -102,26 +114,12 @@ class ScheduleParams(Section):
     checkpoint_every: int = Field(10, ge=1)  # iterative: steps between checkpoints (resume)
     shots: int = Field(8, ge=1)  # kshot: rounds of score -> prune -> train
     steps_per_shot: int = Field(10, ge=0)  # kshot: LoRA steps after each cut (merged)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    learning_rate: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
 
 
-class RecoverParams(Section):
+class RecoverParams(LoraTrainParams):
     """``recover``: LoRA fine-tuning of the pruned model, merged into its weights."""
 
     steps: int = Field(100, ge=0)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    learning_rate: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -29,6 +30,24 @@ class LoraSettings:
     warmup_steps: int
     weight_decay: float
     seed: int
+
+    @classmethod
+    def from_params(
+        cls, section: Any, steps: int, seed: int, warmup_steps: int = 0, weight_decay: float = 0.0
+    ) -> LoraSettings:
+        """From a params section with the LoRA fields (``recover``, ``schedule``: LoraTrainParams)."""
+        return cls(
+            rank=section.rank,
+            alpha=section.alpha,
+            dropout=section.dropout,
+            target_modules=list(section.target_modules),
+            learning_rate=section.learning_rate,
+            batch_size=section.batch_size,
+            steps=steps,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
 
 
 def check_targets(model: nn.Module, targets: list[str], key: str = "recover.target_modules") -> None:

@@ -272,19 +272,12 @@ def write_state(state_dir: Path, key: str, record: dict[str, Any], write: Callab
 
 @dataclass(frozen=True)
 class IterativeSettings:
-    steps: int
     prune_freq: int
     warmup: float
     cooldown: float
     ema: float
     checkpoint_every: int
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: list[str]
-    learning_rate: float
-    batch_size: int
-    seed: int
+    lora: Any  # recovery.LoraSettings: its ``steps`` are the schedule's steps in all
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -318,19 +311,20 @@ def iterative_prune(
     from prunekit.slicing import apply_plan
 
     masks = UnitMasks(model, adapter, units, layers)
-    torch.manual_seed(cfg.seed)
+    lc = cfg.lora
+    torch.manual_seed(lc.seed)
     lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        r=lc.rank,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
         task_type="CAUSAL_LM",
         bias="none",
     )
     peft_model = get_peft_model(model, lora)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(trainable, lr=lc.learning_rate, weight_decay=lc.weight_decay)
+    gen = torch.Generator().manual_seed(lc.seed)
     order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
     ema: dict[str, torch.Tensor] | None = None
     plan: Plan | None = None
@@ -350,24 +344,25 @@ def iterative_prune(
         log.info("iterative schedule: resuming after step %d", state["step"])
     masks.set_plan(plan)
     masks.attach(peft_model)
-    warm = round(cfg.warmup * cfg.steps)
+    steps = lc.steps
+    warm = round(cfg.warmup * steps)
     device = next(model.parameters()).device
     peft_model.train()
     current = plan.target if plan is not None else 0.0
-    for step in tqdm(range(start, cfg.steps), desc="iterative pruning", unit="step", initial=start, total=cfg.steps):
-        if pos + cfg.batch_size > order.numel():
+    for step in tqdm(range(start, steps), desc="iterative pruning", unit="step", initial=start, total=steps):
+        if pos + lc.batch_size > order.numel():
             order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
-        batch = blocks[order[pos : pos + cfg.batch_size]].to(device)
-        pos += cfg.batch_size
+        batch = blocks[order[pos : pos + lc.batch_size]].to(device)
+        pos += lc.batch_size
         loss = lm_loss(peft_model, batch)
         if not torch.isfinite(loss):
             raise PrunekitError(f"loss became {loss.item()} at step {step}; lower schedule.learning_rate")
         loss.backward()
-        want = cubic_fraction(step, cfg.steps, req.target, cfg.warmup, cfg.cooldown)
+        want = cubic_fraction(step, steps, req.target, cfg.warmup, cfg.cooldown)
         due = step >= warm and ((step - warm) % cfg.prune_freq == 0 or want == req.target)
         if due and want > current:
             with torch.no_grad():
-                new = training_lora_scores(peft_model, adapter, units, layers, cfg.learning_rate)
+                new = training_lora_scores(peft_model, adapter, units, layers, lc.learning_rate)
             ema = smooth(ema, new, cfg.ema, plan)
             final = want == req.target
             step_req = PlanRequest(want, req.total_params, req.layouts, req.round_to, req.tolerance if final else 1.0)
@@ -375,11 +370,11 @@ def iterative_prune(
             masks.set_plan(plan)
             current = want
         for group in opt.param_groups:
-            group["lr"] = cfg.learning_rate * _lr_factor(step, cfg.steps, warm)
+            group["lr"] = lc.learning_rate * _lr_factor(step, steps, warm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step, "loss": loss.item(), "fraction": plan.achieved if plan else 0.0})
-        last = step + 1 == cfg.steps
+        last = step + 1 == steps
         if state_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and not last:
             record = {
                 "step": step,
