@@ -149,7 +149,8 @@ def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa:
             total_params=current,
             layouts=layouts(m, a, units, live),
             round_to=dict(p.round_to),
-            tolerance=p.tolerance,
+            # prune.tolerance is on fractions of the ORIGINAL model: in the current model's terms it is wider.
+            tolerance=p.tolerance * original / current,
         )
         return make_plan({k: v for k, v in s.items() if not k.startswith("aux.")}, shot_req, p.allocation,
                          params.score.criterion)  # fmt: skip
