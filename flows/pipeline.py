@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from prunekit.errors import PrunekitError
+from prunekit.report import flatten
 from prunekit.runtime import configure_logging
 
 log = logging.getLogger("prunekit.flows.pipeline")
@@ -62,16 +63,9 @@ def metrics_rows(repo: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for rev in json.loads(out.stdout).values():
         for file, entry in (rev.get("data") or {}).items():
-            rows.extend({"file": file, "metric": k, "value": v} for k, v in _flatten(entry.get("data", {})))
+            flat = flatten(entry.get("data", {}))
+            rows.extend({"file": file, "metric": k, "value": v} for k, v in flat.items())
     return rows
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        items.extend(_flatten(v, key + ".") if isinstance(v, dict) else [(key, v)])
-    return items
 
 
 def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = ".") -> list:

@@ -85,7 +85,7 @@ def evaluate_model(
     """Perplexity protocols, zero-shot accuracy and efficiency of one loaded model (``params``: the whole
     params.yaml; ``default_rows``: the ``data.evaluation`` documents, named ``default_name``)."""
     from prunekit.efficiency import efficiency, peak_memory_mib, reset_peak_memory
-    from prunekit.protocols import DEFAULT, PplText, perplexity_table, protocol_rows
+    from prunekit.protocols import DEFAULT, PPL_DATASETS, PplText, perplexity_table, protocol_rows
     from prunekit.tokens import token_stream
     from prunekit.zeroshot import AUTO_MC, auto_mc_rows, zero_shot
 
@@ -96,8 +96,6 @@ def evaluate_model(
         if name == DEFAULT:
             texts.append(PplText(default_name, "evaluation", default_rows))
         else:
-            from prunekit.protocols import PPL_DATASETS
-
             join = e.ptb_join if name == "ptb" else "\n\n"
             texts.append(PplText(name, PPL_DATASETS[name].split, protocol_rows(name, e.local_files), join))
     t0 = time.perf_counter()
@@ -134,14 +132,14 @@ def evaluate_model(
     device = next(model.parameters()).device
     eff: dict[str, object] = dict(efficiency(model, adapter, list(e.seq_lens)))  # type: ignore[arg-type]
     stream = token_stream(tokenizer, default_rows)
+    eff["peak_memory"] = peak_memory_mib(device)[1]  # what the per-batch peaks measure
     t0 = time.perf_counter()
     for batch in e.speed.batch_sizes:
         reset_peak_memory(device)
         prompt = speed_prompts(stream, batch, e.speed.prompt_len)
         timing = speed(model, prompt, e.speed.new_tokens, e.speed.repeats)
-        peak, kind = peak_memory_mib(device)
+        peak, _ = peak_memory_mib(device)
         eff[f"batch_{batch}"] = {k: round(v, 2) for k, v in timing.items()} | {"peak_memory_mib": round(peak, 1)}
-        eff["peak_memory"] = kind
     seconds["speed"] = time.perf_counter() - t0
     eff["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
     out["efficiency"] = eff

@@ -25,12 +25,13 @@ MODELS = ("dense", "pruned", "recovered", "quantized")
 PRUNE_METRICS = "metrics/prune.json"
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (lists as JSON text), as `dvc metrics show` names them."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out |= _flatten(v, key + ".")
+            out |= flatten(v, key + ".")
         else:
             out[key] = json.dumps(v) if isinstance(v, list) else v
     return out
@@ -66,8 +67,8 @@ def _rev_entry(rev: Mapping[str, Any], name: str) -> Experiment | None:
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
     if params is None:
         return None
-    metrics = {f: _flatten(entry.get("data") or {}) for f, entry in (data.get("metrics") or {}).items()}
-    return Experiment(name, _flatten(params), {f: m for f, m in metrics.items() if m})
+    metrics = {f: flatten(entry.get("data") or {}) for f, entry in (data.get("metrics") or {}).items()}
+    return Experiment(name, flatten(params), {f: m for f, m in metrics.items() if m})
 
 
 def parse_exp_show(entries: list[Mapping[str, Any]]) -> tuple[list[Experiment], list[str]]:
