@@ -57,10 +57,8 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
 
     def request(m, a, target: float) -> PlanRequest:  # noqa: ANN001
         live = prunable_layers(len(a.layers(m)), p.skip_first, p.skip_last)
-        current = count_params(m)
-        tolerance = p.tolerance * original / current  # prune.tolerance is on fractions of the original model
-        return PlanRequest(
-            1 - original * (1 - target) / current, current, layouts(m, a, units, live), dict(p.round_to), tolerance
+        return PlanRequest.of_original(
+            target, original, count_params(m), layouts(m, a, units, live), dict(p.round_to), p.tolerance
         )
 
     def score(m, a, name: str, seed: int) -> dict:  # noqa: ANN001

@@ -142,15 +142,9 @@ def run_schedule(params, args, model, tokenizer, adapter, scores, req):  # noqa:
         return criterion.score(m, a, sreq)
 
     def plan_for(m, a, s, fraction, original) -> Plan:  # noqa: ANN001
-        current = count_params(m)
         live = prunable_layers(len(a.layers(m)), p.skip_first, p.skip_last)
-        shot_req = PlanRequest(
-            target=1 - original * (1 - fraction) / current,
-            total_params=current,
-            layouts=layouts(m, a, units, live),
-            round_to=dict(p.round_to),
-            # prune.tolerance is on fractions of the ORIGINAL model: in the current model's terms it is wider.
-            tolerance=p.tolerance * original / current,
+        shot_req = PlanRequest.of_original(
+            fraction, original, count_params(m), layouts(m, a, units, live), dict(p.round_to), p.tolerance
         )
         return make_plan({k: v for k, v in s.items() if not k.startswith("aux.")}, shot_req, p.allocation,
                          params.score.criterion)  # fmt: skip

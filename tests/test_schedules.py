@@ -44,6 +44,11 @@ def test_cubic_fraction_per_step() -> None:
     with pytest.raises(PrunekitError, match="leave no step of 10 to prune in"):
         cubic_fraction(0, 10, 0.5, 0.5, 0.5)
     assert kshot_targets(4, 0.5) == [0.125, 0.25, 0.375, 0.5]
+    # A later shot: 1000 params originally, 900 left; 30% of the original gone means 700 left, i.e. 2/9 of the
+    # current model; a tolerance of 0.01 of the original (10 params) is 1/90 of the current one.
+    req = PlanRequest.of_original(0.3, 1000, 900, [], {"mlp_channel": 8}, 0.01)
+    assert req.target == pytest.approx(2 / 9) and req.tolerance == pytest.approx(1 / 90)
+    assert req.total_params == 900 and req.round_to == {"mlp_channel": 8}
 
 
 def _logits(model, ids):

@@ -94,6 +94,21 @@ class PlanRequest:
     round_to: dict[str, int]
     tolerance: float
 
+    @classmethod
+    def of_original(
+        cls,
+        fraction: float,
+        original: int,
+        current: int,
+        layouts: list[UnitLayout],
+        round_to: dict[str, int],
+        tolerance: float,
+    ) -> PlanRequest:
+        """Cut a model that already lost some parameters (``current`` of ``original``) down to ``1 - fraction``
+        of the original; ``fraction`` and ``tolerance`` are on fractions of the original model and become
+        fractions of the current one (schedules that cut in several rounds)."""
+        return cls(1 - original * (1 - fraction) / current, current, layouts, round_to, tolerance * original / current)
+
 
 def kept_count(count: int, ratio: float, multiple: int) -> int:
     """Units kept when removing ``ratio`` of ``count``, rounded to ``multiple``, at least one multiple."""
