@@ -2,6 +2,7 @@
 
 python flows/pipeline.py run                           # dvc repro
 python flows/pipeline.py run -S prune.target=0.5       # dvc exp run -S prune.target=0.5
+python flows/pipeline.py run --profile params-paper.yaml -n paper   # every key that differs, as -S overrides
 python flows/pipeline.py serve --cron "0 3 * * *"      # a deployment the Prefect UI can schedule and trigger
 """
 
@@ -19,9 +20,15 @@ import yaml
 
 from prunekit.errors import PrunekitError
 from prunekit.report import flatten
-from prunekit.runtime import configure_logging
+from prunekit.runtime import configure_logging, quiet_bad_input
 
 log = logging.getLogger("prunekit.flows.pipeline")
+
+
+class CommandFailed(PrunekitError):
+    """dvc failed; the stage that failed printed why (exit code 1, not a params problem)."""
+
+
 REPORT = Path("reports/experiments.md")
 
 
@@ -39,12 +46,27 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
     return out
 
 
+def profile_overrides(base: dict[str, Any], profile: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``-S`` overrides that turn params ``base`` into ``profile``: every leaf key whose value differs (values
+    as flow-style YAML, which `dvc exp run -S` parses back)."""
+    out: dict[str, str] = {}
+    for key in sorted(set(base) | set(profile)):
+        a, b = base.get(key), profile.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out |= profile_overrides(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out[f"{prefix}{key}"] = (
+                yaml.safe_dump(b, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            )
+    return out
+
+
 def check_params(repo: Path, overrides: dict[str, str]) -> None:
     """Fail before any work if params.yaml with the overrides is invalid."""
     from prunekit.config import check_choices
-    from prunekit.params import parse_params
+    from prunekit.params import parse_params, read_params_file
 
-    raw = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    raw = read_params_file(repo / "params.yaml") or {}
     check_choices(parse_params(apply_overrides(raw, overrides)))
 
 
@@ -80,7 +102,7 @@ def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = 
     log.info("running %s in %s", " ".join(cmd), root)
     result = subprocess.run(cmd, cwd=root)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}")
+        raise CommandFailed(f"{' '.join(cmd)} failed with exit code {result.returncode} (its output says why)")
     rows = metrics_rows(root)
     create_table_artifact(
         key="prunekit-metrics",
@@ -116,20 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the pipeline once")
     run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override")
     run.add_argument("-n", "--name", default=None, help="experiment name (implies dvc exp run)")
+    run.add_argument("--profile", help="a params file (e.g. params-paper.yaml): run with every key that differs")
     serve = sub.add_parser("serve", help="serve the flow as a deployment with a cron schedule")
     serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
     serve.add_argument("--name", default="prunekit-scheduled", help="deployment name")
     args = parser.parse_args(argv)
     pipeline = make_flow()
+    quiet_bad_input()
     try:
         if args.command == "run":
-            check_params(Path.cwd(), parse_set(args.set))  # before any work, and before Prefect starts
-            pipeline(overrides=parse_set(args.set), experiment=args.name, repo=str(Path.cwd()))
+            overrides = parse_set(args.set)
+            if args.profile:
+                from prunekit.params import read_params_file
+
+                base = read_params_file(Path.cwd() / "params.yaml") or {}
+                overrides = profile_overrides(base, read_params_file(args.profile) or {}) | overrides
+            check_params(Path.cwd(), overrides)  # before any work, and before Prefect starts
+            pipeline(overrides=overrides, experiment=args.name, repo=str(Path.cwd()))
         else:
             pipeline.serve(name=args.name, cron=args.cron, parameters={"repo": str(Path.cwd())})
     except PrunekitError as e:
         log.error("%s", e)
-        return 2
+        return 1 if isinstance(e, CommandFailed) else 2
     return 0
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 log = logging.getLogger("prunekit.stages.download")
 
@@ -18,12 +17,13 @@ def download_model(params: Params, out: Path) -> None:
     from prunekit.fsutil import atomic_dir
     from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import load_config
+    from prunekit.models.provenance import write_model_record
     from prunekit.models.sources import materialize_model
 
     with atomic_dir(out) as tmp:
         provenance = materialize_model(params.model.source, tmp)
         adapter_for(load_config(tmp))  # unsupported architectures fail here, before later stages
-        (tmp / "prunekit.json").write_text(json.dumps({"source": provenance}, indent=2) + "\n")
+        write_model_record(tmp, {"source": provenance})
 
 
 def download_data(params: Params, out: Path) -> None:
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

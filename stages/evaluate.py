@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
@@ -16,6 +15,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.fsutil import read_json, write_json
     from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import load_model
+    from prunekit.models.provenance import library_versions
     from prunekit.quant.apply import (
         is_quantized_dir,
         load_quantized,
@@ -45,6 +45,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
             dense = read_json(args.dense_metrics, "dense model metrics")
             out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
     out |= evaluate_model(model, tokenizer, adapter, params, rows, data_name(params.data.evaluation))
+    out["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
     write_json(args.out, out)
 
 
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 log = logging.getLogger("prunekit.stages.prune")
 
@@ -19,6 +17,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.compensation import compensate
     from prunekit.fsutil import atomic_dir, write_json
     from prunekit.models.loading import load_model
+    from prunekit.models.provenance import write_model_record
     from prunekit.plan import PlanRequest, make_plan
     from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
     from prunekit.stageio import read_tensors
@@ -61,7 +60,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
     with atomic_dir(args.out) as tmp:
         save_model(model, adapter, tokenizer, tmp)
         meta = {"plan": plan.to_json(), "params": params.model_dump(include={"seed", "score", "prune", "schedule"})}
-        (tmp / "prunekit.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_model_record(tmp, meta)
     write_json(args.plan, plan.to_json())
     metrics = {
         "params_before": params_before,
@@ -183,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.fsutil import atomic_dir, write_json
     from prunekit.models.loading import load_model
+    from prunekit.models.provenance import write_model_record
     from prunekit.plots import line_plot
     from prunekit.recovery import LoraSettings, train_lora
     from prunekit.slicing import save_model
@@ -32,7 +32,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
         meta_src = Path(args.model) / "prunekit.json"
         meta = json.loads(meta_src.read_text()) if meta_src.is_file() else {}
         meta["recover"] = r.model_dump()
-        (tmp / "prunekit.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_model_record(tmp, meta)
     write_json(args.loss, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
     line_plot(Path(args.plot), range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery")
 
@@ -48,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from prunekit.params import Params
-from prunekit.runtime import run_stage
+from prunekit.runtime import exit_after, run_stage
 
 log = logging.getLogger("prunekit.stages.search")
 
@@ -80,8 +79,12 @@ def body(params: Params, args: argparse.Namespace) -> None:
                 "scheme": space.choices[uniform.index[0]],
             },
             "trials": len(rows),
-            "sensitivity": {label: round(v, 6) for label, v in zip(space.labels, result.importance)},
         },
+    )
+    # Per group: a plot, not a metric (one column per layer would bury the headline numbers in `dvc metrics show`).
+    write_json(
+        args.sensitivity,
+        [{"group": label, "loss_increase": round(v, 6)} for label, v in zip(space.labels, result.importance)],
     )
     scatter_plot(
         Path(args.plot),
@@ -98,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True, help="best plan (.json)")
     parser.add_argument("--trials", required=True, help="every evaluated point (.json, DVC plots)")
     parser.add_argument("--metrics", required=True, help="best and uniform plan (.json)")
+    parser.add_argument("--sensitivity", required=True, help="loss increase of each group at the narrowest scheme")
     parser.add_argument("--plot", required=True, help="loss vs trial and vs memory (.png)")
     return run_stage("search", parser, body, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -15,6 +15,7 @@ from prunekit.config import check_choices
 from prunekit.efficiency import efficiency, layer_costs
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.adapters import adapter_for
+from prunekit.models.compat import cache_of
 from prunekit.params import parse_params
 from prunekit.protocols import PPL_DATASETS, PplText, metric_name, perplexity_table, read_local_rows
 from prunekit.report import build_report, changed_params, parse_exp_show
@@ -310,7 +311,7 @@ def test_macs_and_kv_bytes_of_a_heterogeneous_pruned_model() -> None:
     linear = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
     assert got["linear_macs_per_token"] == linear
     with torch.no_grad():
-        cache = model(input_ids=torch.randint(0, vocab, (2, 9)), use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=torch.randint(0, vocab, (2, 9)), use_cache=True))
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert held == kv * 2 * 9
 

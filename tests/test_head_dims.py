@@ -22,6 +22,7 @@ from prunekit.criteria.base import ScoreRequest
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
 from prunekit.models.attention import HeadDimAttention, HeadDimLlamaAttention
+from prunekit.models.compat import cache_of
 from prunekit.models.modeling import PRUNED_CLASSES, check_layer_sizes
 from prunekit.plan import Plan, PlanRequest, make_plan
 from prunekit.slicing import apply_plan, count_params, layouts, save_model
@@ -230,7 +231,7 @@ def test_model_without_head_dim_pruning_is_unchanged() -> None:
 
 def kv_cache_bytes_per_token(model, ids: torch.Tensor) -> int:
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=ids, use_cache=True))
     total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     return total // ids.numel()
 
@@ -243,7 +244,7 @@ def test_kv_cache_shrinks_with_k_and_v_widths() -> None:
     ids = random_ids(2, 9)
     expected = 0
     with torch.no_grad():
-        cache = sliced(input_ids=ids, use_cache=True).past_key_values
+        cache = cache_of(sliced(input_ids=ids, use_cache=True))
     for idx, sizes in enumerate(adapter.all_layer_sizes(sliced)):
         kv, qk, v = sizes.num_key_value_heads, sizes.qk_head_dim, sizes.v_head_dim
         assert cache.layers[idx].keys.shape == (2, kv, 9, qk)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {
+    "validate",
     "download_model",
     "download_data",
     "calibrate",
@@ -175,6 +177,7 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
 
     set_param(repo, "evaluate", "max_chunks", 4)
     assert stages_run(run(["dvc", "repro"], repo, env)) == {
+        "validate",  # every change to params.yaml is checked first; its unchanged stamp reruns nothing
         "evaluate@dense",
         "evaluate@pruned",
         "evaluate@recovered",
@@ -183,6 +186,7 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
 
     set_param(repo, "prune", "target", 0.3)
     assert stages_run(run(["dvc", "repro"], repo, env)) == {
+        "validate",
         "prune",
         "recover",
         "evaluate@pruned",
@@ -273,3 +277,152 @@ def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tm
         check=False,
     )
     assert flow.returncode == 2 and "prune.units[0]" in flow.stderr
+
+
+def output_digests(repo: Path) -> dict[str, str]:
+    """sha256 of every file of every output dvc.lock records (DVC-cached or not)."""
+    import hashlib
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    digests = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / out["path"]
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for f in files:
+                digests[str(f.relative_to(repo))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
+
+
+@pytest.mark.slow
+def test_a_bad_params_change_costs_no_output(repo: Path, prefect_env: dict[str, str]) -> None:
+    """Every kind of bad change stops `dvc repro` in the validate stage, before DVC deletes any output."""
+    env = prefect_env
+    run(["dvc", "repro"], repo, env)
+    before = output_digests(repo)
+    assert len(before) > 20 and "models/pruned/model.safetensors" in before
+    good = (repo / "params.yaml").read_text()
+    bad_changes = {
+        "misspelled key": lambda p: p["prune"].update(taget=0.3),
+        "ratio out of range": lambda p: p["prune"].update(target=1.5),
+        "unknown top-level key": lambda p: p.update(pruning={"target": 0.3}),
+        "unknown source": lambda p: p["model"].update(source="hf:"),
+        "unknown criterion": lambda p: p["score"].update(criterion="tayler"),
+    }
+    for what, change in bad_changes.items():
+        bad = yaml.safe_load(good)
+        change(bad)
+        (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+        out = run(["dvc", "repro"], repo, env, check=False)
+        assert out.returncode != 0, what
+        assert stages_run(out) == {"validate"}, what
+        assert "Traceback" not in out.stdout + out.stderr, what
+        assert "params.yaml key" in out.stderr, what
+        assert output_digests(repo) == before, what
+    (repo / "params.yaml").unlink()
+    out = run(["dvc", "repro"], repo, env, check=False)
+    assert out.returncode != 0 and output_digests(repo) == before
+    (repo / "params.yaml").write_text(good + "# a comment: the file changed, its params did not\n")
+    assert stages_run(run(["dvc", "repro"], repo, env)) == {"validate"}  # back to valid: nothing else reruns
+    assert output_digests(repo) == before
+
+
+@pytest.mark.slow
+def test_refused_inputs_end_with_one_line_and_no_output(repo: Path, prefect_env: dict[str, str], tmp_path) -> None:
+    """Bad input found inside a stage's flow: exit code 2, prunekit's line last, no traceback, nothing written."""
+    run(["dvc", "repro"], repo, prefect_env)
+    good = yaml.safe_load((repo / "params.yaml").read_text())
+    broken_model = tmp_path / "broken_model"
+    shutil.copytree(repo / "models/base", broken_model)
+    weights = broken_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out_dir = tmp_path / "out"
+    cases = [
+        ("calibrate", {"calibrate": {"seq_len": 10**7}}, ["--model", "models/base", "--text", "data/text"],
+         "calibration"),
+        ("prune", {"prune": {"target": 0.95}},
+         ["--model", "models/base", "--scores", "data/scores.safetensors", "--plan", f"{out_dir}/plan.json",
+          "--metrics", f"{out_dir}/m.json", "--text", "data/text", "--calibration", "data/calibration.safetensors",
+          "--state", f"{out_dir}/state"], "prune.target"),
+        ("score", {}, ["--model", str(broken_model), "--calibration", "data/calibration.safetensors"], "dvc checkout"),
+        ("download", {"data": {"calibration": str(empty)}}, ["data"], "no documents"),
+    ]  # fmt: skip
+    for stage, change, args, message in cases:
+        params = json.loads(json.dumps(good))
+        for section, values in change.items():
+            params[section].update(values)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        cmd = [sys.executable, f"stages/{stage}.py", *args, "--out", str(out_dir / "result"), "--params",
+               str(tmp_path / "params.yaml")]  # fmt: skip
+        out = run(cmd, repo, prefect_env, check=False)
+        assert out.returncode == 2, (stage, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr + out.stdout, (stage, out.stderr[-3000:])
+        last = out.stderr.strip().splitlines()[-1]
+        assert "ERROR prunekit" in last and message in last, (stage, last)
+        assert not (out_dir / "result").exists() and not list(out_dir.glob(".result.tmp-*")), stage
+
+
+def prefect_processes(home: Path) -> list[int]:
+    """pids of live processes (not zombies) started with this PREFECT_HOME that serve the Prefect API."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        serving = b"prunekit_prefect_server" in cmdline or b"prefect.server" in cmdline or b"uvicorn" in cmdline
+        if serving and f"PREFECT_HOME={home}".encode() in environ.split(b"\0") and state not in ("Z", "X"):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_stage_leaves_no_server_and_no_temporaries(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> None:
+    """SIGKILL a stage mid-run with no Prefect server configured: the next `dvc repro` finishes and leaves no
+    temporary folder, and once idle the shared server stops: no Prefect process of this PREFECT_HOME lives on."""
+    path = tmp_path_factory.mktemp("killrepo")
+    home = tmp_path_factory.mktemp("prefect_home_kill")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PRUNEKIT_PREFECT_IDLE_S="3", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    for name in ("stages", "flows"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = tiny_params(tiny_model_dir)
+    params["recover"]["steps"] = 40  # long enough to be killed mid-training
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        run(cmd, path, env)
+    clients = home / "prunekit-server" / "clients"
+    repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    victim, deadline = None, time.time() + 600
+    while victim is None and time.time() < deadline and repro.poll() is None:
+        for reg in clients.glob("*") if clients.is_dir() else []:
+            try:
+                if b"stages/recover.py" in Path(f"/proc/{reg.name}/cmdline").read_bytes():
+                    victim = int(reg.name)
+            except OSError:
+                continue
+        time.sleep(0.2)
+    assert victim is not None, "the recover stage never registered with the shared server"
+    time.sleep(3)  # into training
+    os.kill(victim, signal.SIGKILL)
+    assert repro.wait(timeout=120) != 0
+    assert len(prefect_processes(home)) == 1  # the shared server, nothing the killed stage started
+    again = run(["dvc", "repro"], path, env)
+    assert "recover" in stages_run(again)
+    left = [p for p in path.rglob(".*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
+    assert left == []
+    deadline = time.time() + 90
+    while prefect_processes(home) and time.time() < deadline:
+        time.sleep(1)
+    assert prefect_processes(home) == []

@@ -552,7 +552,6 @@ def test_dir_copies_model_files_only(tmp_path: Path, hf_dir: Path) -> None:
     assert prov == {
         "source": str(src),
         "kind": "dir",
-        "path": str(src.resolve()),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in hf_dir.iterdir()},
     }
 

@@ -1,4 +1,4 @@
-"""The `prunekit` command: `prunekit list` (registered names) and `prunekit info MODEL_DIR`."""
+"""The `prunekit` command: registered names, a model's shape, the run's summary, reports, the Prefect server."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def cmd_list() -> None:
 
 def cmd_info(model_dir: str) -> None:
     from prunekit.models.loading import load_model
+    from prunekit.models.provenance import library_versions
     from prunekit.slicing import count_params, weight_bytes
 
     model, _, adapter = load_model(model_dir)
@@ -55,6 +56,37 @@ def cmd_info(model_dir: str) -> None:
     print("layer  q_heads  kv_heads  intermediate")
     for i, s in enumerate(adapter.all_layer_sizes(model)):
         print(f"{i:>5}  {s.num_attention_heads:>7}  {s.num_key_value_heads:>8}  {s.intermediate_size:>12}")
+    print("installed:    " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+
+
+def cmd_summary(json_path: str | None) -> None:
+    import json
+    from pathlib import Path
+
+    from prunekit.summary import metrics_show_json, model_rows, summary_table
+
+    if json_path:
+        try:
+            metrics = json.loads(Path(json_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PrunekitError(f"cannot read `dvc metrics show --json` output from '{json_path}': {e}") from e
+    else:
+        metrics = metrics_show_json(Path.cwd())
+    print(summary_table(model_rows(metrics)), end="")
+
+
+def cmd_server(action: str) -> None:
+    from prunekit.prefect_server import server_status, state_dir, stop_server
+
+    if action == "stop":
+        url = stop_server()
+        print(f"stopped the shared Prefect server at {url}" if url else "no shared Prefect server is running")
+        return
+    status = server_status()
+    if status is None:
+        print(f"no shared Prefect server is running (state: {state_dir()})")
+    else:
+        print(f"shared Prefect server at {status['url']} (pid {status['pid']}), stages attached: {status['clients']}")
 
 
 def cmd_report(json_path: str | None, out: str) -> None:
@@ -83,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = sub.add_parser("report", help="markdown + PNG comparison of the DVC experiments (dvc exp show --json)")
     report.add_argument("--json", help="a saved `dvc exp show --json` output (default: run it here)")
     report.add_argument("--out", default="reports/experiments.md", help="markdown path (the PNG goes beside it)")
+    summary = sub.add_parser("summary", help="one row per evaluated model: size, perplexity, accuracy, speed")
+    summary.add_argument("--json", help="a saved `dvc metrics show --json` output (default: run it here)")
+    server = sub.add_parser("server", help="the shared local Prefect server the stages report to")
+    server.add_argument("action", choices=["status", "stop"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -90,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_list()
         elif args.command == "report":
             cmd_report(args.json, args.out)
+        elif args.command == "summary":
+            cmd_summary(args.json)
+        elif args.command == "server":
+            cmd_server(args.action)
         else:
             cmd_info(args.model_dir)
     except PrunekitError as e:

@@ -22,7 +22,10 @@ def check_choices(params: Params) -> None:
         except PrunekitError as e:
             problems.append(f"params.yaml key '{key}': {e}")
 
+    from prunekit.models.loading import check_device
+
     check("model.source", validate_source, params.model.source)
+    check("model.device", check_device, params.model.device)
     for role in ("calibration", "training", "evaluation"):
         check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
     check("score.criterion", CRITERIA.get, params.score.criterion)
@@ -53,8 +56,7 @@ def check_choices(params: Params) -> None:
     if not e.seq_lens or any(n < 2 for n in e.seq_lens):
         problems.append(f"params.yaml key 'evaluate.seq_lens': give lengths >= 2 (given: {list(e.seq_lens)})")
     for name, path in e.local_files.items():
-        if path:
-            check(f"evaluate.local_files.{name}", check_local_file, name, path)
+        check(f"evaluate.local_files.{name}", check_local_file, name, path or None)
     for i, task in enumerate(e.zero_shot.tasks):
         check(f"evaluate.zero_shot.tasks[{i}]", check_task, task)
     if e.zero_shot.local_dir:
@@ -75,6 +77,12 @@ def check_choices(params: Params) -> None:
 
     for i, scheme in enumerate(params.search.choices):
         check(f"search.choices[{i}]", SCHEMES.get, scheme)
+    known = [SCHEMES.get(c) for c in params.search.choices if c in SCHEMES]
+    if params.search.budget_bits is not None and known and min(c.bits for c in known) > params.search.budget_bits:
+        problems.append(
+            f"params.yaml key 'search.budget_bits': {params.search.budget_bits} is below the narrowest scheme of "
+            f"search.choices ({min(c.bits for c in known)} bits); raise it or add a narrower scheme (e.g. rtn2)"
+        )
     if len(params.search.choices) < 2:
         problems.append("params.yaml key 'search.choices': list at least two schemes to choose between")
     if (params.search.budget_bits is None) == (params.search.budget_bytes is None):

@@ -49,6 +49,8 @@ def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int)
 
     Prefill = one forward over the prompt; decode = ``new_tokens`` greedy single-token steps on the KV cache.
     """
+    from prunekit.models.compat import cache_of, with_cache
+
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     prefill_times, decode_times = [], []
@@ -58,10 +60,10 @@ def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int)
         out = model(input_ids=prompt, use_cache=True)
         _sync(device)
         t1 = time.perf_counter()
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **with_cache(cache))
+            cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         t2 = time.perf_counter()
         if i:  # the first round warms up kernels and allocators

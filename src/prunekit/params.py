@@ -198,10 +198,19 @@ class SearchParams(Section):
     cache_mib: int = Field(4096, ge=0)
 
 
+class RuntimeParams(Section):
+    """``runtime``: how a stage uses the machine (results repeat bit for bit only at the same thread count)."""
+
+    # torch threads per stage; null: torch's default (one per core). A fixed number makes runs comparable
+    # across machines and keeps N parallel runs (dvc queue start --jobs N) from oversubscribing the cores.
+    threads: int | None = Field(2, ge=1)
+
+
 class Params(Section):
     """The whole params.yaml."""
 
     seed: int = Field(0, ge=0)
+    runtime: RuntimeParams = RuntimeParams()
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     calibrate: CalibrateParams = CalibrateParams()
@@ -248,13 +257,20 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("\n".join(_explain(err) for err in e.errors())) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file (no registry checks; see prunekit.config.check_choices)."""
+def read_params_file(path: str | Path = "params.yaml") -> Any:
+    """The YAML contents of a params file, or a :class:`ParamsError` saying why it cannot be read."""
     p = Path(path)
     if not p.is_file():
         raise ParamsError(f"params file '{p}' not found; run from the repository root or pass --params")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"params file '{p}' is not valid YAML: {e}") from None
-    return parse_params(raw)
+        return yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"params file '{p}' is not valid YAML{at}: {problem}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (no registry checks; see prunekit.config.check_choices)."""
+    return parse_params(read_params_file(path))

@@ -71,12 +71,15 @@ def _suffix(path: Path) -> str:
     return ".json.gz" if path.name.endswith(".json.gz") else path.suffix
 
 
-def check_local_file(name: str, path: str) -> None:
-    """Raise unless ``path`` is an existing file in one of the supported formats."""
+def check_local_file(name: str, path: str | None) -> None:
+    """Raise unless ``name`` is a dataset with local copies and ``path`` (None: the Hub) an existing file in
+    one of the supported formats."""
     if name not in PPL_DATASETS:
         raise PrunekitError(
             f"no local copy is read for '{name}'.{suggest(name, list(PPL_DATASETS))} Keys: " + ", ".join(PPL_DATASETS)
         )
+    if path is None:
+        return
     p = Path(path)
     if _suffix(p) not in LOCAL_SUFFIXES:
         raise PrunekitError(f"'{path}': unsupported format; use one of {', '.join(LOCAL_SUFFIXES)} (see README)")

@@ -145,6 +145,9 @@ def rebuild(model: nn.Module, adapter: ModelAdapter) -> nn.Module:
 
 def save_model(model: nn.Module, adapter: ModelAdapter, tokenizer: Any, out_dir: Path) -> None:
     """Save weights (safetensors), config and tokenizer in ``out_dir``."""
+    from prunekit.models.provenance import make_reproducible
+
     fresh = rebuild(model, adapter)
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    make_reproducible(out_dir)

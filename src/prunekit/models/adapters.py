@@ -153,7 +153,7 @@ class ModelAdapter:
         for key in ("layer_sizes", "model_type", "architectures", "transformers_version"):
             data.pop(key, None)
         data.update(sizes.as_dict())
-        data["head_dim"] = config.head_dim
+        data["head_dim"] = config_head_dim(config)
         return stock_cls(**data)
 
     def pruned_config(self, config: Any, sizes: list[LayerSizes]) -> Any:
@@ -163,8 +163,15 @@ class ModelAdapter:
         for key in ("model_type", "architectures", "transformers_version"):
             data.pop(key, None)
         data["layer_sizes"] = [s.as_dict() for s in sizes]
-        data["head_dim"] = config.head_dim
+        data["head_dim"] = config_head_dim(config)
         return config_cls(**data)
+
+
+def config_head_dim(config: Any) -> int:
+    """A config's attention head width: ``head_dim`` where the config has one (Llama, Mistral), else
+    hidden_size / heads, as transformers derives it (Qwen2 checkpoints ship no ``head_dim``)."""
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
 class MistralAdapter(ModelAdapter):
@@ -186,6 +193,11 @@ for _adapter in (ModelAdapter(), MistralAdapter(), Qwen2Adapter()):
     ADAPTERS.register(_adapter.family)(_adapter)
 
 
+def supported_model_types() -> list[str]:
+    """Every ``model_type`` a registered family reads (GGUF files name theirs the same way)."""
+    return sorted(t for _, a in ADAPTERS.items() for t in a.model_types)
+
+
 def adapter_for(config: Any) -> ModelAdapter:
     """The adapter for a transformers config, or an error listing the supported architectures."""
     model_type = str(getattr(config, "model_type", ""))
@@ -193,7 +205,7 @@ def adapter_for(config: Any) -> ModelAdapter:
         pruned_type = adapter.pruned_classes()[0].model_type
         if model_type in adapter.model_types or model_type == pruned_type:
             return adapter
-    supported = sorted(t for _, a in ADAPTERS.items() for t in a.model_types)
+    supported = supported_model_types()
     raise PrunekitError(
         f"Unsupported architecture '{model_type}' (architectures: {getattr(config, 'architectures', None)}). "
         f"Supported model types: {', '.join(supported)}."

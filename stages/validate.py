@@ -1,0 +1,33 @@
+"""Stage `validate`: check the whole params.yaml before any other stage touches its outputs.
+
+Every other stage depends on this stage's output, so DVC runs it first whenever params.yaml changed at all
+(a new or misspelled key included): a bad value stops `dvc repro` here, with the previous outputs intact.
+Its output never changes, so a valid change reruns only the stages whose own params changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunekit.params import Params
+from prunekit.runtime import exit_after, run_stage
+
+STAMP = "params.yaml is valid\n"  # constant: downstream stages see the same dependency after every valid change
+
+
+def body(params: Params, out: Path) -> None:
+    from prunekit.fsutil import atomic_file
+
+    with atomic_file(out) as tmp:
+        tmp.write_text(STAMP)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="stamp file every other stage depends on")
+    return run_stage("validate", parser, lambda params, args: body(params, Path(args.out)), argv)
+
+
+if __name__ == "__main__":
+    exit_after(main)
