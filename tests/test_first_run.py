@@ -205,6 +205,30 @@ def test_saved_model_holds_no_versions_or_paths(tmp_path: Path, tokenizer) -> No
     assert not (tmp_path / "adapter/README.md").exists()
 
 
+def test_adapter_files_do_not_depend_on_the_process(tmp_path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes with Python's hash seed: two processes
+    with different seeds save byte-identical adapter directories once made reproducible."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from peft import LoraConfig, get_peft_model
+        from conftest import tiny_model
+        from prunekit.models.provenance import make_reproducible
+        model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj",
+                               "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        model.save_pretrained(sys.argv[1])
+        make_reproducible(sys.argv[1])
+        """
+    )
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT / "tests"))
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], check=True, env=env, capture_output=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+    modules = json.loads((tmp_path / "1" / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 7
+
+
 def test_gguf_conversion_does_not_depend_on_where_the_file_lies(tmp_path: Path) -> None:
     from test_sources import write_tiny_gguf
 

@@ -17,24 +17,29 @@ from pathlib import Path
 VERSION_KEYS = ("transformers_version", "peft_version")
 # peft records where the base model was loaded from (a path on this machine).
 PATH_KEYS = ("base_model_name_or_path",)
+# peft keeps these as sets and writes them in the process's hash order, which changes from run to run.
+SET_KEYS = ("target_modules", "exclude_modules")
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "lm_eval")
 
 
 def make_reproducible(out_dir: Path) -> None:
     """Remove version and path records from the JSON files of a saved model directory (and its adapter
-    folders), and peft's generated model card, which repeats them."""
+    folders), sort the lists peft writes from sets, and delete peft's generated model card, which repeats them."""
     for f in sorted(Path(out_dir).rglob("*.json")):
         try:
             data = json.loads(f.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if not isinstance(data, dict) or not set(data) & {*VERSION_KEYS, *PATH_KEYS}:
+        if not isinstance(data, dict) or not set(data) & {*VERSION_KEYS, *PATH_KEYS, *SET_KEYS}:
             continue
         for key in VERSION_KEYS:
             data.pop(key, None)
         for key in PATH_KEYS:
             if key in data:
                 data[key] = None
+        for key in SET_KEYS:
+            if isinstance(data.get(key), list):
+                data[key] = sorted(data[key])
         f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for card in Path(out_dir).rglob("README.md"):
         if (card.parent / "adapter_config.json").is_file():

@@ -128,7 +128,8 @@ def fake_quantize_weight(w: torch.Tensor, scheme: Scheme, settings: QuantSetting
     import bitsandbytes.functional as bnbf
 
     if scheme.backend == "bnb_int8":
-        codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().float().contiguous())
+        # float16, as bitsandbytes' Int8Params quantizes a weight (its CUDA kernel accepts nothing else).
+        codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().half().contiguous())
         return bnbf.int8_vectorwise_dequant(codes, stats).to(w.dtype)
     packed, state = bnbf.quantize_4bit(
         w.detach().contiguous(),

@@ -178,13 +178,13 @@ class Trial:
     seconds: float
 
     def row(self, labels: list[str], choices: list[str]) -> dict:
+        """The trial as the trials file records it: no time, so the same search gives the same file."""
         return {
             "trial": self.trial,
             "source": self.source,
             "loss": round(self.loss, 6),
             "avg_bits": round(self.avg_bits, 4),
             "quantized_bytes": self.quantized_bytes,
-            "seconds": round(self.seconds, 2),
             "plan": {label: choices[i] for label, i in zip(labels, self.index, strict=True)},
         }
 
