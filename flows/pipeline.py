@@ -81,9 +81,10 @@ def dvc_command(overrides: dict[str, str], experiment: str | None) -> list[str]:
 
 def metrics_rows(repo: Path) -> list[dict[str, Any]]:
     """`dvc metrics show --json` flattened to rows of (file, metric, value)."""
-    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True)
+    from prunekit.report import dvc_json
+
     rows: list[dict[str, Any]] = []
-    for rev in json.loads(out.stdout).values():
+    for rev in (dvc_json(repo, "metrics", "show") or {}).values():
         for file, entry in (rev.get("data") or {}).items():
             flat = flatten(entry.get("data", {}))
             rows.extend({"file": file, "metric": k, "value": v} for k, v in flat.items())

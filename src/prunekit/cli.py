@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from prunekit.errors import PrunekitError
 
@@ -59,20 +60,25 @@ def cmd_info(model_dir: str) -> None:
     print("installed:    " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
 
 
-def cmd_summary(json_path: str | None) -> None:
+def read_dvc_json(saved: str | None, command: str) -> Any:
+    """A saved ``dvc <command> --json`` output, or that command's output here (``saved`` None)."""
     import json
     from pathlib import Path
 
-    from prunekit.summary import metrics_show_json, model_rows, summary_table
+    from prunekit.report import dvc_json
 
-    if json_path:
-        try:
-            metrics = json.loads(Path(json_path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PrunekitError(f"cannot read `dvc metrics show --json` output from '{json_path}': {e}") from e
-    else:
-        metrics = metrics_show_json(Path.cwd())
-    print(summary_table(model_rows(metrics)), end="")
+    if saved is None:
+        return dvc_json(Path.cwd(), *command.split())
+    try:
+        return json.loads(Path(saved).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrunekitError(f"cannot read `dvc {command} --json` output from '{saved}': {e}") from e
+
+
+def cmd_summary(json_path: str | None) -> None:
+    from prunekit.summary import model_rows, summary_table
+
+    print(summary_table(model_rows(read_dvc_json(json_path, "metrics show"))), end="")
 
 
 def cmd_server(action: str) -> None:
@@ -90,19 +96,11 @@ def cmd_server(action: str) -> None:
 
 
 def cmd_report(json_path: str | None, out: str) -> None:
-    import json
     from pathlib import Path
 
-    from prunekit.report import build_report, exp_show_json
+    from prunekit.report import build_report
 
-    if json_path:
-        try:
-            entries = json.loads(Path(json_path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PrunekitError(f"cannot read `dvc exp show --json` output from '{json_path}': {e}") from e
-    else:
-        entries = exp_show_json(Path.cwd())
-    build_report(entries, Path(out))
+    build_report(read_dvc_json(json_path, "exp show"), Path(out))
     print(f"wrote {out} and {Path(out).with_suffix('.png')}")
 
 

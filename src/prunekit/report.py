@@ -173,12 +173,18 @@ def plot(rows: list[Experiment], path: Path) -> None:
     plt.close(fig)
 
 
+def dvc_json(repo: Path, *command: str) -> Any:
+    """The JSON output of ``dvc <command> --json`` in ``repo`` (e.g. ``exp show``, ``metrics show``)."""
+    cmd = ["dvc", *command, "--json"]
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if out.returncode:
+        raise PrunekitError(f"`{' '.join(cmd)}` failed in '{repo}': {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout or "null")
+
+
 def exp_show_json(repo: Path) -> list[Mapping[str, Any]]:
     """``dvc exp show --json`` in ``repo``."""
-    out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
-    if out.returncode:
-        raise PrunekitError(f"`dvc exp show --json` failed in '{repo}': {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout)
+    return dvc_json(repo, "exp", "show")
 
 
 def build_report(entries: list[Mapping[str, Any]], out: Path) -> str:

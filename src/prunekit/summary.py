@@ -11,8 +11,6 @@ smallest measured batch.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +28,6 @@ class ModelRow:
     ppl: float | None
     acc: float | None
     decode: tuple[int, float] | None  # (batch size, tokens/s)
-
-
-def metrics_show_json(repo: Path) -> dict[str, Any]:
-    """``dvc metrics show --json`` in ``repo``."""
-    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, capture_output=True, text=True)
-    if out.returncode:
-        raise PrunekitError(f"`dvc metrics show --json` failed in '{repo}': {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout or "{}")
 
 
 def model_rows(metrics: Mapping[str, Any]) -> list[ModelRow]:
