@@ -15,6 +15,18 @@ from prunekit.params import Params, load_params
 
 log = logging.getLogger("prunekit")
 
+# Set by exit_after: the user's one line is printed when the process ends, after Prefect's own exit handlers
+# (they drain its event and log queues and may warn while doing so), so that it is the last thing on the terminal.
+_last_words: list[str] | None = None
+
+
+def _refuse(message: str) -> int:
+    if _last_words is None:
+        log.error("%s", message)
+    else:
+        _last_words.append(message)
+    return 2
+
 
 def configure_logging() -> None:
     """INFO logs from prunekit, also captured by Prefect flow runs (PREFECT_LOGGING_EXTRA_LOGGERS)."""
@@ -92,8 +104,7 @@ def run_stage(
     try:
         params = validated_params(args.params)
     except PrunekitError as e:
-        log.error("%s: %s", name, e)
-        return 2
+        return _refuse(f"{name}: {e}")
     set_threads(params.runtime.threads)
     start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -121,8 +132,7 @@ def run_stage(
         with temporary_settings({PREFECT_API_URL: url}):
             stage_flow(params, args)
     except PrunekitError as e:
-        log.error("%s failed: %s", name, e)
-        return 2
+        return _refuse(f"{name} failed: {e}")
     finally:
         if registration is not None:
             registration.unlink(missing_ok=True)
@@ -136,15 +146,19 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
 
     Freeing torch's and transformers' modules at exit costs about 2 s per stage process. The handler is
     registered before ``main`` imports Prefect, so it runs after every other atexit handler (Prefect flushes
-    its logs and events in those) and only then ends the process. For scripts only: a process that runs other
-    code after ``main`` (a test session) must keep its own exit.
+    its logs and events in those), prints a refused input's one line last, and only then ends the process. For
+    scripts only: a process that runs other code after ``main`` (a test session) must keep its own exit.
     """
     import atexit
     import sys
 
+    global _last_words
+    _last_words = []
     code: list[int] = []
 
     def leave() -> None:
+        for message in _last_words or ():
+            log.error("%s", message)
         if code:
             sys.stdout.flush()
             sys.stderr.flush()
