@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCHEDULES = ("oneshot", "iterative", "kshot")
+SCHEDULES = ("oneshot", "iterative", "kshot")  # in the order of the table
 
 
 def run_one(args: argparse.Namespace) -> dict[str, float]:
@@ -37,14 +37,13 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     from prunekit.evaluation import perplexity
     from prunekit.models.loading import load_model
     from prunekit.params import load_params
-    from prunekit.plan import PlanRequest, make_plan
     from prunekit.recovery import LoraSettings, train_lora
-    from prunekit.schedules import IterativeSettings, KShotSettings, iterative_prune, kshot_prune
-    from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.schedules import Cut, PruneJob, prune_model
+    from prunekit.slicing import count_params
     from prunekit.tokens import chunks, token_stream
 
     params = load_params(args.params)
-    p, sc = params.prune, params.schedule
+    sc = params.schedule
     setup = make_setup(args)
     model, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, args.device)
     docs = load_documents(args.data, "training", text_field=params.data.text_field)
@@ -53,42 +52,21 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     reset_peak_memory(device)
     start = time.perf_counter()
     original = count_params(model)
-    units = list(p.units)
-
-    def request(m, a, target: float) -> PlanRequest:  # noqa: ANN001
-        live = prunable_layers(len(a.layers(m)), p.skip_first, p.skip_last)
-        return PlanRequest.of_original(
-            target, original, count_params(m), layouts(m, a, units, live), dict(p.round_to), p.tolerance
-        )
-
-    def score(m, a, name: str, seed: int) -> dict:  # noqa: ANN001
-        live = prunable_layers(len(a.layers(m)), p.skip_first, p.skip_last)
-        req = ScoreRequest(units, live, setup.calibration, params.score.batch_size, seed, params.score.model_dump())
-        return CRITERIA.get(name).score(m, a, req)
-
-    lora = LoraSettings.from_params(sc, args.steps, params.seed)
+    criterion = {"oneshot": "param_first", "iterative": "lora", "kshot": "activation"}[args.schedule]
+    cut = dataclasses.replace(Cut.of(params.prune, criterion), target=args.target)
+    # Every run trains args.steps LoRA steps in all: after the cut, during it, or split over the shots.
+    schedule = sc.model_copy(update={"iterative_steps": args.steps, "steps_per_shot": args.steps // sc.shots})
+    first = {}
+    if args.schedule != "iterative":  # the iterative schedule scores from its own training adapters
+        req = ScoreRequest(list(cut.units), cut.layers(model, adapter), setup.calibration, params.score.batch_size,
+                           params.seed, params.score.model_dump())  # fmt: skip
+        first = CRITERIA.get(criterion).score(model, adapter, req)
+    job = PruneJob(model, tokenizer, adapter, first, cut, params.seed, schedule=schedule,
+                   training_blocks=lambda seq_len: blocks, calibration=lambda: setup.calibration,
+                   score_batch_size=params.score.batch_size, score_options=params.score.model_dump())  # fmt: skip
+    model = prune_model(job, args.schedule).model
     if args.schedule == "oneshot":
-        plan = make_plan(score(model, adapter, "param_first", params.seed), request(model, adapter, args.target),
-                         p.allocation, "param_first")  # fmt: skip
-        apply_plan(model, adapter, plan, mode="slice")
-        model, _ = train_lora(model, blocks, lora)
-    elif args.schedule == "iterative":
-        live = prunable_layers(len(adapter.layers(model)), p.skip_first, p.skip_last)
-        cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora)
-        model, _, _ = iterative_prune(
-            model, adapter, blocks, request(model, adapter, args.target), units, live, p.allocation, cfg
-        )
-    else:
-        per_shot = dataclasses.replace(lora, steps=args.steps // sc.shots)
-        model, _ = kshot_prune(
-            model,
-            adapter,
-            blocks,
-            None,
-            lambda m, a, shot: score(m, a, "activation", params.seed + shot),
-            lambda m, a, s, f, orig: make_plan(s, request(m, a, f), p.allocation, "activation"),
-            KShotSettings(target=args.target, shots=sc.shots, lora=per_shot),
-        )
+        model, _ = train_lora(model, blocks, LoraSettings.from_params(sc, args.steps, params.seed))
     seconds = time.perf_counter() - start
     peak, _ = peak_memory_mib(device)
     ppl = perplexity(model, setup.evaluation, params.evaluate.batch_size)["ppl"]

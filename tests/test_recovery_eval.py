@@ -52,6 +52,16 @@ def test_lora_is_seeded_and_merged() -> None:
     assert changed and all(k.split(".")[-2] in {"q_proj", "v_proj", "down_proj"} for k in changed)
 
 
+def test_lora_leaves_the_callers_random_state_alone() -> None:
+    """LoRA init and dropout draw from torch's global generator, seeded inside train_lora and restored after."""
+    model = tiny_model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_lora(model, blocks(), settings(dropout=0.1))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_lora_lowers_training_loss() -> None:
     data = blocks()
     _, losses = train_lora(tiny_model(), data, settings(steps=30, batch_size=6, learning_rate=3e-2))

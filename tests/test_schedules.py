@@ -4,6 +4,7 @@ runs, and resume equivalence."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,13 @@ from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.errors import PrunekitError
 from prunekit.lmloss import lm_loss
 from prunekit.models.adapters import adapter_for
-from prunekit.plan import PlanRequest, make_plan
+from prunekit.plan import PlanRequest
 from prunekit.recovery import LoraSettings
 from prunekit.schedules import (
+    Cut,
     IterativeSettings,
     KShotSettings,
+    PruneJob,
     UnitMasks,
     cubic_fraction,
     iterative_prune,
@@ -171,25 +174,30 @@ def test_iterative_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), other.parameters(), strict=True))
 
 
-def _kshot_run(tmp_path: Path, tokenizer, stop_after: int | None = None, state: Path | None = None):
-    model = tiny_model(vocab_size=len(tokenizer))
+def _kshot_job(
+    tokenizer,
+    state: Path | None = None,
+    units: list[str] = UNITS,
+    layers: list[int] = LAYERS,
+    allocation: str = "uniform",
+    criterion: str = "activation",
+) -> PruneJob:
+    model = tiny_model(vocab_size=len(tokenizer), num_hidden_layers=max(4, layers[-1] + 2))
     adapter = adapter_for(model.config)
     calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(2))
     blocks = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(3))
-    layers = LAYERS
+    n = len(adapter.layers(model))
+    cut = Cut(0.12, units, allocation, criterion, layers[0], n - 1 - layers[-1], {}, 0.05)
+    first = CRITERIA.get(criterion).score(model, adapter, ScoreRequest(units, layers, calibration, 2, seed=1))
+    return PruneJob(model, tokenizer, adapter, first, cut, seed=0, training_blocks=lambda seq_len: blocks,
+                    calibration=lambda: calibration, score_batch_size=2, state_dir=state, state_key="k")  # fmt: skip
 
-    def score(m, a, shot):
-        req = ScoreRequest(UNITS, layers, calibration, 2, seed=shot)
-        return CRITERIA.get("activation").score(m, a, req)
 
-    def plan_for(m, a, scores, fraction, original):
-        current = count_params(m)
-        req = PlanRequest(1 - original * (1 - fraction) / current, current, layouts(m, a, UNITS, layers), {}, 0.05)
-        return make_plan(scores, req, "uniform", "activation")
-
+def _kshot_run(tmp_path: Path, tokenizer, stop_after: int | None = None, state: Path | None = None):
     lora = LoraSettings(4, 8, 0.0, TARGETS, 1e-3, 2, 2, 0, 0.0, seed=11)
     cfg = KShotSettings(target=0.12, shots=3, lora=lora)
-    return kshot_prune(model, adapter, blocks, None, score, plan_for, cfg, tokenizer, state, "k", stop_after)
+    model, _, records = kshot_prune(_kshot_job(tokenizer, state), cfg, stop_after)
+    return model, records
 
 
 def test_kshot_prunes_in_shots_and_resumes(tmp_path: Path, tokenizer) -> None:
@@ -250,3 +258,96 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
     assert abs(metrics["achieved_fraction"] - 0.1) <= 0.03
     assert len(metrics["schedule_log"]) == (6 if schedule == "iterative" else 2)
     assert (tmp_path / "state").is_dir() and not any((tmp_path / "state").iterdir())  # finished: nothing to resume
+
+
+@pytest.mark.parametrize(
+    ("units", "criterion", "allocation"),
+    [
+        (["attn_kv_group", "mlp_channel"], "activation", "uniform"),
+        (["attn_kv_group", "attn_qk_dim", "attn_vo_dim", "mlp_channel"], "param_first", "uniform"),
+        (["attn_query_head", "mlp_channel"], "param_first", "global"),
+        (["layer", "mlp_channel"], "param_first", "global"),
+    ],
+)
+def test_kshot_plan_numbers_the_dense_model(units: list[str], criterion: str, allocation: str, tokenizer) -> None:
+    """Without LoRA steps, the dense model cut once by the k-shot plan is the k-shot model, weight for weight."""
+    job = _kshot_job(tokenizer, units=units, layers=[1, 2, 3, 4], allocation=allocation, criterion=criterion)
+    job.cut = dataclasses.replace(job.cut, target=0.3, tolerance=0.1)
+    dense = copy.deepcopy(job.model)
+    lora = LoraSettings(4, 8, 0.0, TARGETS, 1e-3, 2, 0, 0, 0.0, seed=11)
+    model, plan, records = kshot_prune(job, KShotSettings(target=0.3, shots=3, lora=lora))
+    assert len(records) == 3 and records[0]["removed"] < records[-1]["removed"]
+    assert plan.params_before == count_params(dense) and plan.params_after == count_params(model)
+    once = apply_plan(dense, job.adapter, plan, mode="slice")
+    got, want = dict(model.named_parameters()), dict(once.named_parameters())
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        assert torch.equal(got[name], p), name
+
+
+TOY_SCHEDULE = '''
+"""A toy schedule: two equal cuts by the job's scores, rescored in between, no training."""
+
+from prunekit.schedules import SCHEDULES, KeptUnits, PruneJob, PruneResult, Schedule
+from prunekit.slicing import apply_plan, count_params
+
+
+class Halves(Schedule):
+    trains = False
+
+    def run(self, job: PruneJob) -> PruneResult:
+        from prunekit.criteria import CRITERIA, ScoreRequest
+
+        model, adapter, cut = job.model, job.adapter, job.cut
+        original, kept, scores = count_params(model), KeptUnits(model, adapter, cut.units), job.scores
+        for fraction in (cut.target / 2, cut.target):
+            plan = cut.plan(scores, cut.request(model, adapter, fraction, original))
+            kept.cut(model, adapter, plan)
+            apply_plan(model, adapter, plan, mode="slice")
+            req = ScoreRequest(cut.units, cut.layers(model, adapter), job.calibration_tokens(), 2, job.seed)
+            scores = CRITERIA.get(cut.criterion).score(model, adapter, req)
+        plan.keep, plan.params_before = kept.keep(), original
+        return PruneResult(model, plan)
+
+
+SCHEDULES.register("halves")(Halves())
+'''
+
+
+def test_a_schedule_is_one_module_and_one_registration_line(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    """A new schedule registers itself on import; params accept it and the prune step runs it."""
+    import importlib.util
+
+    from prunekit.config import check_choices
+    from prunekit.params import parse_params
+    from prunekit.schedules import SCHEDULES, prune_model
+
+    monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))  # the registration ends with the test
+    (tmp_path / "toy_schedule.py").write_text(TOY_SCHEDULE)
+    spec = importlib.util.spec_from_file_location("toy_schedule", tmp_path / "toy_schedule.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    check_choices(parse_params({"prune": {"schedule": "halves"}}))
+    job = _kshot_job(tokenizer, layers=[1, 2, 3, 4])
+    job.cut = dataclasses.replace(job.cut, target=0.3, tolerance=0.1)
+    dense = copy.deepcopy(job.model)
+    result = prune_model(job, "halves")
+    assert abs(result.plan.achieved - 0.3) <= 0.1 and result.plan.params_after == count_params(result.model)
+    once = apply_plan(dense, job.adapter, result.plan, mode="slice")
+    for (name, p), q in zip(once.named_parameters(), result.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_unknown_or_unfit_schedule_is_refused_with_the_key() -> None:
+    from prunekit.config import check_choices
+    from prunekit.errors import ParamsError
+    from prunekit.params import parse_params
+
+    with pytest.raises(ParamsError, match=r"'prune.schedule': Unknown schedule 'kshots'. Did you mean 'kshot'\?"):
+        check_choices(parse_params({"prune": {"schedule": "kshots"}}))
+    with pytest.raises(ParamsError, match=r"'prune.units': the iterative schedule masks widths"):
+        check_choices(
+            parse_params({"prune": {"schedule": "iterative", "units": ["layer"]}, "score": {"criterion": "lora"}})
+        )
+    with pytest.raises(ParamsError, match=r"'prune.bias_compensation': not available with prune.schedule 'kshot'"):
+        check_choices(parse_params({"prune": {"schedule": "kshot", "bias_compensation": True},
+                                    "score": {"criterion": "activation"}}))  # fmt: skip

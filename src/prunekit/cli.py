@@ -17,6 +17,7 @@ def cmd_list() -> None:
     from prunekit.models.adapters import ADAPTERS
     from prunekit.plan import ALLOCATIONS
     from prunekit.quant import SCHEMES
+    from prunekit.schedules import SCHEDULES
     from prunekit.units import UNITS
 
     def first_line(obj: object) -> str:
@@ -27,6 +28,7 @@ def cmd_list() -> None:
         ("criteria (score.criterion)", [(n, first_line(c)) for n, c in CRITERIA.items()]),
         ("units (prune.units)", [(n, u.description) for n, u in UNITS.items()]),
         ("allocations (prune.allocation)", [(n, first_line(a)) for n, a in ALLOCATIONS.items()]),
+        ("schedules (prune.schedule)", [(n, first_line(s)) for n, s in SCHEDULES.items()]),
         ("data sources (data.calibration / training / evaluation)", describe_sources()),
         ("model families", [(n, ", ".join(a.model_types)) for n, a in ADAPTERS.items()]),
         (

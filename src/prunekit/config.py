@@ -63,16 +63,11 @@ def check_choices(params: Params) -> None:
         check("evaluate.zero_shot.local_dir", check_local_dir, e.zero_shot.local_dir, e.zero_shot.tasks)
     if not e.speed.batch_sizes or any(b < 1 for b in e.speed.batch_sizes):
         problems.append(f"params.yaml key 'evaluate.speed.batch_sizes': give sizes >= 1 (given: {e.speed.batch_sizes})")
-    if params.prune.schedule != "oneshot" and params.prune.bias_compensation:
-        problems.append(
-            f"params.yaml key 'prune.bias_compensation': not available with prune.schedule "
-            f"'{params.prune.schedule}' (the schedules retrain after each cut); use prune.schedule: oneshot"
-        )
-    if params.prune.schedule == "iterative" and set(params.prune.units) & {"layer", "hidden_channel"}:
-        problems.append(
-            "params.yaml key 'prune.units': the iterative schedule masks widths inside layers; "
-            "'layer' and 'hidden_channel' need prune.schedule: oneshot or kshot"
-        )
+    from prunekit.schedules import SCHEDULES, Cut
+
+    check("prune.schedule", SCHEDULES.get, params.prune.schedule)
+    if params.prune.schedule in SCHEDULES:
+        problems += SCHEDULES.get(params.prune.schedule).problems(Cut.of(params.prune, params.score.criterion))
     from prunekit.quant import SCHEMES
 
     for i, scheme in enumerate(params.search.choices):

@@ -87,8 +87,9 @@ class PruneParams(Section):
     tolerance: float = Field(0.01, gt=0.0, lt=1.0)
     # FLAP: fold the calibration mean of removed o_proj / down_proj inputs into a bias (activation criteria).
     bias_compensation: bool = False
-    # oneshot | iterative (LoRAPrune: masks raised on a cubic schedule while LoRA trains) | kshot (TransAct)
-    schedule: Literal["oneshot", "iterative", "kshot"] = "oneshot"
+    # oneshot | iterative (LoRAPrune: masks raised on a cubic schedule while LoRA trains) | kshot (TransAct);
+    # the registered schedules (prunekit.schedules)
+    schedule: str = "oneshot"
 
 
 class LoraTrainParams(Section):

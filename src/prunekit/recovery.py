@@ -14,6 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from prunekit.errors import PrunekitError
 from prunekit.lmloss import lm_loss
+from prunekit.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,13 @@ def train_lora(
     adapters are kept in float32 (peft's default) so half-precision bases do not produce NaN losses.
     """
     check_targets(model, cfg.target_modules, key)
-    torch.manual_seed(cfg.seed)  # LoRA A is initialised at random
+    with seeded(cfg.seed):  # LoRA A's init and dropout; the caller's random state is left as it was
+        return _train(model, blocks, cfg, merge, custom_modules)
+
+
+def _train(
+    model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings, merge: bool, custom_modules: dict[type, type] | None
+) -> tuple[nn.Module, list[float]]:
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,

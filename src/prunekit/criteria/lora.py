@@ -94,6 +94,8 @@ def attached_lora(model: nn.Module, req: ScoreRequest, cfg: ScoreParams) -> Iter
     """
     from peft import LoraConfig, get_peft_model
 
+    from prunekit.rng import seeded
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     config = LoraConfig(
         r=cfg.lora_rank,
@@ -104,8 +106,7 @@ def attached_lora(model: nn.Module, req: ScoreRequest, cfg: ScoreParams) -> Iter
         bias="none",
     )
     # Seed A's random init without disturbing the caller's random stream (peft initialises on the CPU).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(req.seed)
+    with seeded(req.seed):
         peft_model = get_peft_model(model, config)
     try:
         yield peft_model
