@@ -284,3 +284,93 @@ def test_search_params_errors(search: dict, message: str) -> None:
     with pytest.raises(ParamsError) as e:
         check_choices(parse_params({"search": search}))
     assert message in str(e.value)
+
+
+TOY_FORMAT = '''
+"""A toy format: one sign bit per weight and a float16 mean magnitude per row (binary weights)."""
+
+import torch
+from torch import nn
+
+from prunekit.quant.backend import BACKENDS, QuantBackend
+from prunekit.quant.schemes import SCHEMES, Scheme
+
+
+class SignLinear(nn.Module):
+    def __init__(self, rows, cols, bias):
+        super().__init__()
+        self.in_features, self.out_features = cols, rows
+        self.register_buffer("signs", torch.zeros(rows, cols, dtype=torch.bool))
+        self.register_buffer("scale", torch.zeros(rows, 1, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(rows), requires_grad=False) if bias else None
+
+    def forward(self, x):
+        w = (self.signs.float() * 2 - 1) * self.scale.float()
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+
+
+class Sign(QuantBackend):
+    name = "sign"
+
+    def storage_bits(self, scheme, rows, cols, settings):
+        return rows * cols + 16 * rows
+
+    def fake_quantize(self, w, scheme, settings):
+        scale = w.abs().mean(dim=1, keepdim=True).half().float()
+        return (torch.where(w >= 0, 1.0, -1.0) * scale).to(w.dtype)
+
+    def realise(self, linear, scheme, settings):
+        module = SignLinear(linear.out_features, linear.in_features, linear.bias is not None)
+        module.signs.copy_(linear.weight >= 0)
+        module.scale.copy_(linear.weight.abs().mean(dim=1, keepdim=True))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias)
+        return module
+
+    def holds(self, module):
+        return isinstance(module, SignLinear)
+
+    def load(self, linear, scheme, settings, state, device):
+        module = SignLinear(linear.out_features, linear.in_features, linear.bias is not None)
+        module.load_state_dict(state)
+        return module.to(device)
+
+
+BACKENDS.register("sign")(Sign())
+SCHEMES.register("sign1")(Scheme("sign1", 1, "sign", "one sign bit per weight, a float16 scale per row"))
+'''
+
+
+def test_a_new_format_is_one_module(tmp_path: Path, monkeypatch) -> None:
+    """A backend and its scheme registered in a module of their own: planned, costed, searched (its image),
+    realised, saved and reloaded like the built-in ones."""
+    import importlib.util
+
+    from prunekit.quant.backend import BACKENDS
+
+    monkeypatch.setattr(SCHEMES, "_items", dict(SCHEMES._items))  # the registrations end with the test
+    monkeypatch.setattr(BACKENDS, "_items", dict(BACKENDS._items))
+    (tmp_path / "toy_format.py").write_text(TOY_FORMAT)
+    spec = importlib.util.spec_from_file_location("toy_format", tmp_path / "toy_format.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    model = tiny_model()
+    targets = quant_targets(model, adapter_for(model.config))
+    plan = {t.name: ("sign1" if t.layer % 2 else "rtn4") for t in targets}
+    cost = plan_cost(plan, targets, SETTINGS)
+    signs = [t for t in targets if t.layer % 2]
+    assert cost.quantized_weights == sum(t.numel for t in targets)
+    assert cost.avg_bits == pytest.approx((sum(t.numel for t in signs) + 4 * (cost.quantized_weights - sum(
+        t.numel for t in signs))) / cost.quantized_weights)  # fmt: skip
+    ids = _ids()
+    with torch.no_grad():
+        with fake_quantized(model, plan, SETTINGS):
+            simulated = model(ids).logits
+        realise(model, plan, SETTINGS)
+        real = model(ids).logits
+    torch.testing.assert_close(real, simulated, rtol=1e-4, atol=1e-4)
+    save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q")
+    loaded, _, loaded_plan = load_quantized(tmp_path / "q")
+    assert loaded_plan == plan
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, real)
+    assert logical_param_count(loaded)[0] == logical_param_count(tiny_model())[0]

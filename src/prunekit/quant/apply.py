@@ -12,9 +12,7 @@ quantized (QPruner's layer-wise setting); embeddings, norms and the LM head stay
   tokenizer, ``model.safetensors`` (codes and their statistics as bitsandbytes and prunekit lay them out),
   ``quant_plan.json``, and ``adapter/`` when LoRA adapters were trained on the quantized base.
 
-bitsandbytes on CPUs with AVX512-BF16: the first eval / no-grad forward of a ``Linear4bit`` repacks its
-weight in place for a faster kernel, after which training silently gets no gradient through it and the
-saved state changes layout. Every realised ``Linear4bit`` gets ``support_avx512bf16_for_cpu = False``.
+Each scheme's backend (:mod:`prunekit.quant.backend`) does the format's work; nothing here depends on the format.
 """
 
 from __future__ import annotations
@@ -32,8 +30,8 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.fsutil import atomic_dir, read_json, write_json
 from prunekit.models.adapters import ModelAdapter
-from prunekit.quant.rtn import Float16Linear, RTNLinear, rtn_fake_quantize
-from prunekit.quant.schemes import BNB_BLOCKSIZE, SCHEMES, QuantSettings, Scheme
+from prunekit.quant.backend import is_quantized, lora_custom_modules
+from prunekit.quant.schemes import SCHEMES, QuantSettings, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ PLAN_FILE = "quant_plan.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -116,28 +113,8 @@ def plan_cost(plan: Mapping[str, str], targets: list[QuantTarget], settings: Qua
 
 
 def fake_quantize_weight(w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
-    """``w`` after quantize -> dequantize in ``scheme`` (same dtype and device as ``w``).
-
-    For ``int8`` this is the vector-wise int8 image without LLM.int8's run-time outlier path (which
-    depends on the inputs): the realised module can only be closer to the float weight than this.
-    """
-    if scheme.backend == "float":
-        return w.to(FLOAT_DTYPES[scheme.name]).to(w.dtype)
-    if scheme.backend == "rtn":
-        return rtn_fake_quantize(w, scheme.bits, settings.group_size).to(w.dtype)
-    import bitsandbytes.functional as bnbf
-
-    if scheme.backend == "bnb_int8":
-        # float16, as bitsandbytes' Int8Params quantizes a weight (its CUDA kernel accepts nothing else).
-        codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().half().contiguous())
-        return bnbf.int8_vectorwise_dequant(codes, stats).to(w.dtype)
-    packed, state = bnbf.quantize_4bit(
-        w.detach().contiguous(),
-        blocksize=BNB_BLOCKSIZE,
-        compress_statistics=settings.double_quant,
-        quant_type=scheme.name,
-    )
-    return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+    """``w`` after quantize -> dequantize in ``scheme`` (same dtype and device as ``w``)."""
+    return scheme.impl.fake_quantize(w, scheme, settings)
 
 
 @contextmanager
@@ -170,45 +147,6 @@ def fake_quantized(
             module.weight.data = data
 
 
-def _empty_bnb(linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
-    """An unfilled bitsandbytes module of ``linear``'s shape for an ``int8`` / 4-bit scheme."""
-    import bitsandbytes as bnb
-
-    if scheme.backend == "bnb_int8":
-        return bnb.nn.Linear8bitLt(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            has_fp16_weights=False,
-            threshold=settings.int8_threshold,
-        )
-    return bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=linear.weight.dtype,
-        compress_statistics=settings.double_quant,
-        quant_type=scheme.name,
-    )
-
-
-def _realised(linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
-    if scheme.backend == "float":
-        return Float16Linear.from_linear(linear, FLOAT_DTYPES[scheme.name])
-    if scheme.backend == "rtn":
-        return RTNLinear.from_linear(linear, scheme.bits, settings.group_size)
-    module = _empty_bnb(linear, scheme, settings)
-    module.load_state_dict({k: v.detach().clone() for k, v in linear.state_dict().items()})
-    module = module.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
-    _guard_repacking(module)
-    return module
-
-
-def _guard_repacking(module: nn.Module) -> None:
-    if hasattr(module, "support_avx512bf16_for_cpu"):
-        module.support_avx512bf16_for_cpu = False
-
-
 def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) -> nn.Module:
     """Replace each planned Linear by its quantized module (in place); returns ``model``."""
     for name, scheme_name in plan.items():
@@ -216,23 +154,11 @@ def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) 
         if not isinstance(linear, nn.Linear):
             raise PrunekitError(f"module '{name}' is {type(linear).__name__}, not a Linear: already quantized?")
         parent, _, attr = name.rpartition(".")
-        module = _realised(linear, SCHEMES.get(scheme_name), settings)
+        scheme = SCHEMES.get(scheme_name)
+        module = scheme.impl.realise(linear, scheme, settings)
         module.train(linear.training)  # bitsandbytes' int8 matmul takes another path in training mode
         setattr(model.get_submodule(parent), attr, module)
     return model
-
-
-def lora_custom_modules() -> dict[type, type]:
-    """peft's LoRA layer for prunekit's quantized modules (peft handles bitsandbytes' own)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    return {RTNLinear: LoraLinear, Float16Linear: LoraLinear}
-
-
-def _is_quantized_module(module: nn.Module) -> bool:
-    if isinstance(module, (RTNLinear, Float16Linear)):
-        return True
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
 def logical_param_count(model: nn.Module) -> tuple[int, int]:
@@ -243,7 +169,7 @@ def logical_param_count(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     params = adapters = 0
     for name, module in model.named_modules():
-        if _is_quantized_module(module):
+        if is_quantized(module):
             params += module.in_features * module.out_features
             if module.bias is not None:
                 params += module.bias.numel()
@@ -379,7 +305,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
             f"'{p / WEIGHTS_FILE}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, scheme_name in plan.items():
-        module = _empty_realised(model.get_submodule(name), SCHEMES.get(scheme_name), settings, planned[name], device)
+        scheme = SCHEMES.get(scheme_name)
+        module = scheme.impl.load(model.get_submodule(name), scheme, settings, planned[name], device)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, module)
     if getattr(config, "tie_word_embeddings", False):
@@ -393,37 +320,3 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         model = PeftModel.from_pretrained(model, str(p / ADAPTER_DIR), config=lora_config).eval()
     tokenizer = AutoTokenizer.from_pretrained(p)
     return model, tokenizer, plan
-
-
-def _empty_realised(
-    linear: nn.Linear, scheme: Scheme, settings: QuantSettings, state: dict[str, torch.Tensor], device: str
-) -> nn.Module:
-    """The quantized module for ``linear``'s shape, filled from its saved ``state``."""
-    has_bias = linear.bias is not None
-    if scheme.backend == "float":
-        module = Float16Linear(linear.in_features, linear.out_features, FLOAT_DTYPES[scheme.name], has_bias)
-    elif scheme.backend == "rtn":
-        module = RTNLinear(
-            linear.in_features, linear.out_features, scheme.bits, settings.group_size, has_bias, linear.weight.dtype
-        )
-    elif scheme.backend == "bnb_int8":
-        # Moved to the device first (bitsandbytes refuses saved codes in a module it has not quantized).
-        module = _empty_bnb(linear, scheme, settings)
-    else:
-        import bitsandbytes as bnb
-
-        module = _empty_bnb(linear, scheme, settings)
-        stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
-        module.weight = bnb.nn.Params4bit.from_prequantized(
-            data=state["weight"], quantized_stats=stats, requires_grad=False, device=device
-        )
-        if has_bias:
-            module.bias = nn.Parameter(state["bias"].to(device), requires_grad=False)
-        _guard_repacking(module)
-        return module
-    module = module.to(device)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
-    return module

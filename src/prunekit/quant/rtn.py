@@ -1,4 +1,5 @@
-"""Round-to-nearest group-wise quantization in pure torch, and a Linear that stores its codes bit-packed.
+"""Round-to-nearest group-wise quantization in pure torch, and a Linear that stores its codes bit-packed; the
+``rtn`` and ``float`` backends.
 
 For a group x of ``group_size`` consecutive input weights of one output row and b bits:
 with lo = min(min(x), 0) and hi = max(max(x), 0): ``scale = (hi - lo) / (2^b - 1)`` (rounded up to
@@ -13,6 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.quant.backend import BACKENDS, QuantBackend
+from prunekit.quant.schemes import QuantSettings, Scheme
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -156,3 +161,77 @@ class Float16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def _load_state(module: nn.Module, scheme: Scheme, state: dict[str, torch.Tensor], device: str) -> nn.Module:
+    module = module.to(device)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
+    return module
+
+
+class RTNBackend(QuantBackend):
+    """Round-to-nearest with ``scheme.bits`` codes, a float16 scale and zero per group of ``group_size`` inputs."""
+
+    name = "rtn"
+
+    def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
+        groups = rows * -(-cols // settings.group_size)
+        return scheme.bits * rows * cols + 2 * 16 * groups
+
+    def fake_quantize(self, w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
+        return rtn_fake_quantize(w, scheme.bits, settings.group_size).to(w.dtype)
+
+    def realise(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
+        return RTNLinear.from_linear(linear, scheme.bits, settings.group_size)
+
+    def holds(self, module: nn.Module) -> bool:
+        return isinstance(module, RTNLinear)
+
+    def lora_layers(self) -> dict[type, type]:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        return {RTNLinear: LoraLinear}
+
+    def load(
+        self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings, state: dict[str, torch.Tensor], device: str
+    ) -> nn.Module:
+        module = RTNLinear(linear.in_features, linear.out_features, scheme.bits, settings.group_size,
+                           linear.bias is not None, linear.weight.dtype)  # fmt: skip
+        return _load_state(module, scheme, state, device)
+
+
+class FloatBackend(QuantBackend):
+    """Left unquantized, stored in the 16-bit dtype ``scheme.variant`` (float16 or bfloat16)."""
+
+    name = "float"
+
+    def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
+        return 16 * rows * cols
+
+    def fake_quantize(self, w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
+        return w.to(getattr(torch, scheme.variant)).to(w.dtype)
+
+    def realise(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
+        return Float16Linear.from_linear(linear, getattr(torch, scheme.variant))
+
+    def holds(self, module: nn.Module) -> bool:
+        return isinstance(module, Float16Linear)
+
+    def lora_layers(self) -> dict[type, type]:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        return {Float16Linear: LoraLinear}
+
+    def load(
+        self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings, state: dict[str, torch.Tensor], device: str
+    ) -> nn.Module:
+        module = Float16Linear(linear.in_features, linear.out_features, getattr(torch, scheme.variant),
+                               linear.bias is not None)  # fmt: skip
+        return _load_state(module, scheme, state, device)
+
+
+BACKENDS.register(RTNBackend.name)(RTNBackend())
+BACKENDS.register(FloatBackend.name)(FloatBackend())

@@ -16,9 +16,12 @@ A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. Th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from prunekit.registry import Registry
+
+if TYPE_CHECKING:
+    from prunekit.quant.backend import QuantBackend
 
 BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on every device it supports
 BNB_NESTED_BLOCKSIZE = 256  # blocks per second-level absmax with double quantization
@@ -35,27 +38,25 @@ class QuantSettings:
 
 @dataclass(frozen=True)
 class Scheme:
-    """One quantization format. ``bits`` is the nominal width of a weight (the search budget counts it)."""
+    """One quantization format: a config object. ``bits`` is the nominal width of a weight (the search budget
+    counts it); ``backend`` names the :class:`~prunekit.quant.backend.QuantBackend` that realises it and
+    ``variant`` what that backend needs besides the bits (a 4-bit code book, a 16-bit dtype)."""
 
     name: str
     bits: int
-    backend: Literal["bnb_int8", "bnb_4bit", "rtn", "float"]
+    backend: str
     description: str
+    variant: str = ""
+
+    @property
+    def impl(self) -> QuantBackend:
+        from prunekit.quant.backend import BACKENDS
+
+        return BACKENDS.get(self.backend)
 
     def storage_bits(self, rows: int, cols: int, settings: QuantSettings) -> int:
         """Bits a (rows x cols) weight takes in this format, codes and their scales together."""
-        n = rows * cols
-        if self.backend == "float":
-            return 16 * n
-        if self.backend == "bnb_int8":
-            return 8 * n + 32 * rows
-        if self.backend == "bnb_4bit":
-            blocks = -(-n // BNB_BLOCKSIZE)
-            if settings.double_quant:
-                return 4 * n + 8 * blocks + 32 * -(-blocks // BNB_NESTED_BLOCKSIZE)
-            return 4 * n + 32 * blocks
-        groups = rows * -(-cols // settings.group_size)
-        return self.bits * n + 2 * 16 * groups
+        return self.impl.storage_bits(self, rows, cols, settings)
 
 
 SCHEMES: Registry[Scheme] = Registry("quantization scheme")
@@ -65,14 +66,20 @@ for _s in (
         "int8", 8, "bnb_int8", "bitsandbytes LLM.int8: int8 per weight, absmax per row, outlier features in 16 bits"
     ),
     Scheme(
-        "nf4", 4, "bnb_4bit", "bitsandbytes 4-bit NormalFloat, absmax per block of 64 (double quantization optional)"
+        "nf4",
+        4,
+        "bnb_4bit",
+        "bitsandbytes 4-bit NormalFloat, absmax per block of 64 (double quantization optional)",
+        "nf4",
     ),
-    Scheme("fp4", 4, "bnb_4bit", "bitsandbytes 4-bit float, absmax per block of 64 (double quantization optional)"),
+    Scheme(
+        "fp4", 4, "bnb_4bit", "bitsandbytes 4-bit float, absmax per block of 64 (double quantization optional)", "fp4"
+    ),
     Scheme("rtn2", 2, "rtn", "round-to-nearest 2-bit, scale and zero per group (pure torch, bit-packed)"),
     Scheme("rtn3", 3, "rtn", "round-to-nearest 3-bit, scale and zero per group (pure torch, bit-packed)"),
     Scheme("rtn4", 4, "rtn", "round-to-nearest 4-bit, scale and zero per group (pure torch, bit-packed)"),
     Scheme("rtn8", 8, "rtn", "round-to-nearest 8-bit, scale and zero per group (pure torch)"),
-    Scheme("fp16", 16, "float", "left unquantized, stored as float16"),
-    Scheme("bf16", 16, "float", "left unquantized, stored as bfloat16"),
+    Scheme("fp16", 16, "float", "left unquantized, stored as float16", "float16"),
+    Scheme("bf16", 16, "float", "left unquantized, stored as bfloat16", "bfloat16"),
 ):
     SCHEMES.register(_s.name)(_s)

@@ -1,0 +1,77 @@
+"""How a quantization scheme is realised: one backend per storage format, registered by name.
+
+A :class:`~prunekit.quant.schemes.Scheme` is a small config object (name, nominal bits, backend name, variant);
+its backend does the four things the pipeline needs of a format: count its storage, give a weight's
+quantize -> dequantize image (the search), build the quantized module from a Linear (the quantize stage), and
+rebuild it from saved tensors (loading). A new format is one module with a :class:`QuantBackend` subclass and
+its registration line, imported at the bottom of this module, plus its schemes' registration lines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from prunekit.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from prunekit.quant.schemes import QuantSettings, Scheme
+
+
+class QuantBackend(ABC):
+    """A storage format: what a weight costs, its image, and the module that holds it."""
+
+    name = ""
+
+    @abstractmethod
+    def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
+        """Bits a (rows x cols) weight takes, codes and their statistics together."""
+
+    @abstractmethod
+    def fake_quantize(self, w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
+        """``w`` after quantize -> dequantize (same dtype and device as ``w``)."""
+
+    @abstractmethod
+    def realise(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
+        """The quantized module holding ``linear``'s weight and bias, on ``linear``'s device."""
+
+    @abstractmethod
+    def holds(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one this backend realised (it counts as a Linear of in x out weights)."""
+
+    def lora_layers(self) -> dict[type, type]:
+        """peft's LoRA layer for each module type this backend realises that peft does not know."""
+        return {}
+
+    @abstractmethod
+    def load(
+        self,
+        linear: nn.Linear,
+        scheme: Scheme,
+        settings: QuantSettings,
+        state: dict[str, torch.Tensor],
+        device: str,
+    ) -> nn.Module:
+        """The quantized module of ``linear``'s shape filled from its saved ``state`` (a PrunekitError if unfit)."""
+
+
+BACKENDS: Registry[QuantBackend] = Registry("quantization backend")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether some backend realised ``module``."""
+    return any(b.holds(module) for _, b in BACKENDS.items())
+
+
+def lora_custom_modules() -> dict[type, type]:
+    """peft's LoRA layer for the quantized modules peft does not know (it handles bitsandbytes' own)."""
+    out: dict[type, type] = {}
+    for _, backend in BACKENDS.items():
+        out |= backend.lora_layers()
+    return out
+
+
+from prunekit.quant import bnb, rtn  # noqa: E402, F401  (registration)
