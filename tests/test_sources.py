@@ -635,3 +635,57 @@ def test_gguf_conversion_reproduces_the_gguf_model(
     assert prov["kind"] == "gguf" and prov["gguf_sha256"] == sha256(path)
     assert prov["num_parameters"] == sum(p.numel() for p in original.parameters())
     assert set(prov["files"]) == {p.name for p in out.iterdir()}
+
+
+TOY_SOURCE = '''
+"""A toy kind of source: 'mirror:<name>' reads a model directory from a folder of mirrored models."""
+
+import os
+from pathlib import Path
+
+from prunekit.errors import PrunekitError
+from prunekit.models.sources import SOURCES, ModelSource, SourceSpec
+
+
+class Mirror(ModelSource):
+    kind = prefix = "mirror"
+    syntax = "'mirror:<name>'"
+
+    def parse(self, source, rest):
+        return SourceSpec(kind=self.kind, raw=source, path=Path(os.environ["MIRROR_DIR"]) / rest)
+
+    def check(self, spec):
+        if not (spec.path / "config.json").is_file():
+            raise PrunekitError(f"model.source '{spec.raw}': the mirror has no model '{spec.path.name}'")
+
+    def materialize(self, spec, out_dir, cache_dir):
+        return {**SOURCES.get("dir").materialize(spec, out_dir, cache_dir), "source": spec.raw, "kind": self.kind}
+
+
+SOURCES.register(Mirror.kind)(Mirror())
+'''
+
+
+def test_a_kind_of_source_is_one_module(tmp_path: Path, hf_dir: Path, monkeypatch) -> None:
+    """A new kind registers on import: parsed by its prefix, checked with the params, materialized, and named in
+    the help of every refused source."""
+    import importlib.util
+
+    from prunekit.models.sources import SOURCES
+
+    monkeypatch.setattr(SOURCES, "_items", dict(SOURCES._items))  # the registration ends with the test
+    monkeypatch.setenv("MIRROR_DIR", str(hf_dir.parent))
+    (tmp_path / "toy_source.py").write_text(TOY_SOURCE)
+    spec = importlib.util.spec_from_file_location("toy_source", tmp_path / "toy_source.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert parse_source(f"mirror:{hf_dir.name}").path == hf_dir
+    validate_source(f"mirror:{hf_dir.name}")
+    with pytest.raises(PrunekitError, match="the mirror has no model 'absent'"):
+        validate_source("mirror:absent")
+    with pytest.raises(PrunekitError, match=r"unknown kind 'mirrors:'.*'mirror:<name>'"):
+        parse_source("mirrors:x")
+    out = tmp_path / "out"
+    out.mkdir()
+    prov = materialize_model(f"mirror:{hf_dir.name}", out)
+    assert prov["kind"] == "mirror" and {p.name for p in out.iterdir()} == {p.name for p in hf_dir.iterdir()}
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == TINY["hidden_size"]

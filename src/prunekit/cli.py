@@ -15,6 +15,7 @@ def cmd_list() -> None:
     from prunekit.criteria import CRITERIA
     from prunekit.data import describe_sources
     from prunekit.models.adapters import ADAPTERS
+    from prunekit.models.sources import SOURCES
     from prunekit.plan import ALLOCATIONS
     from prunekit.quant import SCHEMES
     from prunekit.schedules import SCHEDULES
@@ -30,6 +31,7 @@ def cmd_list() -> None:
         ("allocations (prune.allocation)", [(n, first_line(a)) for n, a in ALLOCATIONS.items()]),
         ("schedules (prune.schedule)", [(n, first_line(s)) for n, s in SCHEDULES.items()]),
         ("data sources (data.calibration / training / evaluation)", describe_sources()),
+        ("model sources (model.source)", [(n, s.syntax) for n, s in SOURCES.items()]),
         ("model families", [(n, ", ".join(a.model_types)) for n, a in ADAPTERS.items()]),
         (
             "quantization schemes (search.choices)",

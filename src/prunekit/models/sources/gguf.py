@@ -19,7 +19,7 @@ from typing import Any
 from prunekit.errors import PrunekitError
 from prunekit.models.sources.hashing import sha256_file
 from prunekit.models.sources.hub import PICKLE_PATTERNS, _matches
-from prunekit.models.sources.spec import SourceSpec
+from prunekit.models.sources.spec import SOURCES, ModelSource, SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +288,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
 def _materialize_gguf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
     assert spec.path is not None
     return {"source": spec.raw, "kind": "gguf", **convert_gguf(spec.path, out_dir)}
+
+
+class GGUFSource(ModelSource):
+    """A local ``.gguf`` file: its header checked, then dequantized by transformers into float32 safetensors."""
+
+    kind = "gguf"
+    syntax = "a local '.gguf' file"
+
+    def claims(self, path: Path) -> bool:
+        return path.suffix.lower() == ".gguf"
+
+    def check(self, spec: SourceSpec) -> None:
+        assert spec.path is not None
+        _check_gguf_file(spec.path, spec.raw)
+
+    def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
+        return _materialize_gguf(spec, out_dir)
+
+
+SOURCES.register(GGUFSource.kind)(GGUFSource())

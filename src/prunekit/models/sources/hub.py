@@ -7,12 +7,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.models.sources.hashing import _copy_with_sha256
-from prunekit.models.sources.spec import SourceSpec, _source_help
+from prunekit.models.sources.spec import SOURCES, ModelSource, SourceSpec, _source_help
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +224,68 @@ def _materialize_hf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
         "commit": commit,
         "files": files,
     }
+
+
+_REPO_PART_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+
+def _parse_hf(source: str, rest: str) -> SourceSpec:
+    repo_id, sep, revision = rest.strip().partition("@")
+    if not repo_id:
+        raise PrunekitError(
+            f"model.source '{source}' names no repository; write 'hf:<org>/<name>[@<revision>]', "
+            "e.g. 'hf:HuggingFaceTB/SmolLM2-135M'."
+        )
+    parts = repo_id.split("/")
+    if (
+        len(parts) > 2
+        or len(repo_id) > 96
+        or not all(_REPO_PART_RE.match(p) for p in parts)
+        or "--" in repo_id
+        or ".." in repo_id
+    ):
+        raise PrunekitError(
+            f"model.source '{source}': '{repo_id}' is not a valid Hub repository id; it must look like "
+            "'<org>/<name>' (letters, digits, '-', '_', '.'), e.g. 'hf:HuggingFaceTB/SmolLM2-135M'."
+        )
+    if sep and not revision:
+        raise PrunekitError(
+            f"model.source '{source}' ends with '@' but gives no revision; write 'hf:{repo_id}@<branch, tag "
+            f"or commit>' or drop the '@' to use the default branch."
+        )
+    return SourceSpec(kind="hf", raw=source, repo_id=repo_id, revision=revision or None)
+
+
+class HubSource(ModelSource):
+    """``hf:<repo_id>[@<revision>]``: a Hugging Face Hub repository with safetensors weights."""
+
+    kind = prefix = "hf"
+    syntax = "'hf:<org>/<name>[@<revision>]'"
+
+    def parse(self, source: str, rest: str) -> SourceSpec:
+        return _parse_hf(source, rest)
+
+    def check(self, spec: SourceSpec) -> None:
+        """Nothing to look at before the download (the syntax was checked when parsing)."""
+
+    def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
+        return _materialize_hf(spec, out_dir)
+
+
+class DirSource(ModelSource):
+    """A local Hugging Face model directory (it has ``config.json``) with safetensors weights."""
+
+    kind = "dir"
+    syntax = "a local Hugging Face model directory"
+    fallback = True  # any local path no other kind claims
+
+    def check(self, spec: SourceSpec) -> None:
+        assert spec.path is not None
+        _model_files(spec.path, spec.raw)
+
+    def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
+        return _materialize_dir(spec, out_dir)
+
+
+SOURCES.register(HubSource.kind)(HubSource())
+SOURCES.register(DirSource.kind)(DirSource())

