@@ -337,6 +337,18 @@ def test_a_schedule_is_one_module_and_one_registration_line(tmp_path: Path, toke
         assert torch.equal(p, q), name
 
 
+def test_units_a_criterion_cannot_score_are_refused_with_the_params() -> None:
+    from prunekit.config import check_choices
+    from prunekit.errors import ParamsError
+    from prunekit.params import parse_params
+
+    bad = parse_params({"prune": {"units": ["attn_kv_group", "attn_qk_dim"]}, "score": {"criterion": "activation"}})
+    with pytest.raises(
+        ParamsError, match=r"'prune.units': criterion 'activation' does not support unit type 'attn_qk_dim'"
+    ):
+        check_choices(bad)
+
+
 def test_unknown_or_unfit_schedule_is_refused_with_the_key() -> None:
     from prunekit.config import check_choices
     from prunekit.errors import ParamsError

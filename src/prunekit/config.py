@@ -29,6 +29,10 @@ def check_choices(params: Params) -> None:
     for role in ("calibration", "training", "evaluation"):
         check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
     check("score.criterion", CRITERIA.get, params.score.criterion)
+    check_units = getattr(CRITERIA.get(params.score.criterion), "check_units", None) if (
+        params.score.criterion in CRITERIA) else None  # fmt: skip
+    if check_units is not None and all(u in UNITS for u in params.prune.units):
+        check("prune.units", check_units, list(params.prune.units))
     if params.score.base_dtype is not None and params.score.criterion in CRITERIA.names():
         if CRITERIA.get(params.score.criterion).base_gradients:
             problems.append(
