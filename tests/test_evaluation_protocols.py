@@ -334,6 +334,10 @@ def test_report_from_two_experiments(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "experiments.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(PrunekitError, match="not `dvc exp show --json` output"):
         parse_exp_show({"rev": "x"})
+    # The report knows metrics files by content, not by path: declared elsewhere, the same table.
+    moved = (DATA / "exp_show.json").read_text().replace("metrics/eval/", "out/").replace("metrics/prune", "out/cut")
+    elsewhere = build_report(json.loads(moved), tmp_path / "m" / "experiments.md")
+    assert [ln for ln in elsewhere.splitlines() if ln.startswith("| ")] == table
 
 
 def test_hub_tasks_reach_the_network_boundary(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:

@@ -1,8 +1,10 @@
 """A comparison report of DVC experiments (markdown + PNG) from ``dvc exp show --json``.
 
 One row per experiment (and per baseline commit): the params that differ between the rows, the fraction of
-parameters removed (``metrics/prune.json``), and for each evaluated model (dense, pruned, recovered,
-quantized) its first perplexity metric and its zero-shot average accuracy. The plot shows perplexity and
+parameters removed (the prune metrics), and for each evaluated model (dense, pruned, recovered, quantized) its
+first perplexity metric and its zero-shot average accuracy. Metrics files are recognised by what they hold, as
+dvc.yaml declares them (no path is written here): a prune metrics file has ``achieved_fraction``; a model's
+evaluation has ``params`` and ``ppl.*``, and the file's name is the model's. The plot shows perplexity and
 accuracy against the fraction removed, one point per experiment and model. Experiments still running, queued
 or failed (no metrics) are listed under the table, not dropped silently.
 
@@ -20,9 +22,6 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.fsutil import atomic_file
-
-MODELS = ("dense", "pruned", "recovered", "quantized")
-PRUNE_METRICS = "metrics/prune.json"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,10 +45,17 @@ class Experiment:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fraction(self) -> float | None:
-        return self.metrics.get(PRUNE_METRICS, {}).get("achieved_fraction")
+        """The fraction of parameters the prune stage removed."""
+        return next((m["achieved_fraction"] for m in self.metrics.values() if "achieved_fraction" in m), None)
+
+    def evaluated(self) -> dict[str, dict[str, Any]]:
+        """Model name (its metrics file's stem) -> its evaluation metrics."""
+        return {
+            Path(f).stem: m for f, m in self.metrics.items() if "params" in m and any(k.startswith("ppl") for k in m)
+        }
 
     def eval_metrics(self, model: str) -> dict[str, Any]:
-        return self.metrics.get(f"metrics/eval/{model}.json", {})
+        return self.evaluated().get(model, {})
 
     def ppl(self, model: str) -> tuple[str, float] | None:
         """(metric name, value) of the model's first perplexity metric (older runs: a plain ``ppl``)."""
@@ -99,6 +105,15 @@ def changed_params(rows: list[Experiment]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.params.get(k)) for r in rows}) > 1]
 
 
+def evaluated_models(rows: list[Experiment]) -> list[str]:
+    """The evaluated models of any row: largest first (the dense model), then by stored bytes, then by name."""
+    size: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        for model, m in r.evaluated().items():
+            size.setdefault(model, (int(m["params"]), int(m.get("weight_bytes") or 0)))
+    return sorted(size, key=lambda m: (-size[m][0], -size[m][1], m))
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -112,7 +127,7 @@ def markdown(rows: list[Experiment], skipped: list[str], plot_name: str | None) 
     if not rows:
         raise PrunekitError("no experiment with metrics in the `dvc exp show` output; run `dvc exp run` first")
     keys = changed_params(rows)
-    models = [m for m in MODELS if any(r.eval_metrics(m) for r in rows)]
+    models = evaluated_models(rows)
     ppl_names = sorted({p[0] for r in rows for m in models if (p := r.ppl(m))})
     header = ["experiment", *keys, "removed"]
     for m in models:
@@ -147,10 +162,11 @@ def plot(rows: list[Experiment], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for model in MODELS:
-        # The dense model is the 0-removed point of every experiment.
+    models = evaluated_models(rows)
+    for model in models:
+        # The largest model (the dense one) is the 0-removed point of every experiment.
         pts = [
-            (0.0 if model == "dense" else r.fraction(), r.ppl(model), r.accuracy(model), r.name)
+            (0.0 if model == models[0] else r.fraction(), r.ppl(model), r.accuracy(model), r.name)
             for r in rows
             if r.fraction() is not None
         ]
