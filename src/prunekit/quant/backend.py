@@ -61,6 +61,18 @@ class QuantBackend(ABC):
 BACKENDS: Registry[QuantBackend] = Registry("quantization backend")
 
 
+def load_state(module: nn.Module, scheme: Scheme, state: dict[str, torch.Tensor], device: str) -> nn.Module:
+    """``module`` moved to ``device`` and filled from a saved ``state`` (a PrunekitError if it does not fit)."""
+    from prunekit.errors import PrunekitError
+
+    module = module.to(device)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
+    return module
+
+
 def is_quantized(module: nn.Module) -> bool:
     """Whether some backend realised ``module``."""
     return any(b.holds(module) for _, b in BACKENDS.items())

@@ -12,8 +12,7 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
-from prunekit.quant.backend import BACKENDS, QuantBackend
+from prunekit.quant.backend import BACKENDS, QuantBackend, load_state
 from prunekit.quant.schemes import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE, QuantSettings, Scheme
 
 
@@ -65,12 +64,7 @@ class BnbInt8(_Bnb):
         self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings, state: dict[str, torch.Tensor], device: str
     ) -> nn.Module:
         # Moved to the device first (bitsandbytes refuses saved codes in a module it has not quantized).
-        module = self._empty(linear, scheme, settings).to(device)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
-        return module
+        return load_state(self._empty(linear, scheme, settings), scheme, state, device)
 
 
 class Bnb4bit(_Bnb):

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import PrunekitError
-from prunekit.quant.backend import BACKENDS, QuantBackend
+from prunekit.quant.backend import BACKENDS, QuantBackend, load_state
 from prunekit.quant.schemes import QuantSettings, Scheme
 
 
@@ -163,15 +162,6 @@ class Float16Linear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
-def _load_state(module: nn.Module, scheme: Scheme, state: dict[str, torch.Tensor], device: str) -> nn.Module:
-    module = module.to(device)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise PrunekitError(f"saved state of a {scheme.name} module does not fit it: {e}") from e
-    return module
-
-
 class RTNBackend(QuantBackend):
     """Round-to-nearest with ``scheme.bits`` codes, a float16 scale and zero per group of ``group_size`` inputs."""
 
@@ -200,7 +190,7 @@ class RTNBackend(QuantBackend):
     ) -> nn.Module:
         module = RTNLinear(linear.in_features, linear.out_features, scheme.bits, settings.group_size,
                            linear.bias is not None, linear.weight.dtype)  # fmt: skip
-        return _load_state(module, scheme, state, device)
+        return load_state(module, scheme, state, device)
 
 
 class FloatBackend(QuantBackend):
@@ -230,7 +220,7 @@ class FloatBackend(QuantBackend):
     ) -> nn.Module:
         module = Float16Linear(linear.in_features, linear.out_features, getattr(torch, scheme.variant),
                                linear.bias is not None)  # fmt: skip
-        return _load_state(module, scheme, state, device)
+        return load_state(module, scheme, state, device)
 
 
 BACKENDS.register(RTNBackend.name)(RTNBackend())
