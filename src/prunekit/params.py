@@ -258,7 +258,7 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("\n".join(_explain(err) for err in e.errors())) from None
 
 
-def read_params_file(path: str | Path = "params.yaml") -> Any:
+def read_params_file(path: str | Path) -> Any:
     """The YAML contents of a params file, or a :class:`ParamsError` saying why it cannot be read."""
     p = Path(path)
     if not p.is_file():
@@ -272,6 +272,6 @@ def read_params_file(path: str | Path = "params.yaml") -> Any:
         raise ParamsError(f"params file '{p}' is not valid YAML{at}: {problem}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path) -> Params:
     """Read and validate a params file (no registry checks; see prunekit.config.check_choices)."""
     return parse_params(read_params_file(path))

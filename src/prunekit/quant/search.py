@@ -38,8 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.params import SearchParams
 from prunekit.quant.apply import QuantTarget, plan_cost
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 
@@ -267,3 +270,69 @@ def search(
     if not all(math.isfinite(t.loss) for t in result.trials):
         raise PrunekitError("a search trial produced a non-finite loss; the quantized model diverges (check choices)")
     return result
+
+
+@dataclass
+class SearchOutcome:
+    """What the search stage writes: the best plan, every trial, the headline numbers, per-group sensitivity."""
+
+    plan: dict[str, str]
+    trials: list[dict[str, object]]
+    metrics: dict[str, object]
+    sensitivity: list[dict[str, object]]
+
+
+def search_model(
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    held: torch.Tensor,
+    cfg: SearchParams,
+    settings: QuantSettings,
+    seed: int,
+) -> SearchOutcome:
+    """QPruner's search on a loaded model: the objective is the LM loss of the ``held`` (N, T) windows with every
+    planned weight replaced by its quantize -> dequantize image (images cached when ``cfg.cache_mib`` allows)."""
+    from prunekit.lmloss import lm_loss
+    from prunekit.quant.apply import fake_quantized, quant_targets
+
+    budget = Budget(bits=cfg.budget_bits, bytes=cfg.budget_bytes)
+    device = next(model.parameters()).device
+    targets = quant_targets(model, adapter)
+    dtype_bytes = next(model.parameters()).element_size()
+    cache_need = sum(t.numel for t in targets) * len(cfg.choices) * dtype_bytes / 2**20
+    cache: dict | None = {} if cache_need <= cfg.cache_mib else None
+    log.info("search: image cache %s (needs %.0f MiB, search.cache_mib %d)",
+             "on" if cache is not None else "off", cache_need, cfg.cache_mib)  # fmt: skip
+
+    @torch.no_grad()
+    def loss_of(plan: Plan) -> float:
+        with fake_quantized(model, plan, settings, cache):
+            total = 0.0
+            for start in range(0, held.shape[0], cfg.batch_size):
+                batch = held[start : start + cfg.batch_size].to(device)
+                total += lm_loss(model, batch).item() * batch.shape[0]
+        return total / held.shape[0]
+
+    space = build_space(targets, cfg.granularity, list(cfg.choices), settings)
+    result = search(space, loss_of, budget, cfg.trials, cfg.random_starts, list(cfg.importance_spreads), seed)
+    best, uniform = result.best(), result.uniform()
+    rows = [t.row(space.labels, space.choices) for t in result.trials]
+    metrics = {
+        "budget": {"bits": cfg.budget_bits, "bytes": cfg.budget_bytes},
+        "best": {
+            "loss": round(best.loss, 6),
+            "avg_bits": round(best.avg_bits, 4),
+            "bytes": best.quantized_bytes,
+            "trial": best.trial,
+            "source": best.source,
+        },
+        "uniform": {
+            "loss": round(uniform.loss, 6),
+            "avg_bits": round(uniform.avg_bits, 4),
+            "bytes": uniform.quantized_bytes,
+            "scheme": space.choices[uniform.index[0]],
+        },
+        "trials": len(rows),
+    }
+    sensitivity = [{"group": label, "loss_increase": round(v, 6)} for label, v in zip(space.labels, result.importance)]
+    return SearchOutcome(space.plan(best.index), rows, metrics, sensitivity)
