@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from prunekit.data import load_documents
+from prunekit.data.sources import load_documents
+from prunekit.data.tokens import chunks, random_windows, token_stream
 from prunekit.models.loading import load_model
-from prunekit.params import load_params
-from prunekit.tokens import chunks, random_windows, token_stream
+from prunekit.pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     from common import add_common_args, make_setup
 
-    from prunekit.criteria import CRITERIA, ScoreRequest
     from prunekit.errors import PrunekitError
-    from prunekit.evaluation import perplexity
+    from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
-    from prunekit.params import load_params
-    from prunekit.plan import PlanRequest, make_plan
-    from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
-    from prunekit.units import UNITS
+    from prunekit.pipeline.params import load_params
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.plan import PlanRequest, make_plan
+    from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.pruning.units import UNITS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)

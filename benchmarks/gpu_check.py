@@ -53,15 +53,15 @@ def timed(fn, device: torch.device) -> float:
 
 
 def main() -> None:
-    from prunekit.criteria import CRITERIA, ScoreRequest
-    from prunekit.evaluation import speed
-    from prunekit.lmloss import lm_loss
+    from prunekit.evaluation.speed import speed
     from prunekit.models.adapters import adapter_for
-    from prunekit.plan import PlanRequest, make_plan
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.plan import PlanRequest, make_plan
+    from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
     from prunekit.quant.apply import fake_quantized, lora_custom_modules, quant_targets, realise
     from prunekit.quant.schemes import QuantSettings
-    from prunekit.recovery import LoraSettings, train_lora
-    from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.training.lora import LoraSettings, train_lora
+    from prunekit.training.loss import lm_loss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a Hugging Face model directory (default: random weights of --shape)")

@@ -31,9 +31,9 @@ def main() -> None:
     parser.add_argument("--search-metrics", default=str(ROOT / "metrics/search.json"))
     args = parser.parse_args()
 
-    from prunekit.evaluation import perplexity
+    from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
-    from prunekit.params import load_params
+    from prunekit.pipeline.params import load_params
     from prunekit.quant.apply import plan_cost_of_model, quantized_weight_bytes, read_plan, realise
 
     params = load_params(args.params)

@@ -31,16 +31,16 @@ SCHEDULES = ("oneshot", "iterative", "kshot")  # in the order of the table
 def run_one(args: argparse.Namespace) -> dict[str, float]:
     from common import make_setup
 
-    from prunekit.criteria import CRITERIA, ScoreRequest
-    from prunekit.data import load_documents
-    from prunekit.efficiency import peak_memory_mib, reset_peak_memory
-    from prunekit.evaluation import perplexity
+    from prunekit.data.sources import load_documents
+    from prunekit.data.tokens import chunks, token_stream
+    from prunekit.evaluation.efficiency import peak_memory_mib, reset_peak_memory
+    from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
-    from prunekit.params import load_params
-    from prunekit.recovery import LoraSettings, train_lora
-    from prunekit.schedules import Cut, PruneJob, prune_model
-    from prunekit.slicing import count_params
-    from prunekit.tokens import chunks, token_stream
+    from prunekit.pipeline.params import load_params
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+    from prunekit.pruning.slicing import count_params
+    from prunekit.training.lora import LoraSettings, train_lora
 
     params = load_params(args.params)
     sc = params.schedule

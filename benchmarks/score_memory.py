@@ -45,9 +45,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from common import make_setup
 
-    from prunekit.criteria import CRITERIA, ScoreRequest
     from prunekit.models.loading import load_model
-    from prunekit.params import load_params
+    from prunekit.pipeline.params import load_params
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 
     params = load_params(args.params)
     setup = make_setup(args)
@@ -104,7 +104,7 @@ def main() -> None:
     env = dict(os.environ)
     if not args.glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    from prunekit.params import load_params
+    from prunekit.pipeline.params import load_params
 
     model_dtype = load_params(args.params).model.dtype
     configs = [("param_first", model_dtype), ("lora", model_dtype), ("lora", "bfloat16")]

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from prunekit.errors import PrunekitError
-from prunekit.report import flatten
-from prunekit.runtime import configure_logging, quiet_bad_input
+from prunekit.evaluation.report import flatten
+from prunekit.pipeline.runtime import configure_logging, quiet_bad_input
 
 log = logging.getLogger("prunekit.flows.pipeline")
 
@@ -63,8 +63,8 @@ def profile_overrides(base: dict[str, Any], profile: dict[str, Any], prefix: str
 
 def check_params(repo: Path, overrides: dict[str, str]) -> None:
     """Fail before any work if params.yaml with the overrides is invalid."""
-    from prunekit.config import check_choices
-    from prunekit.params import parse_params, read_params_file
+    from prunekit.pipeline.params import parse_params, read_params_file
+    from prunekit.pipeline.validation import check_choices
 
     raw = read_params_file(repo / "params.yaml") or {}
     check_choices(parse_params(apply_overrides(raw, overrides)))
@@ -81,7 +81,7 @@ def dvc_command(overrides: dict[str, str], experiment: str | None) -> list[str]:
 
 def metrics_rows(repo: Path) -> list[dict[str, Any]]:
     """`dvc metrics show --json` flattened to rows of (file, metric, value)."""
-    from prunekit.report import dvc_json
+    from prunekit.evaluation.report import dvc_json
 
     rows: list[dict[str, Any]] = []
     for rev in (dvc_json(repo, "metrics", "show") or {}).values():
@@ -94,7 +94,7 @@ def metrics_rows(repo: Path) -> list[dict[str, Any]]:
 def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = ".") -> list:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from prunekit.report import build_report, exp_show_json
+    from prunekit.evaluation.report import build_report, exp_show_json
 
     root = Path(repo).resolve()
     overrides = dict(overrides or {})
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             overrides = parse_set(args.set)
             if args.profile:
-                from prunekit.params import read_params_file
+                from prunekit.pipeline.params import read_params_file
 
                 base = read_params_file(Path.cwd() / "params.yaml") or {}
                 overrides = profile_overrides(base, read_params_file(args.profile) or {}) | overrides

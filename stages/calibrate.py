@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from prunekit.fsutil import atomic_file
-    from prunekit.stageio import read_documents
-    from prunekit.tokens import random_windows, token_stream
+    from prunekit.data.tokens import random_windows, token_stream
+    from prunekit.pipeline.files import atomic_file
+    from prunekit.pipeline.stageio import read_documents
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     stream = token_stream(tokenizer, read_documents(Path(args.text), "calibration"))

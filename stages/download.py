@@ -7,18 +7,18 @@ import json
 import logging
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 log = logging.getLogger("prunekit.stages.download")
 
 
 def download_model(params: Params, out: Path) -> None:
-    from prunekit.fsutil import atomic_dir
     from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import load_config
     from prunekit.models.provenance import write_model_record
     from prunekit.models.sources import materialize_model
+    from prunekit.pipeline.files import atomic_dir
 
     with atomic_dir(out) as tmp:
         provenance = materialize_model(params.model.source, tmp)
@@ -27,8 +27,8 @@ def download_model(params: Params, out: Path) -> None:
 
 
 def download_data(params: Params, out: Path) -> None:
-    from prunekit.data import ROLES, load_documents
-    from prunekit.fsutil import atomic_dir
+    from prunekit.data.sources import ROLES, load_documents
+    from prunekit.pipeline.files import atomic_dir
 
     with atomic_dir(out) as tmp:
         for role in ROLES:

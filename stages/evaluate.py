@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
-    from prunekit.data import data_name
-    from prunekit.evaluation import evaluate_model
-    from prunekit.fsutil import read_json, write_json
+    from prunekit.data.sources import data_name
+    from prunekit.evaluation.run import evaluate_model
     from prunekit.models.adapters import adapter_for
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
+    from prunekit.pipeline.files import read_json, write_json
+    from prunekit.pipeline.stageio import read_documents
+    from prunekit.pruning.slicing import count_params, weight_bytes
     from prunekit.quant.apply import (
         is_quantized_dir,
         load_quantized,
@@ -23,8 +25,6 @@ def body(params: Params, args: argparse.Namespace) -> None:
         plan_cost_of_model,
         quantized_weight_bytes,
     )
-    from prunekit.slicing import count_params, weight_bytes
-    from prunekit.stageio import read_documents
 
     m = params.model
     quantized = is_quantized_dir(args.model)
@@ -44,7 +44,9 @@ def body(params: Params, args: argparse.Namespace) -> None:
         if args.dense_metrics:
             dense = read_json(args.dense_metrics, "dense model metrics")
             out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
-    out |= evaluate_model(model, tokenizer, adapter, params, rows, data_name(params.data.evaluation))
+    out |= evaluate_model(
+        model, tokenizer, adapter, params.evaluate, params.seed, rows, data_name(params.data.evaluation)
+    )
     out["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
     write_json(args.out, out)
 

@@ -6,18 +6,18 @@ import argparse
 import shutil
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
-    from prunekit.fsutil import atomic_dir, write_json
+    from prunekit.data.tokens import chunks, token_stream
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import write_model_record
-    from prunekit.schedules import SCHEDULES, Cut, PruneJob, digest, fingerprint, prune_model, split_scores
-    from prunekit.slicing import save_model
-    from prunekit.stageio import read_documents, read_tensors
-    from prunekit.tokens import chunks, token_stream
+    from prunekit.pipeline.files import atomic_dir, write_json
+    from prunekit.pipeline.stageio import read_documents, read_tensors
+    from prunekit.pruning.schedules import SCHEDULES, Cut, PruneJob, digest, fingerprint, prune_model, split_scores
+    from prunekit.pruning.slicing import save_model
 
     p, m = params.prune, params.model
     trains = SCHEDULES.get(p.schedule).trains  # a schedule that trains runs on model.device and checkpoints

@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
-    from prunekit.fsutil import write_json
+    from prunekit.data.tokens import chunks, token_stream
+    from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
-    from prunekit.plots import line_plot
+    from prunekit.pipeline.files import write_json
+    from prunekit.pipeline.stageio import read_documents
     from prunekit.quant.apply import check_plan, lora_custom_modules, quant_targets, read_plan, realise, save_quantized
     from prunekit.quant.schemes import QuantSettings
-    from prunekit.recovery import LoraSettings, train_lora
-    from prunekit.stageio import read_documents
-    from prunekit.tokens import chunks, token_stream
+    from prunekit.training.lora import LoraSettings, train_lora
 
     q, m = params.quantize, params.model
     plan, _, _ = read_plan(Path(args.plan))

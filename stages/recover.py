@@ -6,19 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
-    from prunekit.fsutil import atomic_dir, write_json
+    from prunekit.data.tokens import chunks, token_stream
+    from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import write_model_record
-    from prunekit.plots import line_plot
-    from prunekit.recovery import LoraSettings, train_lora
-    from prunekit.slicing import save_model
-    from prunekit.stageio import read_documents
-    from prunekit.tokens import chunks, token_stream
+    from prunekit.pipeline.files import atomic_dir, write_json
+    from prunekit.pipeline.stageio import read_documents
+    from prunekit.pruning.slicing import save_model
+    from prunekit.training.lora import LoraSettings, train_lora
 
     r, m = params.recover, params.model
     model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)

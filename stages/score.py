@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
-    from prunekit.criteria import CRITERIA, ScoreRequest
-    from prunekit.criteria.activations import ActivationCriterion
-    from prunekit.fsutil import atomic_file
     from prunekit.models.loading import load_model
-    from prunekit.stageio import read_tensors
+    from prunekit.pipeline.files import atomic_file
+    from prunekit.pipeline.stageio import read_tensors
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.criteria.activations import ActivationCriterion
 
     m = params.model
     # A criterion without base-weight gradients may score on a lower-precision frozen base (score.base_dtype).

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def body(params: Params, args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from prunekit.fsutil import write_json
+    from prunekit.data.tokens import random_windows, token_stream
+    from prunekit.evaluation.plots import scatter_plot
     from prunekit.models.loading import load_model
-    from prunekit.plots import scatter_plot
+    from prunekit.pipeline.files import write_json
+    from prunekit.pipeline.stageio import read_documents
     from prunekit.quant.schemes import QuantSettings
     from prunekit.quant.search import search_model
-    from prunekit.stageio import read_documents
-    from prunekit.tokens import random_windows, token_stream
 
     s, q, m = params.search, params.quantize, params.model
     model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.params import Params
-from prunekit.runtime import exit_after, run_stage
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
 
 STAMP = "params.yaml is valid\n"  # constant: downstream stages see the same dependency after every valid change
 
 
 def body(params: Params, out: Path) -> None:
-    from prunekit.fsutil import atomic_file
+    from prunekit.pipeline.files import atomic_file
 
     with atomic_file(out) as tmp:
         tmp.write_text(STAMP)

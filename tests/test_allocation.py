@@ -11,8 +11,8 @@ from test_pruning import smollm2_shaped
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
-from prunekit.plan import ALLOCATIONS, PlanRequest, UnitLayout, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
+from prunekit.pruning.plan import ALLOCATIONS, PlanRequest, UnitLayout, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
 
 ALLOCATION_NAMES = ["uniform", "global", "global_weighted"]
 

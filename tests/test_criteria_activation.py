@@ -19,15 +19,15 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from prunekit.compensation import compensate
-from prunekit.criteria import CRITERIA, ScoreRequest
-from prunekit.criteria.activations import collect_input_stats
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
-from prunekit.params import parse_params
-from prunekit.plan import Plan
-from prunekit.slicing import apply_plan, count_params, save_model
-from prunekit.units import UNITS
+from prunekit.pipeline.params import parse_params
+from prunekit.pruning.compensation import compensate
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.criteria.activations import collect_input_stats
+from prunekit.pruning.plan import Plan
+from prunekit.pruning.slicing import apply_plan, count_params, save_model
+from prunekit.pruning.units import UNITS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, KV, HD = 8, 4, 8  # tiny model: 8 query heads, 4 k/v heads, head_dim 8
@@ -132,7 +132,7 @@ def test_criterion_equals_formula(name: str) -> None:
 
 def test_channel_stats_streamed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Uneven updates split into row chunks give the all-at-once mean, sample variance and L2 norm."""
-    from prunekit.criteria import activations
+    from prunekit.pruning.criteria import activations
 
     monkeypatch.setattr(activations, "CHUNK_VALUES", 100)  # 100 // 24 = 4 rows per chunk
     x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(0)) + 3.0

@@ -29,11 +29,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from prunekit.criteria import CRITERIA, ScoreRequest
-from prunekit.criteria.bip import BIPCriterion, activation_lipschitz
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.adapters import adapter_for
-from prunekit.units import UNITS
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.criteria.bip import BIPCriterion, activation_lipschitz
+from prunekit.pruning.units import UNITS
 
 HD = 8  # tiny model head_dim
 ATTN = ("attn_kv_group", "attn_query_head")

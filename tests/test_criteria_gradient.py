@@ -15,10 +15,10 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 from test_criteria import _grads_as_model, request, unit_slices
 
-from prunekit.criteria import CRITERIA, ScoreRequest
-from prunekit.criteria import lora as lora_module
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.criteria import lora as lora_module
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Rank 4, s = alpha / r = 2, a learning rate large enough that 3 Adam steps make B clearly nonzero.

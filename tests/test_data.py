@@ -1,4 +1,4 @@
-"""Tests for prunekit.data: role splits, local files, hub specs (network faked) and validation."""
+"""Tests for prunekit.data.sources: role splits, local files, hub specs (network faked) and validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import datasets
 import pytest
 
-from prunekit import data
-from prunekit.data import (
+from prunekit.data import sources as data
+from prunekit.data.sources import (
     CALIBRATION_FRACTION,
     DATA_SOURCES,
     EVALUATION_FRACTION,

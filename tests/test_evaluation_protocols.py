@@ -11,15 +11,15 @@ import torch
 from conftest import tiny_model
 from test_head_dims import grouped_plan, masked_and_sliced
 
-from prunekit.config import check_choices
-from prunekit.efficiency import efficiency, layer_costs
 from prunekit.errors import ParamsError, PrunekitError
+from prunekit.evaluation.datasets import PPL_DATASETS, PplText, metric_name, perplexity_table, read_local_rows
+from prunekit.evaluation.efficiency import efficiency, layer_costs
+from prunekit.evaluation.report import build_report, changed_params, parse_exp_show
+from prunekit.evaluation.zeroshot import HUB_TASKS, LOCAL_FORMATS, auto_mc_rows, zero_shot
 from prunekit.models.adapters import adapter_for
 from prunekit.models.compat import cache_of
-from prunekit.params import parse_params
-from prunekit.protocols import PPL_DATASETS, PplText, metric_name, perplexity_table, read_local_rows
-from prunekit.report import build_report, changed_params, parse_exp_show
-from prunekit.zeroshot import HUB_TASKS, LOCAL_FORMATS, auto_mc_rows, zero_shot
+from prunekit.pipeline.params import parse_params
+from prunekit.pipeline.validation import check_choices
 
 DATA = Path(__file__).parent / "data"
 
@@ -101,7 +101,7 @@ def test_agrees_with_lm_eval_rolling_loglikelihood_up_to_chunk_boundaries(tokeni
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from prunekit.evaluation import perplexity
+    from prunekit.evaluation.perplexity import perplexity
 
     model = tiny_model(vocab_size=len(tokenizer))
     seq_len = 24

@@ -11,20 +11,20 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from prunekit.config import check_choices
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.models.adapters import adapter_for
-from prunekit.params import parse_params
-from prunekit.plan import PlanRequest, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts
-from prunekit.units import UNITS
+from prunekit.pipeline.params import parse_params
+from prunekit.pipeline.validation import check_choices
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import PlanRequest, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.units import UNITS
 
 TOY_CRITERION = '''
 """A toy criterion: the sum over a unit's weights of w^4 (a magnitude that favours large weights)."""
 
 import torch
 
-from prunekit.criteria.base import CRITERIA, Criterion, reduce_elementwise
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, reduce_elementwise
 
 
 class L4(Criterion):
@@ -41,7 +41,7 @@ CRITERIA.register(L4.name)(L4())
 TOY_UNIT = '''
 """A toy unit type: two neighbouring MLP channels removed together (gate/up rows 2i, 2i+1, down columns)."""
 
-from prunekit.units.base import UNITS, Member, UnitType
+from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 
 class MLPPair(UnitType):

@@ -11,7 +11,7 @@ from test_pruning import WIDTH_UNITS, assert_generate_matches, logits, random_pl
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prunekit.models.adapters import ADAPTERS, adapter_for
-from prunekit.slicing import apply_plan, save_model
+from prunekit.pruning.slicing import apply_plan, save_model
 
 SIZES = dict(
     vocab_size=160,

@@ -21,13 +21,13 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from packaging.requirements import Requirement
 
-from prunekit.config import check_choices
 from prunekit.errors import ParamsError, PrunekitError
-from prunekit.fsutil import atomic_dir
+from prunekit.evaluation.summary import model_rows, summary_table
 from prunekit.models.loading import load_model
-from prunekit.params import parse_params
-from prunekit.slicing import save_model
-from prunekit.summary import model_rows, summary_table
+from prunekit.pipeline.files import atomic_dir
+from prunekit.pipeline.params import parse_params
+from prunekit.pipeline.validation import check_choices
+from prunekit.pruning.slicing import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def test_a_killed_writer_leaves_nothing_after_the_next_write(tmp_path: Path) -> 
     code = textwrap.dedent(
         f"""
         import sys, time
-        from prunekit.fsutil import atomic_dir
+        from prunekit.pipeline.files import atomic_dir
         with atomic_dir({str(final)!r}) as tmp:
             (tmp / "model.safetensors").write_bytes(b"x" * 1000)
             print(tmp, flush=True)
@@ -336,14 +336,14 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_one_shared_server_is_reused_and_stops_when_idle(fresh_home: Path) -> None:
-    from prunekit.prefect_server import _alive, server_status, shared_api_url, stop_server
+    from prunekit.pipeline.prefect_server import _alive, server_status, shared_api_url, stop_server
 
     url, mine = shared_api_url(idle_s=2.0)
     try:
         first = server_status()
         assert first is not None and first["url"] == url and first["healthy"] and os.getpid() in first["clients"]
         # A second stage, in another process, joins the same server instead of starting one.
-        code = "from prunekit.prefect_server import shared_api_url; print(shared_api_url()[0])"
+        code = "from prunekit.pipeline.prefect_server import shared_api_url; print(shared_api_url()[0])"
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
         assert other.stdout.strip() == url
         assert server_status()["pid"] == first["pid"]
@@ -358,7 +358,7 @@ def test_one_shared_server_is_reused_and_stops_when_idle(fresh_home: Path) -> No
 
 
 def test_a_running_stage_keeps_the_server_and_stop_ends_it(fresh_home: Path) -> None:
-    from prunekit.prefect_server import _alive, server_status, shared_api_url, stop_server
+    from prunekit.pipeline.prefect_server import _alive, server_status, shared_api_url, stop_server
 
     url, mine = shared_api_url(idle_s=1.0)
     status = server_status()
@@ -370,7 +370,7 @@ def test_a_running_stage_keeps_the_server_and_stop_ends_it(fresh_home: Path) -> 
 
 
 def test_a_configured_api_url_is_used_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prunekit.prefect_server import configured_api_url
+    from prunekit.pipeline.prefect_server import configured_api_url
 
     monkeypatch.setenv("PREFECT_API_URL", "http://example.invalid:4200/api")
     assert configured_api_url() == "http://example.invalid:4200/api"

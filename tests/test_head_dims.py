@@ -17,16 +17,16 @@ from test_pruning import assert_generate_matches, logits
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from prunekit.criteria import CRITERIA
-from prunekit.criteria.base import ScoreRequest
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
 from prunekit.models.attention import HeadDimAttention, HeadDimLlamaAttention
 from prunekit.models.compat import cache_of
 from prunekit.models.modeling import PRUNED_CLASSES, check_layer_sizes
-from prunekit.plan import Plan, PlanRequest, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts, save_model
-from prunekit.units import UNITS
+from prunekit.pruning.criteria import CRITERIA
+from prunekit.pruning.criteria.base import ScoreRequest
+from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.pruning.units import UNITS
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 HEAD_DIM_UNITS = ["attn_qk_dim", "attn_vo_dim"]

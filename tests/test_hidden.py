@@ -14,13 +14,13 @@ from test_families import tiny_family
 from test_pruning import assert_generate_matches, logits, save_and_reload
 from transformers import LlamaForCausalLM
 
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ROOT_ATTR, adapter_for
-from prunekit.plan import Plan, PlanRequest, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers
-from prunekit.units import UNITS
-from prunekit.units.hidden import hidden_norms
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+from prunekit.pruning.units import UNITS
+from prunekit.pruning.units.hidden import hidden_norms
 
 D = 48  # hidden size of every tiny model
 HC = "hidden_channel"

@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.errors import PrunekitError
-from prunekit.lmloss import layer_checkpointing, lm_loss
 from prunekit.models.adapters import adapter_for
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.training.loss import layer_checkpointing, lm_loss
 
 
 def _ids(n: int = 3, t: int = 17, seed: int = 1) -> torch.Tensor:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prunekit.config import check_choices
 from prunekit.errors import ParamsError
-from prunekit.params import load_params, parse_params
+from prunekit.pipeline.params import load_params, parse_params
+from prunekit.pipeline.validation import check_choices
 
 ROOT = Path(__file__).resolve().parents[1]
 

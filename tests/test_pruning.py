@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
-from prunekit.plan import Plan, PlanRequest, kept_count, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
-from prunekit.units import UNITS
+from prunekit.pruning.plan import Plan, PlanRequest, kept_count, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
+from prunekit.pruning.units import UNITS
 
 # The unit types whose widths the tests below check by name (per-layer sizes in the saved config).
 WIDTH_UNITS = ["attn_kv_group", "mlp_channel"]

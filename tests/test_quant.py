@@ -26,7 +26,7 @@ from prunekit.quant.apply import (
 from prunekit.quant.rtn import RTNLinear, pack_bits, rtn_dequantize, rtn_quantize, unpack_bits
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 from prunekit.quant.search import Budget, build_space, greedy_index, repair, search, uniform_index
-from prunekit.recovery import LoraSettings, train_lora
+from prunekit.training.lora import LoraSettings, train_lora
 
 ALL = ["int8", "nf4", "fp4", "rtn2", "rtn3", "rtn4", "rtn8", "fp16", "bf16"]
 SETTINGS = QuantSettings(group_size=16)
@@ -277,9 +277,9 @@ def test_list_shows_schemes(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_search_params_errors(search: dict, message: str) -> None:
-    from prunekit.config import check_choices
     from prunekit.errors import ParamsError
-    from prunekit.params import parse_params
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
 
     with pytest.raises(ParamsError) as e:
         check_choices(parse_params({"search": search}))

@@ -20,10 +20,10 @@ import torch
 from test_pruning import assert_generate_matches, logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.models.loading import load_model
-from prunekit.plan import PlanRequest, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import PlanRequest, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
 
 SHIPPED: dict[str, dict] = {
     "Llama-3.2-1B": {

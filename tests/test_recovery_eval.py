@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from prunekit.data.tokens import chunks, random_windows
 from prunekit.errors import PrunekitError
-from prunekit.evaluation import perplexity
-from prunekit.fsutil import atomic_dir, atomic_file
-from prunekit.recovery import LoraSettings, train_lora
-from prunekit.tokens import chunks, random_windows
+from prunekit.evaluation.perplexity import perplexity
+from prunekit.pipeline.files import atomic_dir, atomic_file
+from prunekit.training.lora import LoraSettings, train_lora
 
 
 def settings(**kw) -> LoraSettings:
@@ -119,11 +119,11 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path) -> None:
 
 def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
     from prunekit.cli import main
-    from prunekit.criteria import CRITERIA
     from prunekit.models.adapters import adapter_for
-    from prunekit.plan import Plan
-    from prunekit.slicing import apply_plan, count_params, save_model
-    from prunekit.units import UNITS
+    from prunekit.pruning.criteria import CRITERIA
+    from prunekit.pruning.plan import Plan
+    from prunekit.pruning.slicing import apply_plan, count_params, save_model
+    from prunekit.pruning.units import UNITS
 
     assert main(["list"]) == 0
     listed = capsys.readouterr().out

@@ -13,13 +13,11 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 from test_head_dims import grouped_plan
 
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.errors import PrunekitError
-from prunekit.lmloss import lm_loss
 from prunekit.models.adapters import adapter_for
-from prunekit.plan import PlanRequest
-from prunekit.recovery import LoraSettings
-from prunekit.schedules import (
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import PlanRequest
+from prunekit.pruning.schedules import (
     Cut,
     IterativeSettings,
     KShotSettings,
@@ -30,7 +28,9 @@ from prunekit.schedules import (
     kshot_prune,
     kshot_targets,
 )
-from prunekit.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.training.lora import LoraSettings
+from prunekit.training.loss import lm_loss
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 UNITS = ["attn_kv_group", "mlp_channel"]
@@ -225,7 +225,7 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
     from test_criteria_activation import load_stage
     from transformers import AutoModelForCausalLM
 
-    from prunekit.params import parse_params
+    from prunekit.pipeline.params import parse_params
 
     params = parse_params(
         {
@@ -288,15 +288,15 @@ def test_kshot_plan_numbers_the_dense_model(units: list[str], criterion: str, al
 TOY_SCHEDULE = '''
 """A toy schedule: two equal cuts by the job's scores, rescored in between, no training."""
 
-from prunekit.schedules import SCHEDULES, KeptUnits, PruneJob, PruneResult, Schedule
-from prunekit.slicing import apply_plan, count_params
+from prunekit.pruning.schedules import SCHEDULES, KeptUnits, PruneJob, PruneResult, Schedule
+from prunekit.pruning.slicing import apply_plan, count_params
 
 
 class Halves(Schedule):
     trains = False
 
     def run(self, job: PruneJob) -> PruneResult:
-        from prunekit.criteria import CRITERIA, ScoreRequest
+        from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 
         model, adapter, cut = job.model, job.adapter, job.cut
         original, kept, scores = count_params(model), KeptUnits(model, adapter, cut.units), job.scores
@@ -318,9 +318,9 @@ def test_a_schedule_is_one_module_and_one_registration_line(tmp_path: Path, toke
     """A new schedule registers itself on import; params accept it and the prune step runs it."""
     import importlib.util
 
-    from prunekit.config import check_choices
-    from prunekit.params import parse_params
-    from prunekit.schedules import SCHEDULES, prune_model
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
+    from prunekit.pruning.schedules import SCHEDULES, prune_model
 
     monkeypatch.setattr(SCHEDULES, "_items", dict(SCHEDULES._items))  # the registration ends with the test
     (tmp_path / "toy_schedule.py").write_text(TOY_SCHEDULE)
@@ -338,9 +338,9 @@ def test_a_schedule_is_one_module_and_one_registration_line(tmp_path: Path, toke
 
 
 def test_units_a_criterion_cannot_score_are_refused_with_the_params() -> None:
-    from prunekit.config import check_choices
     from prunekit.errors import ParamsError
-    from prunekit.params import parse_params
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
 
     bad = parse_params({"prune": {"units": ["attn_kv_group", "attn_qk_dim"]}, "score": {"criterion": "activation"}})
     with pytest.raises(
@@ -350,9 +350,9 @@ def test_units_a_criterion_cannot_score_are_refused_with_the_params() -> None:
 
 
 def test_unknown_or_unfit_schedule_is_refused_with_the_key() -> None:
-    from prunekit.config import check_choices
     from prunekit.errors import ParamsError
-    from prunekit.params import parse_params
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
 
     with pytest.raises(ParamsError, match=r"'prune.schedule': Unknown schedule 'kshots'. Did you mean 'kshot'\?"):
         check_choices(parse_params({"prune": {"schedule": "kshots"}}))

@@ -12,12 +12,12 @@ from test_pruning import assert_generate_matches, logits, random_plan, save_and_
 from torch import nn
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from prunekit.criteria import CRITERIA, ScoreRequest
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
-from prunekit.plan import Plan, PlanRequest, make_plan
-from prunekit.slicing import apply_plan, count_params, layouts
-from prunekit.units import UNITS
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.units import UNITS
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 HD = 8  # head_dim of every tiny model

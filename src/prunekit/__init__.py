@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    # Deferred import keeps `import prunekit.params` free of torch until a model is needed.
+    # Deferred import keeps `import prunekit.pipeline.params` free of torch until a model is needed.
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:

@@ -12,14 +12,14 @@ from prunekit.errors import PrunekitError
 
 
 def cmd_list() -> None:
-    from prunekit.criteria import CRITERIA
-    from prunekit.data import describe_sources
+    from prunekit.data.sources import describe_sources
     from prunekit.models.adapters import ADAPTERS
     from prunekit.models.sources import SOURCES
-    from prunekit.plan import ALLOCATIONS
+    from prunekit.pruning.criteria import CRITERIA
+    from prunekit.pruning.plan import ALLOCATIONS
+    from prunekit.pruning.schedules import SCHEDULES
+    from prunekit.pruning.units import UNITS
     from prunekit.quant import SCHEMES
-    from prunekit.schedules import SCHEDULES
-    from prunekit.units import UNITS
 
     def first_line(obj: object) -> str:
         lines = (obj.__doc__ or "").strip().splitlines()
@@ -49,7 +49,7 @@ def cmd_list() -> None:
 def cmd_info(model_dir: str) -> None:
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
-    from prunekit.slicing import count_params, weight_bytes
+    from prunekit.pruning.slicing import count_params, weight_bytes
 
     model, _, adapter = load_model(model_dir)
     cfg = model.config
@@ -69,7 +69,7 @@ def read_dvc_json(saved: str | None, command: str) -> Any:
     import json
     from pathlib import Path
 
-    from prunekit.report import dvc_json
+    from prunekit.evaluation.report import dvc_json
 
     if saved is None:
         return dvc_json(Path.cwd(), *command.split())
@@ -80,13 +80,13 @@ def read_dvc_json(saved: str | None, command: str) -> Any:
 
 
 def cmd_summary(json_path: str | None) -> None:
-    from prunekit.summary import model_rows, summary_table
+    from prunekit.evaluation.summary import model_rows, summary_table
 
     print(summary_table(model_rows(read_dvc_json(json_path, "metrics show"))), end="")
 
 
 def cmd_server(action: str) -> None:
-    from prunekit.prefect_server import server_status, state_dir, stop_server
+    from prunekit.pipeline.prefect_server import server_status, state_dir, stop_server
 
     if action == "stop":
         url = stop_server()
@@ -102,7 +102,7 @@ def cmd_server(action: str) -> None:
 def cmd_report(json_path: str | None, out: str) -> None:
     from pathlib import Path
 
-    from prunekit.report import build_report
+    from prunekit.evaluation.report import build_report
 
     build_report(read_dvc_json(json_path, "exp show"), Path(out))
     print(f"wrote {out} and {Path(out).with_suffix('.png')}")

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.fsutil import atomic_dir, read_json, write_json
 from prunekit.models.adapters import ModelAdapter
+from prunekit.pipeline.files import atomic_dir, read_json, write_json
 from prunekit.quant.backend import is_quantized, lora_custom_modules
 from prunekit.quant.schemes import SCHEMES, QuantSettings, Scheme
 

@@ -42,7 +42,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.params import SearchParams
+from prunekit.pipeline.params import SearchParams
 from prunekit.quant.apply import QuantTarget, plan_cost
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 
@@ -292,8 +292,8 @@ def search_model(
 ) -> SearchOutcome:
     """QPruner's search on a loaded model: the objective is the LM loss of the ``held`` (N, T) windows with every
     planned weight replaced by its quantize -> dequantize image (images cached when ``cfg.cache_mib`` allows)."""
-    from prunekit.lmloss import lm_loss
     from prunekit.quant.apply import fake_quantized, quant_targets
+    from prunekit.training.loss import lm_loss
 
     budget = Budget(bits=cfg.budget_bits, bytes=cfg.budget_bytes)
     device = next(model.parameters()).device

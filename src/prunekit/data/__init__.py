@@ -1,0 +1,1 @@
+"""Text in: data sources by role (calibration, training, evaluation) and their tokens (stages download, calibrate)."""

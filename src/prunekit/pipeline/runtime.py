@@ -1,0 +1,171 @@
+"""What every stage does around its work: logging, params validation, seeding, error exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from prunekit.errors import PrunekitError
+from prunekit.pipeline.params import Params, load_params
+
+log = logging.getLogger("prunekit")
+
+# Set by exit_after: the user's one line is printed when the process ends, after Prefect's own exit handlers
+# (they drain its event and log queues and may warn while doing so), so that it is the last thing on the terminal.
+_last_words: list[str] | None = None
+
+
+def _refuse(message: str) -> int:
+    if _last_words is None:
+        log.error("%s", message)
+    else:
+        _last_words.append(message)
+    return 2
+
+
+def configure_logging() -> None:
+    """INFO logs from prunekit, also captured by Prefect flow runs (PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prunekit")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # prunekit's loggers also log outside flow runs (argument and params errors): not an API matter.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    logging.getLogger("prunekit").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from params' ``seed``."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validated_params(path: str) -> Params:
+    """Load params.yaml and check every registry-backed value; fails before any work."""
+    from prunekit.pipeline.validation import check_choices
+
+    params = load_params(path)
+    check_choices(params)
+    return params
+
+
+class _NoTracebackForBadInput(logging.Filter):
+    """Drop the traceback Prefect's run loggers attach to an exception, when that exception is bad input.
+
+    A :class:`PrunekitError` is a message for the user, printed once by :func:`run_stage`; the flow run still
+    ends Failed with that message in the UI. Other exceptions are bugs and keep their tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, PrunekitError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_bad_input() -> None:
+    """Install the filter on Prefect's run loggers (after Prefect configured its logging)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForBadInput) for f in logger.filters):
+            logger.addFilter(_NoTracebackForBadInput())
+
+
+def set_threads(threads: int | None) -> None:
+    """``runtime.threads``: torch's intra-op threads for this process (None: torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_stage(
+    name: str,
+    parser: argparse.ArgumentParser,
+    body: Callable[[Params, argparse.Namespace], Any],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse arguments, validate params, run ``body`` as a Prefect flow named ``name``; exit code 2 on bad input.
+
+    The flow reports to the configured Prefect API, or to the shared local server
+    (:mod:`prunekit.pipeline.prefect_server`).
+    """
+    configure_logging()
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = validated_params(args.params)
+    except PrunekitError as e:
+        return _refuse(f"{name}: {e}")
+    set_threads(params.runtime.threads)
+    start = time.perf_counter()
+    timing: dict[str, float] = {}
+    registration = None
+    try:
+        from prefect import flow
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from prunekit.pipeline.prefect_server import configured_api_url, shared_api_url
+
+        quiet_bad_input()
+
+        @flow(name=name, validate_parameters=False)
+        def stage_flow(params: Params, args: argparse.Namespace) -> Any:
+            seed_everything(params.seed)
+            t0 = time.perf_counter()
+            try:
+                return body(params, args)
+            finally:
+                timing["body"] = time.perf_counter() - t0
+
+        url = configured_api_url()
+        if not url:
+            url, registration = shared_api_url()
+        with temporary_settings({PREFECT_API_URL: url}):
+            stage_flow(params, args)
+    except PrunekitError as e:
+        return _refuse(f"{name} failed: {e}")
+    finally:
+        if registration is not None:
+            registration.unlink(missing_ok=True)
+    total, work = time.perf_counter() - start, timing["body"]
+    log.info("stage %s done in %.1f s (work %.1f s, Prefect %.1f s)", name, total, work, total - work)
+    return 0
+
+
+def exit_after(main: Callable[[], int]) -> NoReturn:
+    """Run a stage script's ``main`` and exit with its code, skipping the interpreter's teardown.
+
+    Freeing torch's and transformers' modules at exit costs about 2 s per stage process. The handler is
+    registered before ``main`` imports Prefect, so it runs after every other atexit handler (Prefect flushes
+    its logs and events in those), prints a refused input's one line last, and only then ends the process. For
+    scripts only: a process that runs other code after ``main`` (a test session) must keep its own exit.
+    """
+    import atexit
+    import sys
+
+    global _last_words
+    _last_words = []
+    code: list[int] = []
+
+    def leave() -> None:
+        for message in _last_words or ():
+            log.error("%s", message)
+        if code:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(code[0])
+
+    atexit.register(leave)
+    code.append(main())
+    sys.exit(code[0])

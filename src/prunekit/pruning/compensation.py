@@ -1,0 +1,151 @@
+"""FLAP's bias compensation: fold the mean of every removed input channel into the projection's bias.
+
+Source: An et al., "Fluctuation-based Adaptive Structured Pruning for Large Language Models" (FLAP,
+AAAI 2024). For a projection y = W x + b whose input columns R are removed (o_proj: the columns of the
+removed heads; down_proj: the removed intermediate channels), replacing x_R by its calibration mean
+m_R instead of by zero keeps the output's expectation:
+
+    y = W_K x_K + W_R x_R + b  ~=  W_K x_K + (b + W_R m_R)     =>   b' = b + W[:, R] @ m[R]
+
+so the compensated pruned model computes exactly the dense model with the removed channels' inputs
+replaced by their means. The means come from the score stage (``aux.mean.<o_proj|down_proj>.<layer>``,
+written by every activation-based criterion).
+
+Stock Llama has no o_proj / down_proj bias; its config switches ``attention_bias`` (q, k, v and o) and
+``mlp_bias`` (gate, up and down) add them, so the other projections get zero biases: the saved model is
+a plain Llama (or prunekit Llama) config that ``from_pretrained`` reloads exactly. Families whose stock
+modeling code has no such switch (Mistral, Qwen2) are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pruning.criteria.activations import DOWN_PROJ, O_PROJ, layer_geometry, mean_key, projection
+from prunekit.pruning.plan import Plan
+from prunekit.pruning.units import UNITS, unit_indices
+
+log = logging.getLogger(__name__)
+
+# Families whose config can give o_proj and down_proj a bias (``attention_bias`` / ``mlp_bias``).
+BIAS_FAMILIES = ("llama",)
+
+ColumnSpec = Callable[[ModelAdapter, nn.Module], tuple[str, int]]
+
+
+def _kv_group_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
+    hd, heads, kv = layer_geometry(adapter, layer)
+    return O_PROJ, hd * (heads // kv)  # the o_proj columns of the group's n_rep query heads, contiguous
+
+
+def _query_head_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
+    return O_PROJ, layer_geometry(adapter, layer)[0]  # the o_proj columns of one query head
+
+
+def _mlp_channel_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
+    return DOWN_PROJ, 1
+
+
+# Unit type -> (projection whose input columns a unit owns, columns per unit); unit u owns
+# columns [u * width, (u + 1) * width) of that projection's input.
+COMPENSABLE: dict[str, ColumnSpec] = {
+    "attn_kv_group": _kv_group_columns,
+    "attn_query_head": _query_head_columns,
+    "mlp_channel": _mlp_channel_columns,
+}
+
+
+def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict[tuple[str, int], torch.Tensor]:
+    """Input columns of o_proj / down_proj that the plan removes, per (projection, layer) -> sorted indices.
+
+    Every unit type of a plan numbers the dense layer's units, so the columns of several unit types on
+    one projection (query heads and KV groups) are in the same numbering: what goes is their union.
+    """
+    layers = adapter.layers(model)
+    out: dict[tuple[str, int], set[int]] = {}
+    for unit, per_layer in plan.keep.items():
+        spec = COMPENSABLE.get(unit)
+        if spec is None:
+            raise PrunekitError(
+                f"prune.bias_compensation does not support unit type '{unit}' "
+                f"(supported: {', '.join(sorted(COMPENSABLE))}); set prune.bias_compensation: false"
+            )
+        for idx, keep in per_layer.items():
+            layer = layers[idx]
+            role, width = spec(adapter, layer)
+            removed = sorted(set(range(UNITS.get(unit).count(adapter, layer))) - set(keep))
+            if removed:
+                cols = unit_indices(torch.tensor(removed, dtype=torch.long), width).tolist()
+                out.setdefault((role, idx), set()).update(cols)
+    return {key: torch.tensor(sorted(cols), dtype=torch.long) for key, cols in out.items()}
+
+
+def check_family(adapter: ModelAdapter) -> None:
+    """Raise unless the family's stock config can give o_proj / down_proj a bias."""
+    if adapter.family not in BIAS_FAMILIES:
+        raise PrunekitError(
+            f"prune.bias_compensation needs o_proj / down_proj biases, which the stock '{adapter.family}' "
+            f"model cannot hold (supported families: {', '.join(BIAS_FAMILIES)}); set prune.bias_compensation: false"
+        )
+
+
+def add_zero_biases(model: nn.Module, adapter: ModelAdapter) -> int:
+    """Give every q/k/v/o and gate/up/down projection a bias (zeros where it had none); returns how many."""
+    check_family(adapter)
+    added = 0
+    for layer in adapter.layers(model):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        for owner, names in (
+            (attn, (adapter.q, adapter.k, adapter.v, adapter.o)),
+            (mlp, (adapter.gate, adapter.up, adapter.down)),
+        ):
+            for name in names:
+                lin = getattr(owner, name)
+                if lin.bias is None:
+                    w = lin.weight
+                    lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
+                    added += 1
+    # transformers' Llama builds these biases from the config: keep it saying so, for save and reload.
+    model.config.attention_bias = True
+    model.config.mlp_bias = True
+    return added
+
+
+@torch.no_grad()
+def compensate(model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]) -> None:
+    """b += W[:, removed] @ mean_x[removed] on o_proj / down_proj of every layer the plan prunes, in place.
+
+    Call before slicing (the removed columns are still there). ``means`` maps ``aux.mean.<proj>.<layer>``
+    to the (in_features,) input channel means, as the score stage saves them; extra keys are ignored.
+    """
+    check_family(adapter)
+    layers = adapter.layers(model)
+    deltas: dict[tuple[str, int], torch.Tensor] = {}
+    # Everything is checked before the model changes, so an error leaves it untouched.
+    for (role, idx), cols in removed_columns(model, adapter, plan).items():
+        key = mean_key(role, idx)
+        if key not in means:
+            raise PrunekitError(
+                f"prune.bias_compensation needs the mean activations of the o_proj / down_proj inputs, but the "
+                f"scores lack '{key}': rescore with an activation-based criterion (activation, flap, wanda_sp)"
+            )
+        proj = projection(adapter, layers[idx], role)
+        mean = means[key].to(proj.weight.device, torch.float64)
+        if mean.shape != (proj.in_features,):
+            raise PrunekitError(
+                f"'{key}' has shape {tuple(mean.shape)}, but {role} of layer {idx} has {proj.in_features} inputs; "
+                "rerun the score stage for this model"
+            )
+        cols = cols.to(proj.weight.device)
+        deltas[(role, idx)] = proj.weight.detach().to(torch.float64)[:, cols] @ mean[cols]
+    add_zero_biases(model, adapter)
+    for (role, idx), delta in deltas.items():
+        bias = projection(adapter, layers[idx], role).bias
+        bias += delta.to(bias.dtype)
+    log.info("bias compensation: folded removed-channel means into %d o_proj / down_proj biases", len(deltas))

@@ -1,0 +1,269 @@
+"""Streaming statistics of the inputs of o_proj and down_proj, and the base of criteria built on them.
+
+The inputs of ``o_proj`` (the per-head attention outputs, concatenated: head ``h`` owns columns
+``[h * head_dim, (h + 1) * head_dim)``) and of ``down_proj`` (``act(gate(x)) * up(x)``) are the
+"transitional activations" of TransAct and the "input features" of FLAP and Wanda-sp. One forward pass
+over the calibration windows collects, per input channel j and over all N*T tokens t (float64):
+
+    n = N * T,   S_j = sum_t x_tj,   Q_j = sum_t x_tj^2
+    mean_j = S_j / n
+    var_j  = (Q_j - S_j^2 / n) / (n - 1)        (sample variance: FLAP's "fluctuation")
+    ||X_j||_2 = sqrt(Q_j)                        (L2 norm over tokens and samples)
+
+Memory is O(channels) per projection: activations are reduced in the hook and never stored. The
+sum-of-squares form of the variance loses digits only when |mean_j| / std_j approaches 1e8 (float64),
+far outside what these activations show.
+
+Criteria on these statistics subclass :class:`ActivationCriterion`: they give a per-channel score for
+each projection's input, and a small per-unit-type table of reductions turns channel scores into unit
+scores. They also return the channel means (``aux.mean.<proj>.<layer>``) that FLAP's bias
+compensation (:mod:`prunekit.pruning.compensation`) folds into the projection's bias at prune time.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pruning.criteria.base import Criterion, ScoreRequest, Scores
+from prunekit.pruning.units import UNITS
+
+log = logging.getLogger(__name__)
+
+# Roles of the two projections whose inputs are observed; also the names used in ``aux.mean.*`` keys.
+O_PROJ, DOWN_PROJ = "o_proj", "down_proj"
+ROLES = (O_PROJ, DOWN_PROJ)
+AUX_MEAN_PREFIX = "aux.mean."
+# Values converted to float64 at a time by ChannelStats.update (128 MiB).
+CHUNK_VALUES = 1 << 24
+
+
+def mean_key(role: str, layer: int) -> str:
+    """Key of the channel means of ``role``'s input in layer ``layer`` in a scores file."""
+    return f"{AUX_MEAN_PREFIX}{role}.{layer}"
+
+
+def projection(adapter: ModelAdapter, layer: nn.Module, role: str) -> nn.Linear:
+    """The ``o_proj`` or ``down_proj`` module of ``layer``."""
+    if role == O_PROJ:
+        return getattr(adapter.attention(layer), adapter.o)
+    if role == DOWN_PROJ:
+        return getattr(adapter.mlp(layer), adapter.down)
+    raise ValueError(f"unknown projection role {role!r}; expected one of {ROLES}")
+
+
+@dataclass
+class ChannelStats:
+    """Running count, sum and sum of squares of each input channel (float64)."""
+
+    count: int = 0
+    sum: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (..., channels) to the statistics."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.sum is None:
+            # Allocated lazily on the activation's device: with device_map="auto" layers sit on different GPUs.
+            self.sum = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            self.sumsq = torch.zeros_like(self.sum)
+        self.count += x.shape[0]
+        # Row chunks bound the float64 copy (a 7B model's down_proj input is ~10^8 values per batch).
+        for rows in x.split(max(1, CHUNK_VALUES // x.shape[-1])):
+            rows = rows.to(torch.float64)
+            self.sum += rows.sum(dim=0)
+            self.sumsq += rows.square().sum(dim=0)
+
+    def _checked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sum is None or self.sumsq is None or self.count == 0:
+            raise RuntimeError("no activations were recorded; did the forward pass reach this projection?")
+        return self.sum, self.sumsq
+
+    @property
+    def mean(self) -> torch.Tensor:
+        s, _ = self._checked()
+        return s / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance (denominator n - 1) over all tokens; 0 for a single token."""
+        s, q = self._checked()
+        if self.count < 2:
+            return torch.zeros_like(s)
+        return ((q - s.square() / self.count) / (self.count - 1)).clamp_min(0.0)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """L2 norm of each channel over all tokens and samples."""
+        _, q = self._checked()
+        return q.sqrt()
+
+    def to_cpu(self) -> ChannelStats:
+        s, q = self._checked()
+        return ChannelStats(self.count, s.cpu(), q.cpu())
+
+
+@contextmanager
+def input_stats_hooks(
+    model: nn.Module, adapter: ModelAdapter, layers: list[int]
+) -> Iterator[dict[tuple[str, int], ChannelStats]]:
+    """Forward pre-hooks that stream the inputs of o_proj / down_proj of ``layers`` into ChannelStats.
+
+    The hooks are removed on exit, also when the body raises.
+    """
+    decoder_layers = adapter.layers(model)
+    stats: dict[tuple[str, int], ChannelStats] = {}
+    handles = []
+
+    def hook_for(acc: ChannelStats) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            acc.update(args[0])
+
+        return hook
+
+    try:
+        for idx in layers:
+            for role in ROLES:
+                acc = stats[(role, idx)] = ChannelStats()
+                proj = projection(adapter, decoder_layers[idx], role)
+                handles.append(proj.register_forward_pre_hook(hook_for(acc)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module, adapter: ModelAdapter, layers: list[int], calibration: torch.Tensor, batch_size: int
+) -> dict[tuple[str, int], ChannelStats]:
+    """Statistics of the o_proj / down_proj inputs of ``layers`` over all calibration tokens (on the CPU).
+
+    Runs only the decoder (no LM head: its logits are not needed) in eval mode, without a KV cache.
+    """
+    decoder = model.get_decoder()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the statistics of the deterministic model
+    try:
+        with input_stats_hooks(model, adapter, layers) as stats:
+            for start in tqdm(range(0, calibration.shape[0], batch_size), desc="activations", unit="batch"):
+                decoder(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return {key: s.to_cpu() for key, s in stats.items()}
+
+
+@dataclass(frozen=True)
+class LayerChannels:
+    """Per-input-channel scores of one layer's o_proj and down_proj, with the attention geometry."""
+
+    o: torch.Tensor  # (num_heads * head_dim,): column h * head_dim + d is dim d of query head h
+    down: torch.Tensor  # (intermediate_size,)
+    head_dim: int  # o_proj columns per query head (the value head width)
+    num_heads: int
+    num_kv_heads: int
+
+
+Reduction = Callable[[LayerChannels], torch.Tensor]
+
+
+def sum_per_kv_group(ch: LayerChannels) -> torch.Tensor:
+    """A KV group owns the o_proj columns of its n_rep query heads (contiguous): sum their channel scores."""
+    return ch.o.reshape(ch.num_kv_heads, -1).sum(dim=1)
+
+
+def sum_per_query_head(ch: LayerChannels) -> torch.Tensor:
+    """A query head owns head_dim contiguous o_proj columns: sum their channel scores."""
+    return ch.o.reshape(ch.num_heads, ch.head_dim).sum(dim=1)
+
+
+def per_mlp_channel(ch: LayerChannels) -> torch.Tensor:
+    """An MLP channel owns one down_proj column: its channel score."""
+    return ch.down.clone()
+
+
+# Unit type -> reduction of channel scores to unit scores, for criteria that add channel scores up.
+SUM_REDUCTIONS: Mapping[str, Reduction] = {
+    "attn_kv_group": sum_per_kv_group,
+    "attn_query_head": sum_per_query_head,
+    "mlp_channel": per_mlp_channel,
+}
+
+
+def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, int]:
+    """(o_proj columns per query head, query heads, k/v heads) of ``layer``, true after slicing too.
+
+    The k/v head count comes from the ``attn_kv_group`` unit type and the query heads per k/v head from
+    the attention module (``num_key_value_groups``, kept current by the adapter), so the per-head width
+    is read off o_proj: it is the value head width, which may differ from the q/k head width once head
+    dims are pruned.
+    """
+    attn = adapter.attention(layer)
+    kv = UNITS.get("attn_kv_group").count(adapter, layer)
+    heads = kv * int(attn.num_key_value_groups)
+    return projection(adapter, layer, O_PROJ).in_features // heads, heads, kv
+
+
+class ActivationCriterion(Criterion):
+    """A criterion computed from one forward pass of o_proj / down_proj input statistics.
+
+    Subclasses define :meth:`channel_scores` (one score per input channel of a projection) and may
+    replace ``reductions`` (unit type -> channel-to-unit reduction).
+    """
+
+    reductions: ClassVar[Mapping[str, Reduction]] = SUM_REDUCTIONS
+
+    @abstractmethod
+    def channel_scores(self, stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:
+        """Score of each input channel j of a projection with float64 ``weight`` (out, in) -> (in,)."""
+
+    def check_units(self, units: list[str]) -> None:
+        """Fail before the forward pass on a unit type this criterion has no reduction for."""
+        for unit in units:
+            if unit not in self.reductions:
+                raise PrunekitError(
+                    f"criterion '{self.name}' does not support unit type '{unit}' "
+                    f"(supported: {', '.join(sorted(self.reductions))})"
+                )
+
+    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+        return self.score_with_aux(model, adapter, req)[0]
+
+    def score_with_aux(
+        self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest
+    ) -> tuple[Scores, dict[str, torch.Tensor]]:
+        """(scores, aux): aux holds the input channel means, ``aux.mean.<o_proj|down_proj>.<layer>`` (float64)."""
+        self.check_units(req.units)
+        stats = collect_input_stats(model, adapter, req.layers, req.calibration, req.batch_size)
+        layers = adapter.layers(model)
+        scores: Scores = {}
+        aux: dict[str, torch.Tensor] = {}
+        for idx in req.layers:
+            layer = layers[idx]
+            hd, heads, kv = layer_geometry(adapter, layer)
+            per_role = {}
+            for role in ROLES:
+                w = projection(adapter, layer, role).weight.detach().to("cpu", torch.float64)
+                per_role[role] = self.channel_scores(stats[(role, idx)], w)
+                aux[mean_key(role, idx)] = stats[(role, idx)].mean
+            ch = LayerChannels(per_role[O_PROJ], per_role[DOWN_PROJ], hd, heads, kv)
+            for unit in req.units:
+                s = self.reductions[unit](ch).to(torch.float64)
+                expected = UNITS.get(unit).count(adapter, layer)
+                if s.shape != (expected,):
+                    raise RuntimeError(
+                        f"{self.name}: {unit} of layer {idx} got {tuple(s.shape)} scores, not {expected}"
+                    )
+                scores[f"{unit}.{idx}"] = s
+        return scores, aux

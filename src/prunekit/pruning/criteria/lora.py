@@ -1,0 +1,224 @@
+"""LoRAPrune's criterion ``lora``: importance from LoRA gradients, never from the frozen weights' gradients.
+
+Source: Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning"
+(Findings of ACL 2024), and its public code (``compute_sensitivity`` in ``loraprune/utils.py``).
+
+One-shot form: fresh LoRA adapters (peft, rank r, alpha, dropout 0) are attached to the target modules of
+the requested layers; every base parameter has ``requires_grad=False`` for the whole scoring, so the
+backward passes store gradients for the adapters only (r * (in + out) numbers per module instead of
+in * out: that is the memory saving; it lowers the peak only where weight gradients outweigh the saved
+activations, i.e. large models or small calibration batches). After ``lora_steps`` Adam steps on the
+calibration windows (each one forward and backward pass of a batch, as costly as ``param_first``'s), the
+gradients G_A, G_B of the mean LM loss over all calibration windows are accumulated and, per module,
+
+    G_hat = s * (G_B @ A + B @ G_A - eta * G_B @ G_A)          (estimated gradient of the merged weight)
+    I     = |G_hat * (W + s * B @ A)|                          (element importance)
+
+summed over each unit's weight slices. The adapters are removed without merging: the model comes back
+with the same modules, weights, ``requires_grad`` flags and ``.grad`` it had.
+
+Derivation. With the merged weight W' = W + s * B @ A (s = alpha / r) and G = dL/dW', the chain rule
+gives G_B = dL/dB = s * G @ A^T and G_A = dL/dA = s * B^T @ G. One SGD step of learning rate eta on
+(A, B) changes the merged weight by
+    dW' = s * [(B - eta*G_B) @ (A - eta*G_A) - B @ A] = -eta * s * (G_B @ A + B @ G_A - eta * G_B @ G_A),
+so the gradient that would move W' the same way is G_hat = -dW'/eta, the formula above. Substituting,
+    G_hat = s^2 * (G @ A^T @ A + B @ B^T @ G) - eta * s^3 * G @ A^T @ B^T @ G:
+the true gradient projected on A's row space and B's column space (rank <= 2r), plus a term of second
+order in G. LoRAPrune writes ``G_B @ A + B @ G_A - G_B @ G_A``, i.e. eta = 1 and without the factor s
+(every module shares s, so it changes no ranking); we keep the derivation's eta = ``lora_lr``, which makes
+the second-order term as small as the paper says it is. At initialisation B = 0, so G_A = 0 and G_hat is
+s^2 * G @ A^T @ A alone: hence the default of a few training steps (``lora_steps``).
+
+Choices (the public record does not settle them for a one-shot score):
+* no per-module normalisation and no moving average: LoRAPrune's code L2-normalises each module's
+  vector and smooths 0.9 / 0.1 over its pruning iterations; a single scoring has no iterations.
+* adapters only on the requested layers (LoRAPrune adapts every layer because it fine-tunes as it prunes).
+* every weight member of a requested unit must belong to a LoRA target module, else
+  :class:`~prunekit.errors.PrunekitError` names the missing ones. Bias members (Qwen2's q/k/v biases)
+  contribute 0: LoRA has no bias factor, and LoRAPrune's code scores weight matrices only.
+* the adapters (and G_hat) are float32 whatever the base dtype (peft's default).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pipeline.params import ScoreParams
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
+from prunekit.pruning.criteria.taylor import accumulate_lm_gradients, gradient_scope
+from prunekit.pruning.units import UNITS
+from prunekit.training.loss import layer_checkpointing, lm_loss
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"  # peft's adapter name
+
+
+def lora_gradient_estimate(
+    a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, scaling: float, lr: float
+) -> torch.Tensor:
+    """G_hat = s * (G_B @ A + B @ G_A - eta * G_B @ G_A): the merged weight's gradient from LoRA's (see module doc)."""
+    return scaling * (grad_b @ a + b @ grad_a - lr * (grad_b @ grad_a))
+
+
+def missing_targets(adapter: ModelAdapter, layer: nn.Module, units: list[str], targets: list[str]) -> list[str]:
+    """Weight members of ``units`` in ``layer`` whose module is not a LoRA target (paths, sorted)."""
+    missing = set()
+    for unit in units:
+        for m in UNITS.get(unit).members(adapter, layer):
+            module_path, _, attr = m.path.rpartition(".")
+            if attr == "weight" and module_path.rsplit(".", 1)[-1] not in targets:
+                missing.add(module_path)
+    return sorted(missing)
+
+
+@contextmanager
+def attached_lora(model: nn.Module, req: ScoreRequest, cfg: ScoreParams) -> Iterator[PeftModel]:
+    """Fresh LoRA adapters on ``cfg.lora_target_modules`` of the requested layers, seeded by ``req.seed``.
+
+    On exit the adapters are unloaded without merging and every ``requires_grad`` flag is restored
+    (peft freezes the base model when it attaches adapters).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from prunekit.rng import seeded
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,  # dL/dB = s * G @ A^T holds exactly only without dropout
+        target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=list(req.layers),
+        bias="none",
+    )
+    # Seed A's random init without disturbing the caller's random stream (peft initialises on the CPU).
+    with seeded(req.seed):
+        peft_model = get_peft_model(model, config)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def train_adapters(peft_model: nn.Module, params: list[nn.Parameter], req: ScoreRequest, cfg: ScoreParams) -> None:
+    """``cfg.lora_steps`` Adam steps (lr ``cfg.lora_lr``); step k uses batch k mod n_batches of the windows."""
+    if cfg.lora_steps == 0:
+        return
+    opt = torch.optim.Adam(params, lr=cfg.lora_lr)
+    device = next(peft_model.parameters()).device
+    starts = list(range(0, req.calibration.shape[0], req.batch_size))
+    losses = []
+    for step in tqdm(range(cfg.lora_steps), desc="LoRA steps", unit="step"):
+        start = starts[step % len(starts)]
+        batch = req.calibration[start : start + req.batch_size].to(device)
+        loss = lm_loss(peft_model, batch)
+        if not torch.isfinite(loss):
+            raise PrunekitError(f"LoRA scoring loss became {loss.item()} at step {step}; lower score.lora_lr")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    if losses:
+        log.info("lora: %d adapter steps, batch loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One target module's adapter after training: A (r x in), B (out x r), their gradients, and s."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    scaling: float
+
+
+def collect_factors(model: nn.Module) -> dict[nn.Parameter, LoraFactors]:
+    """The adapters of every peft LoRA Linear in ``model``, keyed by the base weight they adapt.
+
+    The factors are small (r * (in + out) each): keeping them lets the adapters go before the
+    weight-sized importances are built, one layer at a time.
+    """
+    out: dict[nn.Parameter, LoraFactors] = {}
+    for module in model.modules():
+        if ADAPTER in getattr(module, "lora_A", {}):
+            a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+            out[module.get_base_layer().weight] = LoraFactors(
+                a.detach(), b.detach(), a.grad, b.grad, module.scaling[ADAPTER]
+            )
+    return out
+
+
+def element_importance(w: torch.Tensor, f: LoraFactors, lr: float) -> torch.Tensor:
+    """|G_hat * (W + s * B @ A)| for one adapted weight, float32, shaped like W."""
+    g_hat = lora_gradient_estimate(f.a, f.b, f.grad_a, f.grad_b, f.scaling, lr)
+    return (g_hat * (w.detach().float() + f.scaling * (f.b @ f.a))).abs()
+
+
+class LoraCriterion(Criterion):
+    """LoRAPrune: sum over the unit's weights of |G_hat * (W + s*B@A)|, G_hat from LoRA gradients only."""
+
+    name = "lora"
+
+    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+        cfg = score_settings(dict(req.options))
+        layers = adapter.layers(model)
+        missing = sorted(
+            {p for idx in req.layers for p in missing_targets(adapter, layers[idx], req.units, cfg.lora_target_modules)}
+        )
+        if missing:
+            raise PrunekitError(
+                f"score.criterion 'lora' needs LoRA on every pruned module; score.lora_target_modules "
+                f"{list(cfg.lora_target_modules)} miss {missing}"
+            )
+        was_training = model.training
+        model.eval()  # no dropout anywhere: deterministic loss and gradients
+        try:
+            with attached_lora(model, req, cfg) as peft_model:
+                lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+                # Exactly the adapters train: the base weights are frozen throughout (no gradient memory).
+                with gradient_scope(model, lora_params):
+                    with layer_checkpointing(peft_model, cfg.gradient_checkpointing):
+                        train_adapters(peft_model, lora_params, req, cfg)
+                    for p in lora_params:
+                        p.grad = None
+                    accumulate_lm_gradients(
+                        peft_model,
+                        req.calibration,
+                        req.batch_size,
+                        desc="LoRA gradients",
+                        checkpointing=cfg.gradient_checkpointing,
+                    )
+                    factors = collect_factors(model)
+        finally:
+            model.train(was_training)
+
+        def importance(p: nn.Parameter) -> torch.Tensor:
+            if p in factors:
+                return element_importance(p, factors[p], cfg.lora_lr)
+            if p.dim() == 1:  # a bias member: LoRA has no bias factor (see module doc)
+                return torch.zeros_like(p, dtype=torch.float32)
+            raise RuntimeError(f"lora: a {tuple(p.shape)} weight member got no adapter")  # missing_targets let it by
+
+        # On the restored model, one layer at a time (the member paths are the plain modules' again).
+        with torch.no_grad():
+            return reduce_elementwise(model, adapter, req, importance)
+
+
+CRITERIA.register(LoraCriterion.name)(LoraCriterion())

@@ -1,0 +1,149 @@
+"""The prune step: a schedule cuts a model down to a target and records what it kept.
+
+A schedule (``prune.schedule``) is one module that subclasses :class:`Schedule` and registers an instance in
+:data:`SCHEDULES` in one line. :func:`prune_model` is the library call the prune stage makes: it runs the
+named schedule on a :class:`PruneJob` and returns the smaller model with a plan whose indices number the
+units of the model it was given, whatever the schedule (one cut, masks raised during training, several cuts).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pipeline.params import PruneParams, ScheduleParams
+from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Keys of a scores file that are not scores: side data a criterion records (FLAP's channel means).
+SIDE_PREFIX = "aux."
+
+
+def split_scores(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A scores file's tensors as (scores ``"<unit>.<layer>"``, side data ``"aux.*"``)."""
+    scores = {k: v for k, v in tensors.items() if not k.startswith(SIDE_PREFIX)}
+    return scores, {k: v for k, v in tensors.items() if k.startswith(SIDE_PREFIX)}
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How much to remove and where (``prune.*``), with the criterion whose scores rank the units."""
+
+    target: float
+    units: list[str]
+    allocation: str
+    criterion: str
+    skip_first: int = 0
+    skip_last: int = 0
+    round_to: dict[str, int] = field(default_factory=dict)
+    tolerance: float = 0.01
+    bias_compensation: bool = False
+
+    @classmethod
+    def of(cls, prune: PruneParams, criterion: str) -> Cut:
+        """From the ``prune`` params section and ``score.criterion``."""
+        return cls(prune.target, list(prune.units), prune.allocation, criterion, prune.skip_first, prune.skip_last,
+                   dict(prune.round_to), prune.tolerance, prune.bias_compensation)  # fmt: skip
+
+    def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
+        """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
+        from prunekit.pruning.slicing import prunable_layers
+
+        return prunable_layers(len(adapter.layers(model)), self.skip_first, self.skip_last)
+
+    def request(self, model: nn.Module, adapter: ModelAdapter, fraction: float, original: int) -> PlanRequest:
+        """Cut ``model`` so that ``1 - fraction`` of ``original`` parameters remain (the tolerance is on those too)."""
+        from prunekit.pruning.slicing import count_params, layouts
+
+        lays = layouts(model, adapter, list(self.units), self.layers(model, adapter))
+        current = count_params(model)
+        if current == original:  # the first cut: the fractions as given
+            return PlanRequest(fraction, current, lays, dict(self.round_to), self.tolerance)
+        return PlanRequest.of_original(fraction, original, current, lays, dict(self.round_to), self.tolerance)
+
+    def plan(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Plan:
+        return make_plan(scores, req, self.allocation, criterion=self.criterion)
+
+
+@dataclass
+class PruneJob:
+    """Everything a schedule may need. Training data and calibration tokens are only read by schedules
+    that train or rescore, so they come as loaders."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+    scores: dict[str, torch.Tensor]  # "<unit>.<layer>" -> scores of ``model``'s units (the score stage's)
+    cut: Cut
+    seed: int = 0
+    side: dict[str, torch.Tensor] = field(default_factory=dict)  # "aux.*" side data of the scores
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)  # the schedules' settings and LoRA
+    training_blocks: Callable[[int], torch.Tensor] | None = None  # seq_len -> (N, seq_len) training tokens
+    calibration: Callable[[], torch.Tensor] | None = None  # -> (N, T) tokens for rescoring (kshot)
+    score_batch_size: int = 8
+    score_options: dict[str, Any] = field(default_factory=dict)  # the criterion's settings (``score.*``)
+    state_dir: Path | None = None  # checkpoints of a long schedule (a killed run resumes from them)
+    state_key: str = ""  # fingerprint of the params and inputs a checkpoint belongs to
+
+    def blocks(self, seq_len: int) -> torch.Tensor:
+        if self.training_blocks is None:
+            raise ValueError("this schedule trains LoRA: give the job training_blocks")
+        return self.training_blocks(seq_len)
+
+    def calibration_tokens(self) -> torch.Tensor:
+        if self.calibration is None:
+            raise ValueError("this schedule rescores the model: give the job calibration tokens")
+        return self.calibration()
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module  # the smaller model (physically sliced)
+    plan: Plan  # kept units, numbered as in the job's model; params_after counts the returned model
+    log: list[dict[str, Any]] = field(default_factory=list)  # per step or per shot, for the metrics
+
+
+class Schedule(ABC):
+    """How a model gets from its scores to the target: once, while LoRA trains, or in several shots."""
+
+    name = ""
+    # Whether the schedule trains (LoRA): it then runs on ``model.device``; a one-shot cut slices on the CPU.
+    trains: bool = True
+
+    def problems(self, cut: Cut) -> list[str]:
+        """What in ``cut`` this schedule cannot do, one sentence each naming the params key (params check)."""
+        return []
+
+    @abstractmethod
+    def run(self, job: PruneJob) -> PruneResult:
+        """Cut ``job.model`` to ``job.cut.target``; the returned plan numbers ``job.model``'s units."""
+
+
+SCHEDULES: Registry[Schedule] = Registry("schedule")
+
+
+def prune_model(job: PruneJob, schedule: str) -> PruneResult:
+    """Run the schedule named ``schedule`` on ``job``; ``plan.params_after`` counts what the model holds.
+
+    Bias compensation adds biases the plan does not count (o_proj/down_proj, and zeros on q/k/v/gate/up), so the
+    reported parameters are those of the returned model.
+    """
+    from prunekit.pruning.slicing import count_params
+
+    dense_names = {name for name, _ in job.model.named_parameters()}
+    result = SCHEDULES.get(schedule).run(job)
+    added = sum(t.numel() for name, t in result.model.named_parameters() if name not in dense_names)
+    if added:
+        log.info("bias compensation added %d parameters; the reported fraction counts them", added)
+    result.plan.params_after = count_params(result.model)
+    return result

@@ -1,0 +1,153 @@
+"""Apply a plan to a model: physically (a smaller dense model) or as a mask (zeros, same shapes),
+and save the result so that ``from_pretrained`` loads it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pruning.plan import Plan, UnitLayout
+from prunekit.pruning.units import UNITS
+
+log = logging.getLogger(__name__)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, a tied weight counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters as stored (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prunable_layers(n_layers: int, skip_first: int, skip_last: int) -> list[int]:
+    """Indices of the layers that may be pruned, first and last ones left whole."""
+    if skip_first + skip_last >= n_layers:
+        raise PrunekitError(
+            f"prune.skip_first={skip_first} + prune.skip_last={skip_last} leaves no layer of {n_layers} to prune"
+        )
+    return list(range(skip_first, n_layers - skip_last))
+
+
+def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> list[UnitLayout]:
+    """The unit counts and sizes the planner needs, for the given unit types and layers.
+
+    A model-wide unit type (``hidden_channel``) gets one layout, named by layer 0 (whatever ``layers``), for
+    the whole model. It cannot be combined with other unit types: a removed hidden channel shrinks every
+    projection of every layer, so the parameters two types remove overlap and the planner, which adds
+    removals per type, would miscount.
+    """
+    wide = [name for name in units if UNITS.get(name).model_wide]
+    if wide and len(units) > 1:
+        raise PrunekitError(
+            f"prune.units: {wide[0]} spans the whole model and cannot be planned together with other unit "
+            f"types ({[u for u in units if u != wide[0]]}); prune it alone"
+        )
+    out = [_layout(model, adapter, name, 0) for name in wide]  # model-wide: one layout, named by layer 0
+    out += [_layout(model, adapter, name, idx) for idx in layers for name in units if name not in wide]
+    return out
+
+
+def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
+    ut, layer = UNITS.get(name), adapter.layers(model)[idx]
+    return UnitLayout(
+        name,
+        idx,
+        ut.count(adapter, layer),
+        ut.params_per_unit(adapter, layer),
+        ut.groups(adapter, layer),
+        parent=ut.parent,
+        whole_layer=ut.whole_layer,
+    )
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = "slice") -> nn.Module:
+    """Keep only the plan's units, in place. ``mode="mask"`` zeroes the others instead of removing them.
+
+    Every index in a plan numbers the units of the model the plan was made for (the dense model). Unit
+    types are applied in ascending ``UnitType.order`` so that each type's indices are still valid when its
+    turn comes, whatever the order of ``plan.keep``: units inside a parent unit first (query heads before
+    the KV groups that contain them: every group loses the same query heads, so the KV groups stay whole
+    and keep their numbering), then the other width units, then whole layers (width indices are given per
+    dense layer index; removing layers renumbers them). All indices are checked before anything changes.
+    """
+    if mode not in ("slice", "mask"):
+        raise ValueError(f"mode must be 'slice' or 'mask', got {mode!r}")
+    units = sorted(plan.keep, key=lambda u: (UNITS.get(u).order, u))
+    for unit in units:
+        _check_keep(model, adapter, unit, plan.keep[unit])
+    for unit in units:
+        UNITS.get(unit).apply_model(model, adapter, plan.keep[unit], mode)
+    if mode == "slice":
+        model.config = config_for(model, adapter)
+    return model
+
+
+def _check_keep(model: nn.Module, adapter: ModelAdapter, unit: str, per_layer: dict[int, list[int]]) -> None:
+    """PrunekitError unless ``per_layer`` names existing layers and units and keeps equal counts per group."""
+    ut = UNITS.get(unit)
+    layers = adapter.layers(model)
+    for idx, keep in per_layer.items():
+        if not 0 <= idx < len(layers):
+            raise PrunekitError(f"plan names layer {idx} but the model has {len(layers)} layers")
+        n = ut.count(adapter, layers[idx])
+        if keep and (max(keep) >= n or min(keep) < 0):
+            raise PrunekitError(f"plan keeps {unit} {max(keep)} of layer {idx}, which has only {n}")
+        groups = ut.groups(adapter, layers[idx])
+        if groups > 1:
+            per_group = torch.bincount(torch.tensor(keep, dtype=torch.long) // (n // groups), minlength=groups)
+            if (per_group != per_group[0]).any() or per_group[0] == 0:
+                raise PrunekitError(
+                    f"plan keeps {per_group.tolist()} {unit} units in the {groups} groups of layer {idx}; every "
+                    f"group must keep the same number, at least one (plans from make_plan do)"
+                )
+
+
+def config_for(model: nn.Module, adapter: ModelAdapter) -> Any:
+    """The config describing the model's current widths: stock when uniform and stock accepts it."""
+    sizes = adapter.all_layer_sizes(model)
+    if len(set(sizes)) == 1:
+        try:
+            return adapter.stock_config(model.config, sizes[0])
+        except (ValueError, TypeError, StrictDataclassClassValidationError) as e:
+            # e.g. transformers 5 requires hidden_size % num_attention_heads == 0 in stock Llama.
+            log.info("uniform widths, but the stock config rejects them (%s); saving a prunekit config", e)
+    return adapter.pruned_config(model.config, sizes)
+
+
+def rebuild(model: nn.Module, adapter: ModelAdapter) -> nn.Module:
+    """A fresh instance of the class that ``from_pretrained`` would pick, holding the model's weights."""
+    config = config_for(model, adapter)
+    config._attn_implementation = model.config._attn_implementation
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with init_empty_weights():
+        fresh = cls(config)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
+    tied = {k for k in missing if k == "lm_head.weight" and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"rebuilt model does not match: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    return fresh.to(next(model.parameters()).device).eval()
+
+
+def save_model(model: nn.Module, adapter: ModelAdapter, tokenizer: Any, out_dir: Path) -> None:
+    """Save weights (safetensors), config and tokenizer in ``out_dir``."""
+    from prunekit.models.provenance import make_reproducible
+
+    fresh = rebuild(model, adapter)
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    make_reproducible(out_dir)

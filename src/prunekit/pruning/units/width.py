@@ -1,0 +1,72 @@
+"""The dense-width units of LLM-Pruner: attention KV groups and MLP channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.models.adapters import ModelAdapter
+from prunekit.models.attention import HeadDimAttention
+from prunekit.pruning.units.base import UNITS, Member, UnitType
+
+
+class AttnKVGroup(UnitType):
+    """One key/value head with the query heads that share it (GQA-safe attention head pruning)."""
+
+    name = "attn_kv_group"
+    description = "attention KV group: one k/v head, its query heads, and their o_proj columns"
+
+    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+        attn = adapter.attention(layer)
+        return getattr(attn, adapter.k).out_features // adapter.qk_head_dim(attn)
+
+    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+        attn = adapter.attention(layer)
+        # q/k and v/o head widths differ once head dims are pruned (units/head_dims.py).
+        qk, v = adapter.qk_head_dim(attn), adapter.v_head_dim(attn)
+        n_rep = getattr(attn, adapter.q).out_features // getattr(attn, adapter.k).out_features
+        a = adapter.attn_path
+        out = [
+            Member(f"{a}.{adapter.q}.weight", 0, n_rep * qk),
+            Member(f"{a}.{adapter.k}.weight", 0, qk),
+            Member(f"{a}.{adapter.v}.weight", 0, v),
+            Member(f"{a}.{adapter.o}.weight", 1, n_rep * v),
+        ]
+        # Families with q/k/v biases (Qwen2) slice them with their rows.
+        for proj, width in ((adapter.q, n_rep * qk), (adapter.k, qk), (adapter.v, v)):
+            if getattr(getattr(attn, proj), "bias", None) is not None:
+                out.append(Member(f"{a}.{proj}.bias", 0, width))
+        return out
+
+    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+        super().apply(adapter, layer, keep, mode)
+        attn = adapter.attention(layer)
+        if mode == "slice" and isinstance(attn, HeadDimAttention):
+            attn.keep_kv_heads(keep)  # the kept k/v heads' rotary pairs
+
+
+class MLPChannel(UnitType):
+    """One intermediate channel: a row of gate_proj and up_proj and the matching column of down_proj."""
+
+    name = "mlp_channel"
+    description = "MLP channel: a row of gate_proj and up_proj and a column of down_proj"
+
+    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+        return getattr(adapter.mlp(layer), adapter.gate).out_features
+
+    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+        mlp = adapter.mlp(layer)
+        m = adapter.mlp_path
+        out = [
+            Member(f"{m}.{adapter.gate}.weight", 0, 1),
+            Member(f"{m}.{adapter.up}.weight", 0, 1),
+            Member(f"{m}.{adapter.down}.weight", 1, 1),
+        ]
+        for proj in (adapter.gate, adapter.up):
+            if getattr(getattr(mlp, proj), "bias", None) is not None:
+                out.append(Member(f"{m}.{proj}.bias", 0, 1))
+        return out
+
+
+UNITS.register(AttnKVGroup.name)(AttnKVGroup())
+UNITS.register(MLPChannel.name)(MLPChannel())
