@@ -47,7 +47,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     setup = make_setup(args)
     model, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, args.device)
     docs = load_documents(args.data, "training", text_field=params.data.text_field)
-    blocks = chunks(token_stream(tokenizer, docs), sc.seq_len, "training")
+    blocks = chunks(token_stream(tokenizer, docs), sc.lora.seq_len, "training")
     device = next(model.parameters()).device
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -55,7 +55,8 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     criterion = {"oneshot": "param_first", "iterative": "lora", "kshot": "activation"}[args.schedule]
     cut = dataclasses.replace(Cut.of(params.prune, criterion), target=args.target)
     # Every run trains args.steps LoRA steps in all: after the cut, during it, or split over the shots.
-    schedule = sc.model_copy(update={"iterative_steps": args.steps, "steps_per_shot": args.steps // sc.shots})
+    lora = sc.lora.model_copy(update={"steps": args.steps})
+    schedule = sc.model_copy(update={"lora": lora, "steps_per_shot": args.steps // sc.shots})
     first = {}
     if args.schedule != "iterative":  # the iterative schedule scores from its own training adapters
         req = ScoreRequest(list(cut.units), cut.layers(model, adapter), setup.calibration, params.score.batch_size,
@@ -66,7 +67,9 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
                    score_batch_size=params.score.batch_size, score_options=params.score.model_dump())  # fmt: skip
     model = prune_model(job, args.schedule).model
     if args.schedule == "oneshot":
-        model, _ = train_lora(model, blocks, LoraSettings.from_params(sc, args.steps, params.seed))
+        model, _ = train_lora(
+            model, blocks, LoraSettings.from_params(lora, params.seed, "schedule.lora", warmup_steps=0)
+        )
     seconds = time.perf_counter() - start
     peak, _ = peak_memory_mib(device)
     ppl = perplexity(model, setup.evaluation, params.evaluate.batch_size)["ppl"]

@@ -9,7 +9,9 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def calibrate(params: Params, model_dir: Path, text: Path, out: Path) -> None:
+    """Token windows for scoring: ``calibrate.samples`` random windows of ``calibrate.seq_len`` tokens of the
+    calibration text (``text``/calibration.jsonl), tokenized by ``model_dir``'s tokenizer, saved to ``out``."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -17,19 +19,21 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.pipeline.files import atomic_file
     from prunekit.pipeline.stageio import read_documents
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    stream = token_stream(tokenizer, read_documents(Path(args.text), "calibration"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stream = token_stream(tokenizer, read_documents(text, "calibration"))
     windows = random_windows(stream, params.calibrate.samples, params.calibrate.seq_len, params.seed)
-    with atomic_file(args.out) as tmp:
+    with atomic_file(out) as tmp:
         save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"seed": str(params.seed)})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="model directory (for its tokenizer)")
-    parser.add_argument("--text", required=True, help="directory of <role>.jsonl texts")
-    parser.add_argument("--out", required=True, help="calibration tokens (.safetensors)")
-    return run_stage("calibrate", parser, body, argv)
+    parser.add_argument(
+        "--model", type=Path, dest="model_dir", required=True, help="model directory (for its tokenizer)"
+    )
+    parser.add_argument("--text", type=Path, required=True, help="directory of <role>.jsonl texts")
+    parser.add_argument("--out", type=Path, required=True, help="calibration tokens (.safetensors)")
+    return run_stage("calibrate", parser, calibrate, argv)
 
 
 if __name__ == "__main__":

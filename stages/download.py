@@ -39,15 +39,16 @@ def download_data(params: Params, out: Path) -> None:
             log.info("%s: %d documents, %d characters", role, len(docs), sum(map(len, docs)))
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
-    (download_model if args.what == "model" else download_data)(params, Path(args.out))
+def download(params: Params, what: str, out: Path) -> None:
+    """``what``: "model" (the base model and tokenizer of ``model.source``) or "data" (a text per role), to ``out``."""
+    (download_model if what == "model" else download_data)(params, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["model", "data"])
-    parser.add_argument("--out", required=True)
-    return run_stage("download", parser, body, argv)
+    parser.add_argument("--out", type=Path, required=True)
+    return run_stage("download", parser, download, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metrics: Path | None = None) -> None:
+    """Perplexity protocols, zero-shot accuracy, size, cost and speed of ``model_dir`` (plain or quantized),
+    written to ``out``; ``dense_metrics`` (optional) gives a quantized model its size ratio to the dense one."""
     from prunekit.data.sources import data_name
     from prunekit.evaluation.run import evaluate_model
     from prunekit.models.adapters import adapter_for
@@ -27,13 +29,13 @@ def body(params: Params, args: argparse.Namespace) -> None:
     )
 
     m = params.model
-    quantized = is_quantized_dir(args.model)
+    quantized = is_quantized_dir(model_dir)
     if quantized:
-        model, tokenizer, plan = load_quantized(args.model, m.device)
+        model, tokenizer, plan = load_quantized(model_dir, m.device)
         adapter = adapter_for(model.config)
     else:
-        model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
-    rows = read_documents(Path(args.text), "evaluation")
+        model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
+    rows = read_documents(text, "evaluation")
     out: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
     if quantized:
         n_params, n_adapter = logical_param_count(model)
@@ -41,23 +43,25 @@ def body(params: Params, args: argparse.Namespace) -> None:
         out["params"], out["adapter_params"] = n_params, n_adapter
         out["weight_bytes"] = quantized_weight_bytes(base)
         out["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
-        if args.dense_metrics:
-            dense = read_json(args.dense_metrics, "dense model metrics")
+        if dense_metrics:
+            dense = read_json(dense_metrics, "dense model metrics")
             out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
     out |= evaluate_model(
         model, tokenizer, adapter, params.evaluate, params.seed, rows, data_name(params.data.evaluation)
     )
     out["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
-    write_json(args.out, out)
+    write_json(out, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--out", required=True, help="metrics (.json)")
-    parser.add_argument("--dense-metrics", help="the dense model's metrics (.json): bytes ratio to its 16-bit size")
-    return run_stage("evaluate", parser, body, argv)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="metrics (.json)")
+    parser.add_argument(
+        "--dense-metrics", type=Path, help="the dense model's metrics (.json): bytes ratio to its 16-bit size"
+    )
+    return run_stage("evaluate", parser, evaluate, argv)
 
 
 if __name__ == "__main__":

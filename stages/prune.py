@@ -10,7 +10,11 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def prune(params: Params, model_dir: Path, scores_file: Path, out: Path, plan_file: Path, metrics_file: Path,
+          text: Path, calibration: Path, state: Path) -> None:  # fmt: skip
+    """Cut ``model_dir`` to ``prune.target`` with ``prune.schedule`` from ``scores_file``; write the pruned model
+    (``out``), the plan of what was kept (``plan_file``), the metrics, and keep a training schedule's checkpoints in
+    ``state`` while it runs."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import write_model_record
@@ -21,10 +25,10 @@ def body(params: Params, args: argparse.Namespace) -> None:
 
     p, m = params.prune, params.model
     trains = SCHEDULES.get(p.schedule).trains  # a schedule that trains runs on model.device and checkpoints
-    model, tokenizer, adapter = load_model(args.model, m.dtype, m.device if trains else "cpu")
-    scores, side = split_scores(read_tensors(Path(args.scores), "scores"))
+    model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device if trains else "cpu")
+    scores, side = split_scores(read_tensors(scores_file, "scores"))
     if trains:  # the fingerprint of a checkpoint: the params and inputs it belongs to
-        inputs = [digest(Path(f)) for f in (args.scores, args.calibration, args.text, args.model)]
+        inputs = [digest(f) for f in (scores_file, calibration, text, model_dir)]
         made_of = {
             "params": params.model_dump(include={"seed", "model", "score", "prune", "schedule"}),
             "inputs": inputs,
@@ -32,40 +36,33 @@ def body(params: Params, args: argparse.Namespace) -> None:
     job = PruneJob(
         model, tokenizer, adapter, scores, Cut.of(p, params.score.criterion), params.seed, side, params.schedule,
         training_blocks=lambda seq_len: chunks(
-            token_stream(tokenizer, read_documents(Path(args.text), "training")), seq_len, "training"),
-        calibration=lambda: read_tensors(Path(args.calibration), "calibration tokens")["input_ids"],
+            token_stream(tokenizer, read_documents(text, "training")), seq_len, "training"),
+        calibration=lambda: read_tensors(calibration, "calibration tokens")["input_ids"],
         score_batch_size=params.score.batch_size, score_options=params.score.model_dump(),
-        state_dir=Path(args.state), state_key=fingerprint(made_of) if trains else "",
+        state_dir=state, state_key=fingerprint(made_of) if trains else "",
     )  # fmt: skip
     result = prune_model(job, p.schedule)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(out) as tmp:
         save_model(result.model, adapter, tokenizer, tmp)
         made_by = params.model_dump(include={"seed", "score", "prune", "schedule"})
         write_model_record(tmp, {"plan": result.plan.to_json(), "params": made_by})
-    write_json(args.plan, result.plan.to_json())
-    metrics = {
-        "params_before": result.plan.params_before,
-        "params_after": result.plan.params_after,
-        "achieved_fraction": round(result.plan.achieved, 6),
-        "target_fraction": p.target,
-        "schedule": p.schedule,
-    }
-    write_json(args.metrics, metrics | ({"schedule_log": result.log} if result.log else {}))
-    shutil.rmtree(args.state, ignore_errors=True)  # finished: nothing to resume; the folder stays (persisted)
-    Path(args.state).mkdir(parents=True)
+    write_json(plan_file, result.plan.to_json())
+    write_json(metrics_file, result.metrics(p.target, p.schedule))
+    shutil.rmtree(state, ignore_errors=True)  # finished: nothing to resume; the folder stays (persisted)
+    state.mkdir(parents=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--scores", required=True)
-    parser.add_argument("--out", required=True, help="pruned model directory")
-    parser.add_argument("--plan", required=True, help="plan (.json)")
-    parser.add_argument("--metrics", required=True, help="prune metrics (.json)")
-    parser.add_argument("--text", required=True, help="texts (training share: LoRA of the schedules)")
-    parser.add_argument("--calibration", required=True, help="calibration tokens (kshot scoring)")
-    parser.add_argument("--state", required=True, help="schedule checkpoints (persisted: a killed run resumes)")
-    return run_stage("prune", parser, body, argv)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--scores", type=Path, dest="scores_file", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="pruned model directory")
+    parser.add_argument("--plan", type=Path, dest="plan_file", required=True, help="plan (.json)")
+    parser.add_argument("--metrics", type=Path, dest="metrics_file", required=True, help="prune metrics (.json)")
+    parser.add_argument("--text", type=Path, required=True, help="texts (training share: LoRA of the schedules)")
+    parser.add_argument("--calibration", type=Path, required=True, help="calibration tokens (kshot scoring)")
+    parser.add_argument("--state", type=Path, required=True, help="schedule checkpoints (persisted: resumable)")
+    return run_stage("prune", parser, prune, argv)
 
 
 if __name__ == "__main__":

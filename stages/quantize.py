@@ -9,7 +9,11 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def quantize(
+    params: Params, model_dir: Path, plan_file: Path, text: Path, out: Path, loss_file: Path, plot: Path
+) -> None:
+    """Realise the searched plan (``plan_file``) on ``model_dir`` (``quantize`` settings), train QLoRA adapters
+    (``quantize.lora``) and save the quantized model with them to ``out``; the QLoRA loss to ``loss_file``/``plot``."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
@@ -20,45 +24,33 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.training.lora import LoraSettings, train_lora
 
     q, m = params.quantize, params.model
-    plan, _, _ = read_plan(Path(args.plan))
+    plan, _, _ = read_plan(plan_file)
     settings = QuantSettings(group_size=q.group_size, double_quant=q.double_quant, int8_threshold=q.int8_threshold)
-    model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
+    model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
     check_plan(plan, quant_targets(model, adapter))
     realise(model, plan, settings)
     peft_model, losses = None, []
-    if q.qlora_steps > 0:
-        blocks = chunks(
-            token_stream(tokenizer, read_documents(Path(args.text), "training")), q.qlora_seq_len, "training"
-        )
-        lora = LoraSettings(
-            rank=q.qlora_rank,
-            alpha=q.qlora_alpha,
-            dropout=q.qlora_dropout,
-            target_modules=list(q.qlora_target_modules),
-            learning_rate=q.qlora_learning_rate,
-            batch_size=q.qlora_batch_size,
-            steps=q.qlora_steps,
-            warmup_steps=0,
-            weight_decay=0.0,
-            seed=params.seed,
-        )
-        peft_model, losses = train_lora(
-            model, blocks, lora, merge=False, custom_modules=lora_custom_modules(), key="quantize.qlora_target_modules"
-        )
-    save_quantized(model, tokenizer, plan, settings, m.dtype, Path(args.out), peft_model=peft_model)
-    write_json(args.loss, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
-    line_plot(Path(args.plot), range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "QLoRA")
+    if q.lora.steps > 0:
+        stream = token_stream(tokenizer, read_documents(text, "training"))
+        lora = LoraSettings.from_params(q.lora, params.seed, "quantize.lora")
+        peft_model, losses = train_lora(model, chunks(stream, q.lora.seq_len, "training"), lora, merge=False,
+                                        custom_modules=lora_custom_modules(), desc="QLoRA")  # fmt: skip
+    save_quantized(model, tokenizer, plan, settings, m.dtype, out, peft_model=peft_model)
+    write_json(loss_file, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
+    line_plot(plot, range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "QLoRA")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--out", required=True, help="quantized model directory")
-    parser.add_argument("--loss", required=True, help="QLoRA loss curve (.json, a DVC plot)")
-    parser.add_argument("--plot", required=True, help="QLoRA loss curve (.png)")
-    return run_stage("quantize", parser, body, argv)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--plan", type=Path, dest="plan_file", required=True)
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="quantized model directory")
+    parser.add_argument(
+        "--loss", type=Path, dest="loss_file", required=True, help="QLoRA loss curve (.json, a DVC plot)"
+    )
+    parser.add_argument("--plot", type=Path, required=True, help="QLoRA loss curve (.png)")
+    return run_stage("quantize", parser, quantize, argv)
 
 
 if __name__ == "__main__":

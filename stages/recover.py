@@ -10,7 +10,9 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def recover(params: Params, model_dir: Path, text: Path, out: Path, loss_file: Path, plot: Path) -> None:
+    """LoRA on the training text (``recover.lora``), merged into ``model_dir``'s weights and saved to ``out``;
+    the loss per step to ``loss_file`` (.json) and ``plot`` (.png)."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
@@ -21,30 +23,30 @@ def body(params: Params, args: argparse.Namespace) -> None:
     from prunekit.training.lora import LoraSettings, train_lora
 
     r, m = params.recover, params.model
-    model, tokenizer, adapter = load_model(args.model, m.dtype, m.device, m.device_map)
+    model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
     losses: list[float] = []
-    if r.steps > 0:
-        blocks = chunks(token_stream(tokenizer, read_documents(Path(args.text), "training")), r.seq_len, "training")
-        settings = LoraSettings.from_params(r, r.steps, params.seed, r.warmup_steps, r.weight_decay)
-        model, losses = train_lora(model, blocks, settings)
-    with atomic_dir(args.out) as tmp:
+    if r.lora.steps > 0:
+        stream = token_stream(tokenizer, read_documents(text, "training"))
+        settings = LoraSettings.from_params(r.lora, params.seed, "recover.lora")
+        model, losses = train_lora(model, chunks(stream, r.lora.seq_len, "training"), settings, desc="LoRA recovery")
+    with atomic_dir(out) as tmp:
         save_model(model, adapter, tokenizer, tmp)
-        meta_src = Path(args.model) / "prunekit.json"
+        meta_src = model_dir / "prunekit.json"
         meta = json.loads(meta_src.read_text()) if meta_src.is_file() else {}
         meta["recover"] = r.model_dump()
         write_model_record(tmp, meta)
-    write_json(args.loss, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
-    line_plot(Path(args.plot), range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery")
+    write_json(loss_file, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
+    line_plot(plot, range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--out", required=True, help="recovered model directory")
-    parser.add_argument("--loss", required=True, help="loss curve (.json, a DVC plot)")
-    parser.add_argument("--plot", required=True, help="loss curve (.png)")
-    return run_stage("recover", parser, body, argv)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="recovered model directory")
+    parser.add_argument("--loss", type=Path, dest="loss_file", required=True, help="loss curve (.json, a DVC plot)")
+    parser.add_argument("--plot", type=Path, required=True, help="loss curve (.png)")
+    return run_stage("recover", parser, recover, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def body(params: Params, args: argparse.Namespace) -> None:
+def score(params: Params, model_dir: Path, calibration_file: Path, out: Path) -> None:
+    """Score every unit of ``prune.units`` in every layer of ``model_dir`` with ``score.criterion`` on the
+    windows in ``calibration_file``; the scores (and side data such as channel means) go to ``out`` (.safetensors)."""
     from safetensors.torch import save_file
 
     from prunekit.models.loading import load_model
@@ -20,8 +22,8 @@ def body(params: Params, args: argparse.Namespace) -> None:
 
     m = params.model
     # A criterion without base-weight gradients may score on a lower-precision frozen base (score.base_dtype).
-    model, _, adapter = load_model(args.model, params.score.base_dtype or m.dtype, m.device, m.device_map)
-    calibration = read_tensors(Path(args.calibration), "calibration tokens")["input_ids"]
+    model, _, adapter = load_model(model_dir, params.score.base_dtype or m.dtype, m.device, m.device_map)
+    calibration = read_tensors(calibration_file, "calibration tokens")["input_ids"]
     req = ScoreRequest(
         units=list(params.prune.units),
         layers=list(range(len(adapter.layers(model)))),
@@ -37,7 +39,7 @@ def body(params: Params, args: argparse.Namespace) -> None:
         scores = {**scores, **aux}
     else:
         scores = criterion.score(model, adapter, req)
-    with atomic_file(args.out) as tmp:
+    with atomic_file(out) as tmp:
         save_file(
             {k: v.contiguous() for k, v in scores.items()},
             str(tmp),
@@ -47,10 +49,10 @@ def body(params: Params, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--calibration", required=True)
-    parser.add_argument("--out", required=True, help="scores (.safetensors)")
-    return run_stage("score", parser, body, argv)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--calibration", type=Path, dest="calibration_file", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="scores (.safetensors)")
+    return run_stage("score", parser, score, argv)
 
 
 if __name__ == "__main__":

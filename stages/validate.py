@@ -16,7 +16,8 @@ from prunekit.pipeline.runtime import exit_after, run_stage
 STAMP = "params.yaml is valid\n"  # constant: downstream stages see the same dependency after every valid change
 
 
-def body(params: Params, out: Path) -> None:
+def validate(params: Params, out: Path) -> None:
+    """Write the stamp ``out`` (``params`` were validated, registry names included, before this runs)."""
     from prunekit.pipeline.files import atomic_file
 
     with atomic_file(out) as tmp:
@@ -25,8 +26,8 @@ def body(params: Params, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="stamp file every other stage depends on")
-    return run_stage("validate", parser, lambda params, args: body(params, Path(args.out)), argv)
+    parser.add_argument("--out", type=Path, required=True, help="stamp file every other stage depends on")
+    return run_stage("validate", parser, validate, argv)
 
 
 if __name__ == "__main__":

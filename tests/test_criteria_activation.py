@@ -7,7 +7,6 @@ explicit loops, in float64.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -347,26 +346,23 @@ def test_score_and_prune_stages_compensate(tiny_model_dir: Path, tmp_path: Path)
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     save_file({"input_ids": calibration(cfg["vocab_size"])}, str(tmp_path / "calib.safetensors"))
     scores_path = tmp_path / "scores.safetensors"
-    load_stage("score").body(
-        params,
-        argparse.Namespace(model=str(tiny_model_dir), calibration=str(tmp_path / "calib.safetensors"), out=scores_path),
+    load_stage("score").score(
+        params, model_dir=tiny_model_dir, calibration_file=tmp_path / "calib.safetensors", out=scores_path
     )
     stored = load_file(str(scores_path))
     assert {f"aux.mean.down_proj.{i}" for i in range(4)} <= set(stored) and "mlp_channel.1" in stored
 
     out = tmp_path / "pruned"
-    load_stage("prune").body(
+    load_stage("prune").prune(
         params,
-        argparse.Namespace(
-            model=str(tiny_model_dir),
-            scores=str(scores_path),
-            out=out,
-            plan=tmp_path / "plan.json",
-            metrics=tmp_path / "metrics.json",
-            text=None,
-            calibration=None,
-            state=tmp_path / "state",
-        ),
+        model_dir=tiny_model_dir,
+        scores_file=scores_path,
+        out=out,
+        plan_file=tmp_path / "plan.json",
+        metrics_file=tmp_path / "metrics.json",
+        text=None,
+        calibration=None,
+        state=tmp_path / "state",
     )
     loaded = AutoModelForCausalLM.from_pretrained(out)
     metrics = json.loads((tmp_path / "metrics.json").read_text())

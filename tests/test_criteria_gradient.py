@@ -22,7 +22,8 @@ from prunekit.pruning.criteria import lora as lora_module
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Rank 4, s = alpha / r = 2, a learning rate large enough that 3 Adam steps make B clearly nonzero.
-LORA_OPTS = {"lora_rank": 4, "lora_alpha": 8.0, "lora_steps": 3, "lora_lr": 1e-2, "lora_target_modules": TARGETS}
+LORA = {"rank": 4, "alpha": 8.0, "steps": 3, "learning_rate": 1e-2, "batch_size": 4, "target_modules": TARGETS}
+LORA_OPTS = {"lora": LORA}
 
 
 def _tensor_model(model, tensors: dict[str, torch.Tensor]):
@@ -156,31 +157,46 @@ def test_lora_never_differentiates_base_weights(monkeypatch: pytest.MonkeyPatch)
     req = _lora_request(model)
     CRITERIA.get("lora").score(model, adapter_for(model.config), req)
     # 3 training steps + 2 gradient batches (6 windows, batch 4): the hook saw every forward.
-    assert seen["forwards"] == LORA_OPTS["lora_steps"] + 2
+    assert seen["forwards"] == LORA["steps"] + 2
     assert seen["trainable"] == set() and seen["trainable_now"] == set() and seen["touched"] == set()
     # 7 targets x 2 layers x (A, B), and every one of them got a nonzero gradient.
     assert seen["lora"] == (28, 28)
 
 
 def _reference_lora(req: ScoreRequest):
-    """Same LoRA model built here (same seed and config), trained the documented way, with G_A, G_B."""
-    opts = req.options
+    """Same LoRA model built here (same seed and config), trained the documented way, with G_A, G_B.
+
+    The documented way: AdamW (no weight decay), learning rate decaying linearly to 0 over the steps, batches of
+    ``score.lora.batch_size`` windows in a random order drawn from a generator seeded with the request's seed.
+    """
+    lora = req.options["lora"]
     ref = tiny_model()
     torch.manual_seed(req.seed)
     config = LoraConfig(
-        r=opts["lora_rank"],
-        lora_alpha=opts["lora_alpha"],
+        r=lora["rank"],
+        lora_alpha=lora["alpha"],
         lora_dropout=0.0,
         target_modules=TARGETS,
         layers_to_transform=req.layers,
     )
     pm = get_peft_model(ref, config)
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=opts["lora_lr"])
-    batches = [req.calibration[i : i + req.batch_size] for i in range(0, req.calibration.shape[0], req.batch_size)]
-    for step in range(opts["lora_steps"]):
-        b = batches[step % len(batches)]
+    opt = torch.optim.AdamW(params, lr=lora["learning_rate"], weight_decay=0.0)
+    gen, n, bs, steps = (
+        torch.Generator().manual_seed(req.seed),
+        req.calibration.shape[0],
+        lora["batch_size"],
+        lora["steps"],
+    )
+    order, pos = torch.randperm(n, generator=gen), 0
+    for step in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        b = req.calibration[order[pos : pos + bs]]
+        pos += bs
         pm(input_ids=b, labels=b).loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lora["learning_rate"] * (steps - step) / steps
         opt.step()
         opt.zero_grad(set_to_none=True)
     # G_A, G_B of the mean NLL over all windows in one batch (the criterion batches; the sum is the same).
@@ -194,7 +210,7 @@ def test_lora_scores_equal_independent_computation() -> None:
     scores = CRITERIA.get("lora").score(model, adapter_for(model.config), req)
 
     ref = _reference_lora(req)
-    s, lr = req.options["lora_alpha"] / req.options["lora_rank"], req.options["lora_lr"]
+    s, lr = LORA["alpha"] / LORA["rank"], LORA["learning_rate"]
     importance = {}
     for name, mod in ref.named_modules():
         if hasattr(mod, "lora_A") and "default" in mod.lora_A:
@@ -308,7 +324,7 @@ def test_lora_leaves_model_unchanged() -> None:
 def test_lora_requires_every_pruned_module_as_target() -> None:
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
-    opts = dict(LORA_OPTS, lora_target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    opts = {"lora": dict(LORA, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])}
     req = dataclasses.replace(request(model), options=opts)
     with pytest.raises(PrunekitError, match=r"miss \['mlp.down_proj', 'self_attn.o_proj'\]"):
         CRITERIA.get("lora").score(model, adapter_for(model.config), req)

@@ -102,7 +102,7 @@ def test_gradient_checkpointing_changes_no_gradient_score() -> None:
                 calib,
                 batch_size=4,
                 seed=0,
-                options={"gradient_checkpointing": ckpt, "lora_steps": 2},
+                options={"gradient_checkpointing": ckpt, "lora": {"steps": 2}},
             )
             scores.append(CRITERIA.get(name).score(model, adapter_for(model.config), req))
             assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -30,7 +30,20 @@ def test_repository_params_are_valid_and_complete() -> None:
         ({"prune": {"targte": 0.3}}, "params.yaml key 'prune.targte': unknown key. Did you mean 'target'?"),
         ({"prune": {"target": 1.5}}, "params.yaml key 'prune.target': Input should be less than 1 (given: 1.5)"),
         ({"prune": {"target": 0}}, "params.yaml key 'prune.target': Input should be greater than 0"),
-        ({"recover": {"steps": -1}}, "params.yaml key 'recover.steps': Input should be greater than or equal to 0"),
+        (
+            {"recover": {"lora": {"steps": -1}}},
+            "params.yaml key 'recover.lora.steps': Input should be greater than or equal to 0",
+        ),
+        ({"recover": {"rank": 4}}, "params.yaml key 'recover.rank' was renamed to 'recover.lora.rank'"),
+        (
+            {"quantize": {"qlora_steps": 4}},
+            "params.yaml key 'quantize.qlora_steps' was renamed to 'quantize.lora.steps'",
+        ),
+        ({"score": {"lora_lr": 0.1}}, "params.yaml key 'score.lora_lr' was renamed to 'score.lora.learning_rate'"),
+        (
+            {"schedule": {"iterative_steps": 50}},
+            "params.yaml key 'schedule.iterative_steps' was renamed to 'schedule.lora.steps'",
+        ),
         ({"pruen": {}}, "params.yaml key 'pruen': unknown key. Did you mean 'prune'?"),
         ({"model": {"dtype": "fp8"}}, "params.yaml key 'model.dtype': Input should be 'float32', 'bfloat16' or"),
         ({"calibrate": {"samples": "ten"}}, "params.yaml key 'calibrate.samples': Input should be a valid integer"),

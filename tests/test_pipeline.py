@@ -96,12 +96,13 @@ def tiny_params(model_dir: Path) -> dict:
     params["score"]["batch_size"] = 2
     # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
     params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
-    params["recover"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
+    params["recover"]["lora"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
     params["evaluate"].update(seq_lens=[16, 32], max_chunks=8)
     params["evaluate"]["zero_shot"].update(auto_mc_questions=4, auto_mc_context_words=12, auto_mc_continuation_words=4)
     params["evaluate"]["speed"].update(batch_sizes=[1, 2], prompt_len=8, new_tokens=2, repeats=1)
     params["search"].update(trials=3, random_starts=1, samples=2, seq_len=16, batch_size=2, budget_bits=5.0)
-    params["quantize"].update(qlora_steps=2, qlora_batch_size=2, qlora_seq_len=32, group_size=16)
+    params["quantize"].update(group_size=16)
+    params["quantize"]["lora"].update(steps=2, batch_size=2, seq_len=32)
     return params
 
 
@@ -233,11 +234,11 @@ def test_schedules_run_as_experiments(repo: Path, prefect_env: dict[str, str]) -
     env = prefect_env
     run(["dvc", "repro"], repo, env)
     # prune.target explicitly: an earlier test of this module leaves it at 0.3.
-    small = ["-S", "schedule.seq_len=16", "-S", "schedule.batch_size=2", "-S", "prune.tolerance=0.03"]
+    small = ["-S", "schedule.lora.seq_len=16", "-S", "schedule.lora.batch_size=2", "-S", "prune.tolerance=0.03"]
     small += ["-S", "prune.target=0.2"]
     for schedule, extra in (
         ("kshot", ["-S", "schedule.shots=2", "-S", "schedule.steps_per_shot=1"]),
-        ("iterative", ["-S", "schedule.iterative_steps=6", "-S", "schedule.prune_freq=1"]),
+        ("iterative", ["-S", "schedule.lora.steps=6", "-S", "schedule.prune_freq=1"]),
     ):
         out = run(["dvc", "exp", "run", "-S", f"prune.schedule={schedule}", *small, *extra], repo, env)
         assert {"prune", "recover", "evaluate@recovered"} <= stages_run(out)
@@ -397,7 +398,7 @@ def test_a_killed_stage_leaves_no_server_and_no_temporaries(
     for name in ("stages", "flows"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = tiny_params(tiny_model_dir)
-    params["recover"]["steps"] = 40  # long enough to be killed mid-training
+    params["recover"]["lora"]["steps"] = 40  # long enough to be killed mid-training
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         run(cmd, path, env)

@@ -69,7 +69,7 @@ def test_lora_lowers_training_loss() -> None:
 
 
 def test_lora_target_error() -> None:
-    with pytest.raises(PrunekitError, match=r"recover.target_modules \['qkv'\] match no Linear module"):
+    with pytest.raises(PrunekitError, match=r"recover.lora.target_modules \['qkv'\] match no Linear module"):
         train_lora(tiny_model(), blocks(), settings(target_modules=["qkv"]))
 
 

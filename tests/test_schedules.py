@@ -217,7 +217,6 @@ def test_kshot_prunes_in_shots_and_resumes(tmp_path: Path, tokenizer) -> None:
 
 @pytest.mark.parametrize("schedule", ["iterative", "kshot"])
 def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    import argparse
     import json
     from pydoc_data.topics import topics
 
@@ -231,8 +230,8 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
         {
             "score": {"criterion": "param_first", "batch_size": 2},
             "prune": {"target": 0.1, "skip_first": 1, "skip_last": 1, "tolerance": 0.03, "schedule": schedule},
-            "schedule": {"iterative_steps": 6, "prune_freq": 1, "warmup": 0.2, "cooldown": 0.2, "checkpoint_every": 2,
-                         "shots": 2, "steps_per_shot": 1, "batch_size": 2, "seq_len": 16},
+            "schedule": {"prune_freq": 1, "warmup": 0.2, "cooldown": 0.2, "checkpoint_every": 2, "shots": 2,
+                         "steps_per_shot": 1, "lora": {"steps": 6, "batch_size": 2, "seq_len": 16}},
         }
     )  # fmt: skip
     text = tmp_path / "text"
@@ -242,16 +241,14 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
     calib = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": calib}, str(tmp_path / "calib.safetensors"))
     scores = tmp_path / "scores.safetensors"
-    load_stage("score").body(
-        params,
-        argparse.Namespace(model=str(tiny_model_dir), calibration=str(tmp_path / "calib.safetensors"), out=scores),
+    load_stage("score").score(
+        params, model_dir=tiny_model_dir, calibration_file=tmp_path / "calib.safetensors", out=scores
     )
-    args = argparse.Namespace(
-        model=str(tiny_model_dir), scores=str(scores), out=tmp_path / "pruned", plan=tmp_path / "plan.json",
-        metrics=tmp_path / "metrics.json", text=str(text), calibration=str(tmp_path / "calib.safetensors"),
+    load_stage("prune").prune(
+        params, model_dir=tiny_model_dir, scores_file=scores, out=tmp_path / "pruned", plan_file=tmp_path / "plan.json",
+        metrics_file=tmp_path / "metrics.json", text=text, calibration=tmp_path / "calib.safetensors",
         state=tmp_path / "state",
     )  # fmt: skip
-    load_stage("prune").body(params, args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert metrics["schedule"] == schedule and metrics["params_after"] == count_params(loaded)

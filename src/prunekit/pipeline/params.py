@@ -48,6 +48,49 @@ class CalibrateParams(Section):
     seq_len: int = Field(64, ge=2)
 
 
+class LoraParams(Section):
+    """A LoRA run: adapters, optimiser, batches. The same keys wherever LoRA trains (``recover.lora``,
+    ``schedule.lora``, ``quantize.lora``, ``score.lora``); only the defaults differ."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)  # scaling s = alpha / rank
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    learning_rate: float = Field(1e-4, gt=0.0)  # AdamW; linear warm-up from 0, then linear decay to 0
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)  # tokens per training block
+    steps: int = Field(100, ge=0)  # 0: no training
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class RecoverLoraParams(LoraParams):
+    """``recover.lora``."""
+
+    warmup_steps: int = Field(10, ge=0)
+
+
+class ScheduleLoraParams(LoraParams):
+    """``schedule.lora``."""
+
+    warmup_steps: int = Field(10, ge=0)
+
+
+class QuantizeLoraParams(LoraParams):
+    """``quantize.lora``: QLoRA on the quantized base."""
+
+    steps: int = Field(20, ge=0)
+
+
+class ScoreLoraParams(LoraParams):
+    """``score.lora``: the ``lora`` criterion's adapters. They train on the calibration windows
+    (``calibrate.seq_len``; ``seq_len`` is not used), and the estimate's eta is ``learning_rate``."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(10, ge=1)
+    steps: int = Field(10, ge=0)
+
+
 class ScoreParams(Section):
     """``score``: the importance criterion."""
 
@@ -56,18 +99,12 @@ class ScoreParams(Section):
     # Gradient criteria: recompute each decoder layer in the backward pass instead of keeping its
     # activations (about a third more compute, activation memory of one layer instead of all).
     gradient_checkpointing: bool = True
-    # ``lora`` (LoRAPrune): fresh LoRA adapters on the scored modules; base weights get no gradient.
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
-    # Adam steps on the calibration windows before scoring: at init B = 0, so dL/dA = 0 and the
-    # estimate keeps only its dL/dB @ A term; a few steps make B nonzero so both terms contribute.
-    # Each step costs one forward + backward pass of a calibration batch.
-    lora_steps: int = Field(10, ge=0)
-    lora_lr: float = Field(1e-4, gt=0.0)
-    # Every module the pruned units touch must be a target (the criterion errors otherwise).
     # ``bip``: "strict" is a Lipschitz upper bound on the block-output change; "local" its first-order form.
     bip_bound: Literal["strict", "local"] = "strict"
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # ``lora`` (LoRAPrune): fresh adapters on the scored layers, ``lora.steps`` steps on the calibration windows
+    # (at init B = 0, so dL/dA = 0 and the estimate keeps only its dL/dB @ A term; a few steps make B nonzero),
+    # then the gradients of the calibration loss. Every module the pruned units touch must be a target.
+    lora: ScoreLoraParams = ScoreLoraParams()
     # dtype the score stage loads the model in; null: ``model.dtype``. Only for criteria that take no
     # gradient of the base weights (``lora`` and the forward-only ones): LoRAPrune scores on a frozen
     # half-precision (or 8-bit) base, adapters stay float32. The gradient criteria refuse it.
@@ -92,37 +129,25 @@ class PruneParams(Section):
     schedule: str = "oneshot"
 
 
-class LoraTrainParams(Section):
-    """The LoRA a section trains: adapters, optimiser and batches (``recover`` and ``schedule``)."""
-
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    learning_rate: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=2)
-
-
-class ScheduleParams(LoraTrainParams):
+class ScheduleParams(Section):
     """``schedule``: the iterative and k-shot schedules (``prune.schedule``) and the LoRA they train."""
 
-    iterative_steps: int = Field(100, ge=1)  # iterative: LoRA steps in all
     prune_freq: int = Field(10, ge=1)  # iterative: steps between mask updates
     warmup: float = Field(0.1, ge=0.0, lt=1.0)  # iterative: share of the steps before pruning starts
     cooldown: float = Field(0.1, ge=0.0, lt=1.0)  # iterative: share at the end with the target reached
     ema: float = Field(0.9, ge=0.0, lt=1.0)  # iterative: weight of the old scores in the moving average
     checkpoint_every: int = Field(10, ge=1)  # iterative: steps between checkpoints (resume)
     shots: int = Field(8, ge=1)  # kshot: rounds of score -> prune -> train
-    steps_per_shot: int = Field(10, ge=0)  # kshot: LoRA steps after each cut (merged)
+    steps_per_shot: int = Field(10, ge=0)  # kshot: LoRA steps after each cut (merged; no warm-up)
+    # iterative: its whole run (lora.steps in all, lora.warmup_steps of learning-rate warm-up);
+    # kshot: each shot's adapters and optimiser (steps_per_shot steps, no warm-up)
+    lora: ScheduleLoraParams = ScheduleLoraParams()
 
 
-class RecoverParams(LoraTrainParams):
+class RecoverParams(Section):
     """``recover``: LoRA fine-tuning of the pruned model, merged into its weights."""
 
-    steps: int = Field(100, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lora: RecoverLoraParams = RecoverLoraParams()
 
 
 class ZeroShotParams(Section):
@@ -170,14 +195,7 @@ class QuantizeParams(Section):
     group_size: int = Field(128, ge=8)  # rtn*: input weights per scale / zero point
     double_quant: bool = True  # nf4 / fp4: quantize the block absmax too (QLoRA)
     int8_threshold: float = Field(6.0, ge=0.0)  # int8: LLM.int8 outlier threshold (0: none)
-    qlora_steps: int = Field(20, ge=0)  # LoRA steps on the quantized base (0: none)
-    qlora_rank: int = Field(8, ge=1)
-    qlora_alpha: float = Field(16.0, gt=0.0)
-    qlora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    qlora_learning_rate: float = Field(1e-4, gt=0.0)
-    qlora_batch_size: int = Field(8, ge=1)
-    qlora_seq_len: int = Field(128, ge=2)
-    qlora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora: QuantizeLoraParams = QuantizeLoraParams()  # QLoRA on the quantized base (steps 0: none)
 
 
 class SearchParams(Section):
@@ -224,6 +242,21 @@ class Params(Section):
     quantize: QuantizeParams = QuantizeParams()
 
 
+_LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "learning_rate", "batch_size", "seq_len")
+# Keys of earlier params files and where they live now (refused with a "renamed to" error).
+RENAMED: dict[str, str] = {
+    **{f"recover.{k}": f"recover.lora.{k}" for k in (*_LORA_KEYS, "steps", "warmup_steps", "weight_decay")},
+    **{f"schedule.{k}": f"schedule.lora.{k}" for k in _LORA_KEYS},
+    "schedule.iterative_steps": "schedule.lora.steps",
+    **{f"quantize.qlora_{k}": f"quantize.lora.{k}" for k in (*_LORA_KEYS, "steps")},
+    "score.lora_rank": "score.lora.rank",
+    "score.lora_alpha": "score.lora.alpha",
+    "score.lora_steps": "score.lora.steps",
+    "score.lora_lr": "score.lora.learning_rate",
+    "score.lora_target_modules": "score.lora.target_modules",
+}
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The section model that owns the key at ``loc`` (for listing valid keys)."""
     model: type[BaseModel] | None = Params
@@ -238,6 +271,8 @@ def _explain(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
+        if key in RENAMED:
+            return f"params.yaml key '{key}' was renamed to '{RENAMED[key]}'; move its value there"
         owner = _model_at(loc)
         valid = sorted(owner.model_fields) if owner else []
         hint = suggest(str(loc[-1]), valid)

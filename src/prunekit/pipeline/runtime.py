@@ -91,10 +91,13 @@ def set_threads(threads: int | None) -> None:
 def run_stage(
     name: str,
     parser: argparse.ArgumentParser,
-    body: Callable[[Params, argparse.Namespace], Any],
+    body: Callable[..., Any],
     argv: Sequence[str] | None = None,
 ) -> int:
     """Parse arguments, validate params, run ``body`` as a Prefect flow named ``name``; exit code 2 on bad input.
+
+    ``body(params, **arguments)``: the stage's typed function, called with the validated params and the
+    parsed arguments as keywords (their ``dest`` names), the same function a Python caller can import and call.
 
     The flow reports to the configured Prefect API, or to the shared local server
     (:mod:`prunekit.pipeline.prefect_server`).
@@ -119,11 +122,11 @@ def run_stage(
         quiet_bad_input()
 
         @flow(name=name, validate_parameters=False)
-        def stage_flow(params: Params, args: argparse.Namespace) -> Any:
+        def stage_flow(params: Params, arguments: dict[str, Any]) -> Any:
             seed_everything(params.seed)
             t0 = time.perf_counter()
             try:
-                return body(params, args)
+                return body(params, **arguments)
             finally:
                 timing["body"] = time.perf_counter() - t0
 
@@ -131,7 +134,7 @@ def run_stage(
         if not url:
             url, registration = shared_api_url()
         with temporary_settings({PREFECT_API_URL: url}):
-            stage_flow(params, args)
+            stage_flow(params, {k: v for k, v in vars(args).items() if k != "params"})
     except PrunekitError as e:
         return _refuse(f"{name} failed: {e}")
     finally:

@@ -40,6 +40,11 @@ def check_choices(params: Params) -> None:
                 "base weights, which must stay in model.dtype; set score.base_dtype: null (or use lora or a "
                 "forward-only criterion)"
             )
+    if "seq_len" in params.score.lora.model_fields_set:
+        problems.append(
+            "params.yaml key 'score.lora.seq_len': the lora criterion trains on the calibration windows; "
+            "set their length with calibrate.seq_len and remove this key"
+        )
     check("prune.allocation", ALLOCATIONS.get, params.prune.allocation)
     if not params.prune.units:
         problems.append("params.yaml key 'prune.units': empty; choose from " + ", ".join(UNITS.names()))

@@ -3,12 +3,13 @@
 Source: Zhang et al., "LoRAPrune: Structured Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning"
 (Findings of ACL 2024), and its public code (``compute_sensitivity`` in ``loraprune/utils.py``).
 
-One-shot form: fresh LoRA adapters (peft, rank r, alpha, dropout 0) are attached to the target modules of
-the requested layers; every base parameter has ``requires_grad=False`` for the whole scoring, so the
+One-shot form: fresh LoRA adapters (``score.lora``: rank r, alpha, dropout 0 by default) are attached to the
+target modules of the requested layers; every base parameter has ``requires_grad=False`` for the whole scoring, so the
 backward passes store gradients for the adapters only (r * (in + out) numbers per module instead of
 in * out: that is the memory saving; it lowers the peak only where weight gradients outweigh the saved
-activations, i.e. large models or small calibration batches). After ``lora_steps`` Adam steps on the
-calibration windows (each one forward and backward pass of a batch, as costly as ``param_first``'s), the
+activations, i.e. large models or small calibration batches). After ``score.lora.steps`` steps of the one LoRA
+trainer (:mod:`prunekit.training.lora`: AdamW, linear decay, seeded batch order) on the calibration windows (each
+one forward and backward pass of a batch, as costly as ``param_first``'s), the
 gradients G_A, G_B of the mean LM loss over all calibration windows are accumulated and, per module,
 
     G_hat = s * (G_B @ A + B @ G_A - eta * G_B @ G_A)          (estimated gradient of the merged weight)
@@ -25,9 +26,9 @@ so the gradient that would move W' the same way is G_hat = -dW'/eta, the formula
     G_hat = s^2 * (G @ A^T @ A + B @ B^T @ G) - eta * s^3 * G @ A^T @ B^T @ G:
 the true gradient projected on A's row space and B's column space (rank <= 2r), plus a term of second
 order in G. LoRAPrune writes ``G_B @ A + B @ G_A - G_B @ G_A``, i.e. eta = 1 and without the factor s
-(every module shares s, so it changes no ranking); we keep the derivation's eta = ``lora_lr``, which makes
-the second-order term as small as the paper says it is. At initialisation B = 0, so G_A = 0 and G_hat is
-s^2 * G @ A^T @ A alone: hence the default of a few training steps (``lora_steps``).
+(every module shares s, so it changes no ranking); we keep the derivation's eta = ``score.lora.learning_rate``,
+which makes the second-order term as small as the paper says it is. At initialisation B = 0, so G_A = 0 and G_hat is
+s^2 * G @ A^T @ A alone: hence the default of a few training steps (``score.lora.steps``).
 
 Choices (the public record does not settle them for a one-shot score):
 * no per-module normalisation and no moving average: LoRAPrune's code L2-normalises each module's
@@ -45,22 +46,18 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pipeline.params import ScoreParams
 from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
 from prunekit.pruning.criteria.taylor import accumulate_lm_gradients, gradient_scope
 from prunekit.pruning.units import UNITS
-from prunekit.training.loss import layer_checkpointing, lm_loss
-
-if TYPE_CHECKING:
-    from peft import PeftModel
+from prunekit.rng import seeded
+from prunekit.training.lora import LoraSettings, LoraTrainer, attach_lora
+from prunekit.training.loss import layer_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -86,56 +83,20 @@ def missing_targets(adapter: ModelAdapter, layer: nn.Module, units: list[str], t
 
 
 @contextmanager
-def attached_lora(model: nn.Module, req: ScoreRequest, cfg: ScoreParams) -> Iterator[PeftModel]:
-    """Fresh LoRA adapters on ``cfg.lora_target_modules`` of the requested layers, seeded by ``req.seed``.
+def attached_lora(model: nn.Module, lc: LoraSettings) -> Iterator[nn.Module]:
+    """Fresh LoRA adapters on ``lc.target_modules`` of ``lc.layers`` (the one trainer's :func:`attach_lora`).
 
     On exit the adapters are unloaded without merging and every ``requires_grad`` flag is restored
     (peft freezes the base model when it attaches adapters).
     """
-    from peft import LoraConfig, get_peft_model
-
-    from prunekit.rng import seeded
-
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    config = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=0.0,  # dL/dB = s * G @ A^T holds exactly only without dropout
-        target_modules=list(cfg.lora_target_modules),
-        layers_to_transform=list(req.layers),
-        bias="none",
-    )
-    # Seed A's random init without disturbing the caller's random stream (peft initialises on the CPU).
-    with seeded(req.seed):
-        peft_model = get_peft_model(model, config)
+    peft_model = attach_lora(model, lc)
     try:
         yield peft_model
     finally:
         peft_model.unload()
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def train_adapters(peft_model: nn.Module, params: list[nn.Parameter], req: ScoreRequest, cfg: ScoreParams) -> None:
-    """``cfg.lora_steps`` Adam steps (lr ``cfg.lora_lr``); step k uses batch k mod n_batches of the windows."""
-    if cfg.lora_steps == 0:
-        return
-    opt = torch.optim.Adam(params, lr=cfg.lora_lr)
-    device = next(peft_model.parameters()).device
-    starts = list(range(0, req.calibration.shape[0], req.batch_size))
-    losses = []
-    for step in tqdm(range(cfg.lora_steps), desc="LoRA steps", unit="step"):
-        start = starts[step % len(starts)]
-        batch = req.calibration[start : start + req.batch_size].to(device)
-        loss = lm_loss(peft_model, batch)
-        if not torch.isfinite(loss):
-            raise PrunekitError(f"LoRA scoring loss became {loss.item()} at step {step}; lower score.lora_lr")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    if losses:
-        log.info("lora: %d adapter steps, batch loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
 
 
 @dataclass(frozen=True)
@@ -178,40 +139,36 @@ class LoraCriterion(Criterion):
 
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         cfg = score_settings(dict(req.options))
+        lc = LoraSettings.from_params(cfg.lora, req.seed, "score.lora", layers=tuple(req.layers))
         layers = adapter.layers(model)
-        missing = sorted(
-            {p for idx in req.layers for p in missing_targets(adapter, layers[idx], req.units, cfg.lora_target_modules)}
-        )
+        targets = lc.target_modules
+        missing = sorted({p for idx in req.layers for p in missing_targets(adapter, layers[idx], req.units, targets)})
         if missing:
             raise PrunekitError(
-                f"score.criterion 'lora' needs LoRA on every pruned module; score.lora_target_modules "
-                f"{list(cfg.lora_target_modules)} miss {missing}"
+                f"score.criterion 'lora' needs LoRA on every pruned module; score.lora.target_modules "
+                f"{targets} miss {missing}"
             )
         was_training = model.training
-        model.eval()  # no dropout anywhere: deterministic loss and gradients
         try:
-            with attached_lora(model, req, cfg) as peft_model:
+            # The adapters' init (and dropout, if any) seeded; the caller's random state is left as it was.
+            with seeded(req.seed), attached_lora(model, lc) as peft_model:
                 lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
                 # Exactly the adapters train: the base weights are frozen throughout (no gradient memory).
                 with gradient_scope(model, lora_params):
                     with layer_checkpointing(peft_model, cfg.gradient_checkpointing):
-                        train_adapters(peft_model, lora_params, req, cfg)
+                        LoraTrainer(peft_model, req.calibration, lc).run("LoRA steps")
+                    model.eval()  # no dropout in the gradient pass: dL/dB = s * G @ A^T exactly
                     for p in lora_params:
                         p.grad = None
-                    accumulate_lm_gradients(
-                        peft_model,
-                        req.calibration,
-                        req.batch_size,
-                        desc="LoRA gradients",
-                        checkpointing=cfg.gradient_checkpointing,
-                    )
+                    accumulate_lm_gradients(peft_model, req.calibration, req.batch_size, desc="LoRA gradients",
+                                            checkpointing=cfg.gradient_checkpointing)  # fmt: skip
                     factors = collect_factors(model)
         finally:
             model.train(was_training)
 
         def importance(p: nn.Parameter) -> torch.Tensor:
             if p in factors:
-                return element_importance(p, factors[p], cfg.lora_lr)
+                return element_importance(p, factors[p], lc.learning_rate)
             if p.dim() == 1:  # a bias member: LoRA has no bias factor (see module doc)
                 return torch.zeros_like(p, dtype=torch.float32)
             raise RuntimeError(f"lora: a {tuple(p.shape)} weight member got no adapter")  # missing_targets let it by

@@ -112,6 +112,17 @@ class PruneResult:
     plan: Plan  # kept units, numbered as in the job's model; params_after counts the returned model
     log: list[dict[str, Any]] = field(default_factory=list)  # per step or per shot, for the metrics
 
+    def metrics(self, target: float, schedule: str) -> dict[str, Any]:
+        """The prune stage's metrics: parameters before and after, the fraction reached, the schedule's log."""
+        out = {
+            "params_before": self.plan.params_before,
+            "params_after": self.plan.params_after,
+            "achieved_fraction": round(self.plan.achieved, 6),
+            "target_fraction": target,
+            "schedule": schedule,
+        }
+        return out | ({"schedule_log": self.log} if self.log else {})
+
 
 class Schedule(ABC):
     """How a model gets from its scores to the target: once, while LoRA trains, or in several shots."""

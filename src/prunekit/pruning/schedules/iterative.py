@@ -37,7 +37,7 @@ from prunekit.pruning.schedules.base import SCHEDULES, Cut, PruneJob, PruneResul
 from prunekit.pruning.schedules.state import read_state, write_state
 from prunekit.pruning.units import UNITS
 from prunekit.rng import seeded
-from prunekit.training.loss import lm_loss
+from prunekit.training.lora import LoraTrainer, attach_lora
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def cubic_fraction(step: int, total: int, target: float, warmup: float, cooldown
     if ramp < 1:
         raise PrunekitError(
             f"schedule.warmup={warmup} + schedule.cooldown={cooldown} leave no step of {total} to prune in; "
-            "lower them or raise schedule.iterative_steps"
+            "lower them or raise schedule.lora.steps"
         )
     if step < w:
         return 0.0
@@ -90,7 +90,7 @@ class UnitMasks:
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> None:
-        self.adapter = adapter
+        self.adapter, self.units, self.layers = adapter, list(units), list(layers)
         self.slots: list[_Slot] = []
         self.sizes: dict[tuple[int, str, str], int] = {}
         dense_layers = adapter.layers(model)
@@ -178,7 +178,7 @@ def training_lora_scores(
                 module_path, attr = m.path.rsplit(".", 1)
                 mod = layer.get_submodule(module_path)
                 if ADAPTER not in getattr(mod, "lora_A", {}):
-                    raise PrunekitError(f"schedule.target_modules must cover '{module_path}' (unit {unit})")
+                    raise PrunekitError(f"schedule.lora.target_modules must cover '{module_path}' (unit {unit})")
                 base = mod.get_base_layer()
                 if attr == "bias":
                     values[m.path] = torch.zeros_like(base.bias, dtype=torch.float32)
@@ -221,14 +221,67 @@ class IterativeSettings:
     cooldown: float
     ema: float
     checkpoint_every: int
-    lora: Any  # recovery.LoraSettings: its ``steps`` are the schedule's steps in all
+    lora: Any  # training.lora.LoraSettings: its ``steps`` are the schedule's steps in all
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then linear decay to 0 (transformers' linear schedule), as a function of the step."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
+class _Masking:
+    """The schedule's pruning state: smoothed scores, the plan the masks follow, the log per step."""
+
+    def __init__(self, peft_model: nn.Module, adapter: ModelAdapter, masks: UnitMasks, req: PlanRequest,
+                 allocation: str, cfg: IterativeSettings) -> None:  # fmt: skip
+        self.peft_model, self.adapter, self.masks, self.req = peft_model, adapter, masks, req
+        self.allocation, self.cfg = allocation, cfg
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.plan: Plan | None = None
+        self.history: list[dict[str, float]] = []
+
+    def between(self, step: int, loss: float) -> None:
+        """After the backward pass of ``step``: raise the masks when due (LoRA gradients still present)."""
+        steps, warm = self.cfg.lora.steps, round(self.cfg.warmup * self.cfg.lora.steps)
+        current = self.plan.target if self.plan is not None else 0.0
+        want = cubic_fraction(step, steps, self.req.target, self.cfg.warmup, self.cfg.cooldown)
+        due = step >= warm and ((step - warm) % self.cfg.prune_freq == 0 or want == self.req.target)
+        if due and want > current:
+            with torch.no_grad():
+                new = training_lora_scores(self.peft_model, self.adapter, self.masks.units, self.masks.layers,
+                                           self.cfg.lora.learning_rate)  # fmt: skip
+            self.ema = smooth(self.ema, new, self.cfg.ema, self.plan)
+            r = self.req
+            tolerance = r.tolerance if want == r.target else 1.0
+            step_req = PlanRequest(want, r.total_params, r.layouts, r.round_to, tolerance)
+            self.plan = make_plan(self.ema, step_req, self.allocation, criterion="lora")
+            self.masks.set_plan(self.plan)
+        self.history.append({"step": step, "loss": loss, "fraction": self.plan.achieved if self.plan else 0.0})
+
+    def save(self, trainer: LoraTrainer, state_dir: Path, state_key: str) -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        tensors, record = trainer.state()
+        tensors |= {f"ema.{k}": v for k, v in (self.ema or {}).items()}
+        record |= {"plan": self.plan.to_json() if self.plan else None, "history": self.history}
+        adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+
+        def write(tmp: Path) -> None:
+            save_file(adapters, str(tmp / "adapter.safetensors"))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+
+        write_state(state_dir, state_key, record, write)
+
+    def load(self, trainer: LoraTrainer, state_dir: Path, state_key: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        record = read_state(state_dir, state_key)
+        if record is None:
+            return
+        set_peft_model_state_dict(self.peft_model, load_file(str(state_dir / "adapter.safetensors")))
+        tensors = load_file(str(state_dir / "tensors.safetensors"))
+        trainer.restore(tensors, record)
+        self.ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")} or None
+        self.plan = Plan.from_json(record["plan"]) if record["plan"] else None
+        self.history = record["history"]
+        log.info("iterative schedule: resuming after step %d", trainer.step - 1)
 
 
 def iterative_prune(
@@ -246,130 +299,40 @@ def iterative_prune(
 ) -> tuple[nn.Module, Plan, list[dict[str, float]]]:
     """LoRAPrune's schedule (module docstring); returns (sliced merged model, final plan, log per step).
 
-    ``stop_after`` ends the run after that many steps as if killed (tests); the state folder keeps the
-    last checkpoint.
+    The LoRA run is :class:`~prunekit.training.lora.LoraTrainer`'s with the masks raised between each backward
+    pass and its update. ``stop_after`` ends the run after that many steps as if killed (tests); the state
+    folder keeps the last checkpoint.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
     from prunekit.pruning.slicing import apply_plan
 
     masks = UnitMasks(model, adapter, units, layers)
-    lc = cfg.lora
-    with seeded(lc.seed):  # LoRA A's init and dropout; the caller's random state is left as it was
-        lora = LoraConfig(
-            r=lc.rank,
-            lora_alpha=lc.alpha,
-            lora_dropout=lc.dropout,
-            target_modules=list(lc.target_modules),
-            task_type="CAUSAL_LM",
-            bias="none",
-        )
-        peft_model = get_peft_model(model, lora)
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=lc.learning_rate, weight_decay=lc.weight_decay)
-        gen = torch.Generator().manual_seed(lc.seed)
-        order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
-        ema: dict[str, torch.Tensor] | None = None
-        plan: Plan | None = None
-        history: list[dict[str, float]] = []
-        start = 0
-        state = read_state(state_dir, state_key) if state_dir is not None else None
-        if state is not None:
-            set_peft_model_state_dict(peft_model, load_file(str(state_dir / "adapter.safetensors")))
-            tensors = load_file(str(state_dir / "tensors.safetensors"))
-            opt.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-            ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")} or None
-            torch.set_rng_state(tensors["rng.torch"])
-            gen.set_state(tensors["rng.data"])
-            order, pos = tensors["order"], state["pos"]
-            plan = Plan.from_json(state["plan"]) if state["plan"] else None
-            history, start = state["history"], state["step"] + 1
-            log.info("iterative schedule: resuming after step %d", state["step"])
-        masks.set_plan(plan)
+    steps = cfg.lora.steps
+    with seeded(cfg.lora.seed):  # adapters' init and dropout; the caller's random state is left as it was
+        peft_model = attach_lora(model, cfg.lora)
+        trainer = LoraTrainer(peft_model, blocks, cfg.lora)
+        run = _Masking(peft_model, adapter, masks, req, allocation, cfg)
+        if state_dir is not None:
+            run.load(trainer, state_dir, state_key)
+        masks.set_plan(run.plan)
         masks.attach(peft_model)
-        steps = lc.steps
-        warm = round(cfg.warmup * steps)
-        device = next(model.parameters()).device
         peft_model.train()
-        current = plan.target if plan is not None else 0.0
-        for step in tqdm(range(start, steps), desc="iterative pruning", unit="step", initial=start, total=steps):
-            if pos + lc.batch_size > order.numel():
-                order, pos = torch.randperm(blocks.shape[0], generator=gen), 0
-            batch = blocks[order[pos : pos + lc.batch_size]].to(device)
-            pos += lc.batch_size
-            loss = lm_loss(peft_model, batch)
-            if not torch.isfinite(loss):
-                raise PrunekitError(f"loss became {loss.item()} at step {step}; lower schedule.learning_rate")
-            loss.backward()
-            want = cubic_fraction(step, steps, req.target, cfg.warmup, cfg.cooldown)
-            due = step >= warm and ((step - warm) % cfg.prune_freq == 0 or want == req.target)
-            if due and want > current:
-                with torch.no_grad():
-                    new = training_lora_scores(peft_model, adapter, units, layers, lc.learning_rate)
-                ema = smooth(ema, new, cfg.ema, plan)
-                final = want == req.target
-                step_req = PlanRequest(
-                    want, req.total_params, req.layouts, req.round_to, req.tolerance if final else 1.0
-                )
-                plan = make_plan(ema, step_req, allocation, criterion="lora")
-                masks.set_plan(plan)
-                current = want
-            for group in opt.param_groups:
-                group["lr"] = lc.learning_rate * _lr_factor(step, steps, warm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            history.append({"step": step, "loss": loss.item(), "fraction": plan.achieved if plan else 0.0})
-            last = step + 1 == steps
-            if state_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and not last:
-                record = {
-                    "step": step,
-                    "pos": pos,
-                    "plan": plan.to_json() if plan else None,
-                    "history": history,
-                }
-                flat, layout = _flatten_optimizer(opt.state_dict())
-                record["optimizer"] = layout
-                tensors = {**flat, "rng.torch": torch.get_rng_state(), "rng.data": gen.get_state(), "order": order}
-                tensors |= {f"ema.{k}": v for k, v in (ema or {}).items()}
-                adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-
-                def write(tmp: Path, tensors: dict = tensors, adapter_state: dict = adapter_state) -> None:
-                    save_file(adapter_state, str(tmp / "adapter.safetensors"))
-                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-
-                write_state(state_dir, state_key, record, write)
-            if stop_after is not None and step + 1 >= stop_after:
-                masks.detach()
-                raise KeyboardInterrupt(f"stopped after step {step} (stop_after)")
-        masks.detach()
-        if plan is None or not math.isclose(plan.target, req.target):
-            raise PrunekitError("the schedule never reached prune.target: raise schedule.iterative_steps")
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        apply_plan(merged, adapter, plan, mode="slice")
-        return merged, plan, history
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer state_dict as safetensors-ready tensors plus a JSON layout (no pickle)."""
-    flat, layout = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entries in state["state"].items():
-        layout["state"][str(pid)] = {}
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                flat[f"opt.{pid}.{name}"] = value.detach().clone().contiguous()
-                layout["state"][str(pid)][name] = "tensor"
-            else:
-                layout["state"][str(pid)][name] = value
-    return flat, layout
-
-
-def _unflatten_optimizer(flat: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for pid, entries in layout["state"].items():
-        state[int(pid)] = {k: flat[f"opt.{pid}.{k}"] if v == "tensor" else v for k, v in entries.items()}
-    return {"state": state, "param_groups": layout["param_groups"]}
+        try:
+            for step in tqdm(range(trainer.step, steps), desc="iterative pruning", unit="step",
+                             initial=trainer.step, total=steps):  # fmt: skip
+                run.between(step, trainer.backward())
+                trainer.update()
+                if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                    run.save(trainer, state_dir, state_key)
+                if stop_after is not None and step + 1 >= stop_after:
+                    raise KeyboardInterrupt(f"stopped after step {step} (stop_after)")
+        finally:
+            masks.detach()
+    if run.plan is None or not math.isclose(run.plan.target, req.target):
+        raise PrunekitError("the schedule never reached prune.target: raise schedule.lora.steps")
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    apply_plan(merged, adapter, run.plan, mode="slice")
+    return merged, run.plan, run.history
 
 
 class Iterative(Schedule):
@@ -397,26 +360,21 @@ class Iterative(Schedule):
         from prunekit.training.lora import LoraSettings, check_targets
 
         sc, units = job.schedule, list(job.cut.units)
-        check_targets(job.model, list(sc.target_modules), "schedule.target_modules")
+        lora = LoraSettings.from_params(sc.lora, job.seed, "schedule.lora")
+        check_targets(job.model, lora.target_modules, "schedule.lora.target_modules")
         layers = job.cut.layers(job.model, job.adapter)
         dense_layers = job.adapter.layers(job.model)
-        targets = list(sc.target_modules)
+        targets = lora.target_modules
         missing = sorted({t for i in layers for t in missing_targets(job.adapter, dense_layers[i], units, targets)})
         if missing:
             raise PrunekitError(
-                f"schedule.target_modules {targets} miss {missing}: the iterative schedule scores every pruned "
+                f"schedule.lora.target_modules {targets} miss {missing}: the iterative schedule scores every pruned "
                 "module from its LoRA adapter"
             )
-        cfg = IterativeSettings(
-            prune_freq=sc.prune_freq,
-            warmup=sc.warmup,
-            cooldown=sc.cooldown,
-            ema=sc.ema,
-            checkpoint_every=sc.checkpoint_every,
-            lora=LoraSettings.from_params(sc, sc.iterative_steps, job.seed),
-        )
+        cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora)
         req = job.cut.request(job.model, job.adapter, job.cut.target, count_params(job.model))
-        model, plan, history = iterative_prune(job.model, job.adapter, job.blocks(sc.seq_len), req, units, layers,
+        blocks = job.blocks(sc.lora.seq_len)
+        model, plan, history = iterative_prune(job.model, job.adapter, blocks, req, units, layers,
                                                job.cut.allocation, cfg, job.state_dir, job.state_key)  # fmt: skip
         return PruneResult(model, plan, history)
 

@@ -1,9 +1,9 @@
 """``prune.schedule: kshot``: TransAct's k shots of score -> cut -> train.
 
-``schedule.shots`` rounds of: score with ``score.criterion`` on the current (already smaller) model, slice it
-to ``target * i / shots`` of the ORIGINAL parameters, then ``schedule.steps_per_shot`` LoRA steps merged into the
-weights. The first round uses the score stage's scores (the same criterion on the same dense model). Any
-registered criterion works; TransAct's own is ``activation``, with the same width in every layer
+``schedule.shots`` rounds of: score with ``score.criterion`` on the current (already smaller) model, slice it to
+``target * i / shots`` of the ORIGINAL parameters, then ``schedule.steps_per_shot`` LoRA steps (``schedule.lora``,
+no warm-up) merged into the weights. The first round uses the score stage's scores (the same criterion on the same
+dense model). Any registered criterion works; TransAct's own is ``activation``, with the same width in every layer
 (``prune.allocation: uniform``) and head dims optional (``attn_qk_dim`` / ``attn_vo_dim``).
 
 Each shot's plan numbers the units of the model that shot cuts; :class:`KeptUnits` follows every unit back to
@@ -143,7 +143,7 @@ class KeptUnits:
 class KShotSettings:
     target: float
     shots: int
-    lora: Any  # recovery.LoraSettings of each shot's training (steps = schedule.steps_per_shot); seed + shot
+    lora: Any  # training.lora.LoraSettings of each shot's training (steps = schedule.steps_per_shot); seed + shot
 
 
 def kshot_prune(
@@ -163,7 +163,7 @@ def kshot_prune(
     model, adapter, cut = job.model, job.adapter, job.cut
     original = count_params(model)
     kept = KeptUnits(model, adapter, list(cut.units))
-    blocks = job.blocks(job.schedule.seq_len)
+    blocks = job.blocks(job.schedule.lora.seq_len)
     records: list[dict[str, Any]] = []
     start = 1
     state = read_state(job.state_dir, job.state_key) if job.state_dir is not None else None
@@ -187,7 +187,7 @@ def kshot_prune(
         kept.cut(model, adapter, plan)
         apply_plan(model, adapter, plan, mode="slice")
         settings = dataclasses.replace(cfg.lora, seed=cfg.lora.seed + shot)
-        model, losses = train_lora(model, blocks, settings, key="schedule.target_modules")
+        model, losses = train_lora(model, blocks, settings, desc=f"shot {shot} LoRA")
         removed = 1 - count_params(model) / original
         records.append({"shot": shot, "target": fraction, "removed": removed, "loss": losses[-1] if losses else None})
         log.info("shot %d/%d: removed %.4f of the original parameters", shot, cfg.shots, removed)
@@ -222,7 +222,7 @@ class KShot(Schedule):
         from prunekit.training.lora import LoraSettings
 
         sc = job.schedule
-        lora = LoraSettings.from_params(sc, sc.steps_per_shot, job.seed)
+        lora = LoraSettings.from_params(sc.lora, job.seed, "schedule.lora", steps=sc.steps_per_shot, warmup_steps=0)
         model, plan, records = kshot_prune(job, KShotSettings(target=job.cut.target, shots=sc.shots, lora=lora))
         return PruneResult(model, plan, records)
 
