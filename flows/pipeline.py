@@ -29,9 +29,6 @@ class CommandFailed(PrunekitError):
     """dvc failed; the stage that failed printed why (exit code 1, not a params problem)."""
 
 
-REPORT = Path("reports/experiments.md")
-
-
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
     """params.yaml contents with dotted-key overrides applied; values are parsed as YAML, like `dvc -S`."""
     out = json.loads(json.dumps(raw))
@@ -94,7 +91,7 @@ def metrics_rows(repo: Path) -> list[dict[str, Any]]:
 def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = None, repo: str = ".") -> list:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from prunekit.evaluation.report import build_report, exp_show_json
+    from prunekit.cli import cmd_report
 
     root = Path(repo).resolve()
     overrides = dict(overrides or {})
@@ -111,7 +108,7 @@ def _pipeline(overrides: dict[str, str] | None = None, experiment: str | None = 
         description=f"Metrics after `{' '.join(cmd)}`",
     )
     # The comparison of every experiment so far (reports/experiments.md + .png), also as a Prefect artifact.
-    report = build_report(exp_show_json(root), root / REPORT)
+    report = cmd_report(None, repo=str(root))
     create_markdown_artifact(key="prunekit-report", markdown=report, description="prunekit experiments")
     return rows
 

@@ -36,21 +36,21 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     else:
         model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
     rows = read_documents(text, "evaluation")
-    out: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
+    metrics: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
     if quantized:
         n_params, n_adapter = logical_param_count(model)
         base = model.get_base_model() if n_adapter else model
-        out["params"], out["adapter_params"] = n_params, n_adapter
-        out["weight_bytes"] = quantized_weight_bytes(base)
-        out["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
+        metrics["params"], metrics["adapter_params"] = n_params, n_adapter
+        metrics["weight_bytes"] = quantized_weight_bytes(base)
+        metrics["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
         if dense_metrics:
             dense = read_json(dense_metrics, "dense model metrics")
-            out["bytes_vs_dense_16bit"] = round(out["weight_bytes"] / (2 * dense["params"]), 4)
-    out |= evaluate_model(
+            metrics["bytes_vs_dense_16bit"] = round(metrics["weight_bytes"] / (2 * dense["params"]), 4)
+    metrics |= evaluate_model(
         model, tokenizer, adapter, params.evaluate, params.seed, rows, data_name(params.data.evaluation)
     )
-    out["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
-    write_json(out, out)
+    metrics["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
+    write_json(out, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

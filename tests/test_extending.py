@@ -47,6 +47,7 @@ from prunekit.pruning.units.base import UNITS, Member, UnitType
 class MLPPair(UnitType):
     name = "mlp_pair"
     description = "two neighbouring MLP channels"
+    input_of = "down_proj"  # it owns down_proj input columns 2i, 2i+1: activation criteria can read it
 
     def count(self, adapter, layer):
         return getattr(adapter.mlp(layer), adapter.gate).out_features // 2
@@ -98,6 +99,10 @@ def test_toy_criterion_and_unit_run_through_score_plan_slice(registered: None) -
     # A gradient criterion reads the new unit through its members too.
     taylor = CRITERIA.get("param_first").score(model, adapter, req)
     torch.testing.assert_close(taylor["mlp_pair.2"], taylor["mlp_channel.2"].view(-1, 2).sum(1))
+    # The activation criteria read it through the down_proj input block it declares (input_of).
+    for name in ("activation", "wanda_sp", "flap"):
+        act = CRITERIA.get(name).score(model, adapter, req)
+        torch.testing.assert_close(act["mlp_pair.1"], act["mlp_channel.1"].view(-1, 2).sum(1))
     units = ["mlp_pair", "attn_kv_group"]
     plan, adapter = _cut(model, units, {k: v for k, v in scores.items() if not k.startswith("mlp_channel")})
     assert set(plan.keep) == set(units) and len(plan.keep["mlp_pair"][1]) < 32

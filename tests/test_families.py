@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_pruning import WIDTH_UNITS, assert_generate_matches, logits, random_plan
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from prunekit.models.adapters import ADAPTERS, adapter_for
 from prunekit.pruning.slicing import apply_plan, save_model
@@ -25,17 +25,19 @@ SIZES = dict(
 )
 
 
+# Settings a family's contract test turns on beyond the sizes (Mistral: a sliding window shorter than the text).
+EXTRA = {"mistral": {"sliding_window": 4}}
+
+
 def tiny_family(family: str, tie: bool, vocab_size: int):
     from conftest import tiny_model
 
-    sizes = SIZES | {"vocab_size": vocab_size, "tie_word_embeddings": tie}
+    sizes = SIZES | {"vocab_size": vocab_size, "tie_word_embeddings": tie} | EXTRA.get(family, {})
     if family == "llama":
         return tiny_model(num_hidden_layers=3, vocab_size=vocab_size, tie_word_embeddings=tie)
     torch.manual_seed(0)
-    if family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**sizes, sliding_window=4))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    config_cls, causal_cls = ADAPTERS.get(family).stock_classes  # any registered family: its stock classes
+    model = causal_cls(config_cls(**sizes))
     with torch.no_grad():  # make biases and norms non-trivial so slicing errors cannot hide
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -47,7 +49,7 @@ def test_every_family_is_covered() -> None:
     assert ADAPTERS.names() == ["llama", "mistral", "qwen2"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ADAPTERS.names())
 @pytest.mark.parametrize("tie", [True, False])
 def test_family_prune_save_reload(family: str, tie: bool, tmp_path, tokenizer) -> None:
     dense = tiny_family(family, tie, len(tokenizer))
@@ -84,3 +86,83 @@ def test_family_uniform_saves_stock_config(family: str, tmp_path, tokenizer) -> 
     stock = type(dense).from_pretrained(tmp_path).eval()
     ids = tokenizer("import os", return_tensors="pt")["input_ids"]
     assert_generate_matches(stock, sliced, ids)
+
+
+TOY_FAMILY = '''
+"""Granite: Llama's layout with scaling multipliers (embedding, residual, attention, logits)."""
+
+from transformers.models.granite import modeling_granite
+from transformers.models.granite.configuration_granite import GraniteConfig
+from transformers.models.granite.modeling_granite import GraniteDecoderLayer, GraniteForCausalLM, GraniteModel
+
+from prunekit.models.adapters import ADAPTERS, ModelAdapter
+from prunekit.models.attention import HeadDimAttention
+from prunekit.models.modeling import PerLayerCausalLM, PerLayerModel, check_layer_sizes
+
+
+class HeadDimGraniteAttention(HeadDimAttention, modeling_granite.GraniteAttention):
+    family_module = modeling_granite
+
+
+class PrunedGraniteConfig(GraniteConfig):
+    model_type = "prunekit_granite"
+    layer_sizes: list | None = None
+
+    def validate_architecture(self):
+        check_layer_sizes(self)
+
+
+class PrunedGraniteModel(PerLayerModel, GraniteModel):
+    config_class = PrunedGraniteConfig
+    decoder_layer_cls = GraniteDecoderLayer
+    attention_cls = HeadDimGraniteAttention
+
+
+class PrunedGraniteForCausalLM(PerLayerCausalLM, GraniteForCausalLM):
+    config_class = PrunedGraniteConfig
+    base_model_cls = PrunedGraniteModel
+
+
+class GraniteAdapter(ModelAdapter):
+    family = "granite"
+    model_types = ("granite",)
+    stock_classes = (GraniteConfig, GraniteForCausalLM)
+    pruned = (PrunedGraniteConfig, PrunedGraniteModel, PrunedGraniteForCausalLM)
+    head_dim_attention = HeadDimGraniteAttention
+
+
+ADAPTERS.register(GraniteAdapter.family)(GraniteAdapter())
+'''
+
+
+def test_a_family_is_one_module(tmp_path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/extending.md's family: one module and its registration line, then the family contract holds
+    (sliced = masked dense, saved with per-layer widths, reloaded by the Auto classes, head dims too)."""
+    import importlib.util
+
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from prunekit.models.attention import enable_head_dims
+    from prunekit.models.modeling import register_auto_classes
+
+    monkeypatch.setattr(ADAPTERS, "_items", dict(ADAPTERS._items))  # the registration ends with the test
+    (tmp_path / "toy_family.py").write_text(TOY_FAMILY)
+    spec = importlib.util.spec_from_file_location("toy_family", tmp_path / "toy_family.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    register_auto_classes()
+    torch.manual_seed(0)
+    config = GraniteConfig(**SIZES | {"vocab_size": len(tokenizer)}, residual_multiplier=0.5, attention_multiplier=0.2)
+    dense = GraniteForCausalLM(config).eval()
+    adapter = adapter_for(dense.config)
+    assert adapter.family == "granite"
+    enable_head_dims(dense.model.layers[1].self_attn, "granite")  # the family's head-dim attention, same outputs
+    plan = random_plan(dense, WIDTH_UNITS, seed=5)
+    masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
+    sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
+    ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
+    assert (logits(sliced, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
+    save_model(sliced, adapter, tokenizer, tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "prunekit_granite"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert type(loaded).__name__ == "PrunedGraniteForCausalLM"
+    assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5

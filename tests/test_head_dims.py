@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
-from prunekit.models.attention import HeadDimAttention, HeadDimLlamaAttention
+from prunekit.models.adapters import ADAPTERS, adapter_for
+from prunekit.models.attention import HeadDimAttention
 from prunekit.models.compat import cache_of
-from prunekit.models.modeling import PRUNED_CLASSES, check_layer_sizes
+from prunekit.models.families.llama import HeadDimLlamaAttention
+from prunekit.models.modeling import check_layer_sizes
 from prunekit.pruning.criteria import CRITERIA
 from prunekit.pruning.criteria.base import ScoreRequest
 from prunekit.pruning.plan import Plan, PlanRequest, make_plan
@@ -193,7 +194,7 @@ def test_save_reload_generate_matches_masked(family: str, tmp_path, tokenizer) -
         assert entry["rope_pairs"] == pairs
     assert "model.layers.1.self_attn.rope_index" in load_file(tmp_path / "model.safetensors")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is PRUNED_CLASSES[family][2]
+    assert type(loaded) is ADAPTERS.get(family).pruned[2]
     attns = [layer.self_attn for layer in loaded.model.layers]
     assert not isinstance(attns[0], HeadDimAttention) and all(isinstance(a, HeadDimAttention) for a in attns[1:])
     ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]

@@ -8,10 +8,30 @@ import pytest
 import yaml
 
 from prunekit.errors import ParamsError
-from prunekit.pipeline.params import load_params, parse_params
+from prunekit.pipeline.params import LoraParams, Params, load_params, parse_params
 from prunekit.pipeline.validation import check_choices
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_params_reference_names_every_key() -> None:
+    """docs/params.md has a row for every key (a LoRA section's keys once, in the shared table)."""
+    from pydantic import BaseModel
+
+    text = (ROOT / "docs" / "params.md").read_text()
+    missing = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            kind, key = field.annotation, prefix + name
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and not issubclass(kind, LoraParams):
+                walk(kind, key + ".")
+            elif f"| `{key}` |" not in text:
+                missing.append(key)
+
+    walk(Params, "")
+    missing += [f"<section>.lora.{name}" for name in LoraParams.model_fields if f"| `{name}` |" not in text]
+    assert missing == []
 
 
 def test_repository_params_are_valid_and_complete() -> None:

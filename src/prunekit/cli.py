@@ -64,15 +64,15 @@ def cmd_info(model_dir: str) -> None:
     print("installed:    " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
 
 
-def read_dvc_json(saved: str | None, command: str) -> Any:
-    """A saved ``dvc <command> --json`` output, or that command's output here (``saved`` None)."""
+def read_dvc_json(saved: str | None, command: str, repo: str = ".") -> Any:
+    """A saved ``dvc <command> --json`` output, or that command's output in ``repo`` (``saved`` None)."""
     import json
     from pathlib import Path
 
     from prunekit.evaluation.report import dvc_json
 
     if saved is None:
-        return dvc_json(Path.cwd(), *command.split())
+        return dvc_json(Path(repo), *command.split())
     try:
         return json.loads(Path(saved).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -99,13 +99,18 @@ def cmd_server(action: str) -> None:
         print(f"shared Prefect server at {status['url']} (pid {status['pid']}), stages attached: {status['clients']}")
 
 
-def cmd_report(json_path: str | None, out: str) -> None:
+REPORT = "reports/experiments.md"  # the experiment comparison: written here only (`prunekit report`, the flow)
+
+
+def cmd_report(json_path: str | None, out: str = REPORT, repo: str = ".") -> str:
+    """Write the comparison of every experiment of ``repo`` (markdown ``out`` and a PNG beside it); return it."""
     from pathlib import Path
 
     from prunekit.evaluation.report import build_report
 
-    build_report(read_dvc_json(json_path, "exp show"), Path(out))
+    text = build_report(read_dvc_json(json_path, "exp show", repo), Path(repo) / out)
     print(f"wrote {out} and {Path(out).with_suffix('.png')}")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("model_dir")
     report = sub.add_parser("report", help="markdown + PNG comparison of the DVC experiments (dvc exp show --json)")
     report.add_argument("--json", help="a saved `dvc exp show --json` output (default: run it here)")
-    report.add_argument("--out", default="reports/experiments.md", help="markdown path (the PNG goes beside it)")
+    report.add_argument("--out", default=REPORT, help="markdown path (the PNG goes beside it)")
     summary = sub.add_parser("summary", help="one row per evaluated model: size, perplexity, accuracy, speed")
     summary.add_argument("--json", help="a saved `dvc metrics show --json` output (default: run it here)")
     server = sub.add_parser("server", help="the shared local Prefect server the stages report to")

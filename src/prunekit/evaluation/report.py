@@ -198,11 +198,6 @@ def dvc_json(repo: Path, *command: str) -> Any:
     return json.loads(out.stdout or "null")
 
 
-def exp_show_json(repo: Path) -> list[Mapping[str, Any]]:
-    """``dvc exp show --json`` in ``repo``."""
-    return dvc_json(repo, "exp", "show")
-
-
 def build_report(entries: list[Mapping[str, Any]], out: Path) -> str:
     """Write ``out`` (markdown) and its PNG beside it; return the markdown."""
     rows, skipped = parse_exp_show(entries)

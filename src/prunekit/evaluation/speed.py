@@ -17,7 +17,7 @@ def _sync(device: torch.device) -> None:
 def speed_prompts(stream: torch.Tensor, batch_size: int, prompt_len: int) -> torch.Tensor:
     """``batch_size`` prompts: consecutive non-overlapping ``prompt_len``-token windows of the evaluation stream,
     repeated from the start when the text holds fewer (throughput does not depend on which tokens)."""
-    from prunekit.tokens import chunks
+    from prunekit.data.tokens import chunks
 
     windows = chunks(stream, prompt_len, "evaluation (speed prompts)")
     reps = -(-batch_size // windows.shape[0])

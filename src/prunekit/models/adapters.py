@@ -1,7 +1,9 @@
 """Model-family adapters: where a family keeps its decoder layers, attention, MLP and their sizes.
 
-Everything prunekit does to a model goes through an adapter, so supporting a family is one subclass
-(its config ``model_type`` values and its pruned classes) plus the contract test in tests/.
+Everything prunekit does to a model goes through an adapter. A family is one module in
+:mod:`prunekit.models.families`: a :class:`ModelAdapter` subclass naming its config ``model_type`` values, its
+stock and per-layer-width classes and its head-dim attention, and one registration line; the contract tests
+run over every registered family.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.attention import HeadDimAttention
-from prunekit.models.modeling import LAYER_SIZE_KEYS, PRUNED_CLASSES
+from prunekit.models.modeling import LAYER_SIZE_KEYS
 from prunekit.registry import Registry
 
 
@@ -85,10 +87,18 @@ class RootLink(nn.Module):
 
 
 class ModelAdapter:
-    """Llama-style decoder: ``model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``."""
+    """Llama-style decoder: ``model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``.
 
-    family = "llama"
-    model_types: tuple[str, ...] = ("llama",)
+    A family subclasses it (``prunekit.models.families``) and fills in the class attributes below; a family
+    laid out differently also overrides the paths and accessors.
+    """
+
+    family = ""
+    model_types: tuple[str, ...] = ()
+    stock_classes: tuple[type, type]  # (config, causal LM) of transformers
+    pruned: tuple[type, type, type]  # (config, base model, causal LM) with per-layer widths
+    head_dim_attention: type[HeadDimAttention]  # the family's attention with pruned head dims
+    output_bias = False  # the stock config can give o_proj and down_proj a bias (FLAP's compensation needs it)
     attn_path = "self_attn"
     mlp_path = "mlp"
     q, k, v, o = "q_proj", "k_proj", "v_proj", "o_proj"
@@ -142,7 +152,7 @@ class ModelAdapter:
         return [self.layer_sizes(model, i) for i in range(len(self.layers(model)))]
 
     def pruned_classes(self) -> tuple[type, type, type]:
-        return PRUNED_CLASSES[self.family]
+        return self.pruned
 
     def stock_config(self, config: Any, sizes: LayerSizes) -> Any:
         """The family's stock config with uniform ``sizes``; raises ValueError if stock rejects them."""
@@ -174,23 +184,7 @@ def config_head_dim(config: Any) -> int:
     return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
-class MistralAdapter(ModelAdapter):
-    """Mistral: Llama's layout (sliding-window attention is a run-time setting, not a size)."""
-
-    family = "mistral"
-    model_types = ("mistral",)
-
-
-class Qwen2Adapter(ModelAdapter):
-    """Qwen2: Llama's layout with q/k/v biases (sliced with their rows by the units)."""
-
-    family = "qwen2"
-    model_types = ("qwen2",)
-
-
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
-for _adapter in (ModelAdapter(), MistralAdapter(), Qwen2Adapter()):
-    ADAPTERS.register(_adapter.family)(_adapter)
 
 
 def supported_model_types() -> list[str]:
@@ -210,3 +204,6 @@ def adapter_for(config: Any) -> ModelAdapter:
         f"Unsupported architecture '{model_type}' (architectures: {getattr(config, 'architectures', None)}). "
         f"Supported model types: {', '.join(supported)}."
     )
+
+
+from prunekit.models import families  # noqa: E402, F401  (registers the families; they import this module)

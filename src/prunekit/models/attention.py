@@ -23,9 +23,6 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
-from transformers.models.qwen2 import modeling_qwen2
 
 
 def rope_index_from_pairs(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -150,32 +147,6 @@ class HeadDimAttention(nn.Module):
         return f"head_dim={self.head_dim}, qk_head_dim={self.qk_head_dim}, v_head_dim={self.v_head_dim}"
 
 
-class HeadDimLlamaAttention(HeadDimAttention, modeling_llama.LlamaAttention):
-    family_module = modeling_llama
-
-
-class HeadDimMistralAttention(HeadDimAttention, modeling_mistral.MistralAttention):
-    family_module = modeling_mistral
-
-    def attention_kwargs(self) -> dict[str, Any]:
-        return {"sliding_window": getattr(self.config, "sliding_window", None)}
-
-
-class HeadDimQwen2Attention(HeadDimAttention, modeling_qwen2.Qwen2Attention):
-    family_module = modeling_qwen2
-
-    def attention_kwargs(self) -> dict[str, Any]:
-        return {"sliding_window": self.sliding_window}
-
-
-# family -> head-dim attention class
-HEAD_DIM_ATTENTION: dict[str, type[HeadDimAttention]] = {
-    "llama": HeadDimLlamaAttention,
-    "mistral": HeadDimMistralAttention,
-    "qwen2": HeadDimQwen2Attention,
-}
-
-
 def enable_head_dims(attn: nn.Module, family: str) -> HeadDimAttention:
     """Turn a family's stock attention into its head-dim subclass in place: same weights, same outputs.
 
@@ -184,7 +155,9 @@ def enable_head_dims(attn: nn.Module, family: str) -> HeadDimAttention:
     """
     if isinstance(attn, HeadDimAttention):
         return attn
-    cls = HEAD_DIM_ATTENTION[family]
+    from prunekit.models.adapters import ADAPTERS
+
+    cls = ADAPTERS.get(family).head_dim_attention
     if type(attn) not in cls.__bases__:
         raise TypeError(f"cannot prune head dims of {type(attn).__name__}: expected the {family} attention")
     hd = int(attn.head_dim)

@@ -7,7 +7,8 @@ family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_ty
 loads them. The model classes subclass the family's own modules (no vendored modeling code): each
 decoder layer is built from a copy of the config carrying that layer's sizes. Layers whose head dims are
 pruned (q/k and v widths of their own, which no stock config can express) get the family's attention
-subclass from :mod:`prunekit.models.attention`; the others keep the stock attention.
+subclass (``ModelAdapter.head_dim_attention``); the others keep the stock attention. Each family's classes live
+in its module of :mod:`prunekit.models.families`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,6 @@ from typing import Any
 
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from transformers.models.mistral.configuration_mistral import MistralConfig
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
-from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
-
-from prunekit.models.attention import HeadDimLlamaAttention, HeadDimMistralAttention, HeadDimQwen2Attention
 
 # Within-head widths of a layer whose head dims are pruned (all three or none; none: stock attention).
 # ``rope_pairs`` lists, per k/v head, the kept rotary pairs (frequency indices in [0, head_dim / 2)).
@@ -129,84 +122,13 @@ class PerLayerCausalLM:
         self.post_init()  # type: ignore[attr-defined]
 
 
-class PrunedLlamaConfig(LlamaConfig):
-    """LlamaConfig with per-layer sizes (``layer_sizes``); top-level sizes are the dense model's."""
-
-    model_type = "prunekit_llama"
-    layer_sizes: list | None = None
-
-    def validate_architecture(self) -> None:
-        # Stock Llama demands hidden_size % num_attention_heads == 0, which pruned heads need not meet
-        # (head_dim is explicit); check what the pruned architecture needs instead.
-        check_layer_sizes(self)
-
-
-class PrunedLlamaModel(PerLayerModel, LlamaModel):
-    config_class = PrunedLlamaConfig
-    decoder_layer_cls = LlamaDecoderLayer
-    attention_cls = HeadDimLlamaAttention
-
-
-class PrunedLlamaForCausalLM(PerLayerCausalLM, LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
-    base_model_cls = PrunedLlamaModel
-
-
-class PrunedMistralConfig(MistralConfig):
-    """MistralConfig with per-layer sizes (``layer_sizes``)."""
-
-    model_type = "prunekit_mistral"
-    layer_sizes: list | None = None
-
-    def validate_architecture(self) -> None:
-        check_layer_sizes(self)
-
-
-class PrunedMistralModel(PerLayerModel, MistralModel):
-    config_class = PrunedMistralConfig
-    decoder_layer_cls = MistralDecoderLayer
-    attention_cls = HeadDimMistralAttention
-
-
-class PrunedMistralForCausalLM(PerLayerCausalLM, MistralForCausalLM):
-    config_class = PrunedMistralConfig
-    base_model_cls = PrunedMistralModel
-
-
-class PrunedQwen2Config(Qwen2Config):
-    """Qwen2Config with per-layer sizes (``layer_sizes``)."""
-
-    model_type = "prunekit_qwen2"
-    layer_sizes: list | None = None
-
-    def validate_architecture(self) -> None:
-        check_layer_sizes(self)
-
-
-class PrunedQwen2Model(PerLayerModel, Qwen2Model):
-    config_class = PrunedQwen2Config
-    decoder_layer_cls = Qwen2DecoderLayer
-    attention_cls = HeadDimQwen2Attention
-
-
-class PrunedQwen2ForCausalLM(PerLayerCausalLM, Qwen2ForCausalLM):
-    config_class = PrunedQwen2Config
-    base_model_cls = PrunedQwen2Model
-
-
-# family -> (pruned config class, pruned base model class, pruned causal-LM class)
-PRUNED_CLASSES: dict[str, tuple[type, type, type]] = {
-    "llama": (PrunedLlamaConfig, PrunedLlamaModel, PrunedLlamaForCausalLM),
-    "mistral": (PrunedMistralConfig, PrunedMistralModel, PrunedMistralForCausalLM),
-    "qwen2": (PrunedQwen2Config, PrunedQwen2Model, PrunedQwen2ForCausalLM),
-}
-
-
 def register_auto_classes() -> None:
     """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for config_cls, model_cls, causal_cls in PRUNED_CLASSES.values():
+    from prunekit.models.adapters import ADAPTERS
+
+    for config_cls, model_cls, causal_cls in (adapter.pruned for _, adapter in ADAPTERS.items()):
         if config_cls.model_type in CONFIG_MAPPING:
             continue
         AutoConfig.register(config_cls.model_type, config_cls)

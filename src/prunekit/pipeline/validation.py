@@ -2,115 +2,146 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.pipeline.params import Params
 
 
+class _Problems(list[str]):
+    """The problems found so far, one line each, every line naming its params.yaml key."""
+
+    def check(self, key: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Run ``fn``; a :class:`PrunekitError` it raises becomes a problem of ``key``."""
+        try:
+            fn(*args, **kwargs)
+        except PrunekitError as e:
+            self.append(f"params.yaml key '{key}': {e}")
+
+    def key(self, key: str, message: str) -> None:
+        self.append(f"params.yaml key '{key}': {message}")
+
+
 def check_choices(params: Params) -> None:
-    """Raise :class:`ParamsError` naming the key of any value that no registry knows."""
+    """Raise :class:`ParamsError` naming the key of any value that no registry knows (every problem at once)."""
+    problems = _Problems()
+    for section in (_model_and_data, _score, _prune, _evaluate, _search):
+        section(params, problems)
+    if problems:
+        raise ParamsError("\n".join(problems))
+
+
+def _model_and_data(params: Params, problems: _Problems) -> None:
     from prunekit.data.sources import validate_spec
+    from prunekit.models.loading import check_device
     from prunekit.models.sources import validate_source
+
+    problems.check("model.source", validate_source, params.model.source)
+    problems.check("model.device", check_device, params.model.device)
+    for role in ("calibration", "training", "evaluation"):
+        problems.check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
+
+
+def _score(params: Params, problems: _Problems) -> None:
     from prunekit.pruning.criteria import CRITERIA
-    from prunekit.pruning.plan import ALLOCATIONS
     from prunekit.pruning.units import UNITS
 
-    problems: list[str] = []
-
-    def check(key: str, fn: object, *args: object, **kwargs: object) -> None:
-        try:
-            fn(*args, **kwargs)  # type: ignore[operator]
-        except PrunekitError as e:
-            problems.append(f"params.yaml key '{key}': {e}")
-
-    from prunekit.models.loading import check_device
-
-    check("model.source", validate_source, params.model.source)
-    check("model.device", check_device, params.model.device)
-    for role in ("calibration", "training", "evaluation"):
-        check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
-    check("score.criterion", CRITERIA.get, params.score.criterion)
-    check_units = getattr(CRITERIA.get(params.score.criterion), "check_units", None) if (
-        params.score.criterion in CRITERIA) else None  # fmt: skip
+    s = params.score
+    problems.check("score.criterion", CRITERIA.get, s.criterion)
+    criterion = CRITERIA.get(s.criterion) if s.criterion in CRITERIA else None
+    check_units = getattr(criterion, "check_units", None)
     if check_units is not None and all(u in UNITS for u in params.prune.units):
-        check("prune.units", check_units, list(params.prune.units))
-    if params.score.base_dtype is not None and params.score.criterion in CRITERIA.names():
-        if CRITERIA.get(params.score.criterion).base_gradients:
-            problems.append(
-                f"params.yaml key 'score.base_dtype': criterion '{params.score.criterion}' differentiates the "
-                "base weights, which must stay in model.dtype; set score.base_dtype: null (or use lora or a "
-                "forward-only criterion)"
-            )
-    if "seq_len" in params.score.lora.model_fields_set:
-        problems.append(
-            "params.yaml key 'score.lora.seq_len': the lora criterion trains on the calibration windows; "
-            "set their length with calibrate.seq_len and remove this key"
+        problems.check("prune.units", check_units, list(params.prune.units))
+    if s.base_dtype is not None and criterion is not None and criterion.base_gradients:
+        problems.key(
+            "score.base_dtype",
+            f"criterion '{s.criterion}' differentiates the base weights, which must stay in model.dtype; set "
+            "score.base_dtype: null (or use lora or a forward-only criterion)",
         )
-    check("prune.allocation", ALLOCATIONS.get, params.prune.allocation)
-    if not params.prune.units:
-        problems.append("params.yaml key 'prune.units': empty; choose from " + ", ".join(UNITS.names()))
-    for i, unit in enumerate(params.prune.units):
-        check(f"prune.units[{i}]", UNITS.get, unit)
-    for unit, multiple in params.prune.round_to.items():
-        check(f"prune.round_to.{unit}", UNITS.get, unit)
-        if multiple < 1:
-            problems.append(f"params.yaml key 'prune.round_to.{unit}': must be >= 1 (given: {multiple})")
-    e = params.evaluate
-    from prunekit.evaluation.datasets import check_local_file, check_ppl_name
-    from prunekit.evaluation.zeroshot import check_local_dir, check_task
+    if "seq_len" in s.lora.model_fields_set:
+        problems.key(
+            "score.lora.seq_len",
+            "the lora criterion trains on the calibration windows; set their length with calibrate.seq_len and "
+            "remove this key",
+        )
 
-    if not e.perplexity:
-        problems.append("params.yaml key 'evaluate.perplexity': empty; list at least one dataset, e.g. [default]")
-    for i, name in enumerate(e.perplexity):
-        check(f"evaluate.perplexity[{i}]", check_ppl_name, name)
-    if not e.seq_lens or any(n < 2 for n in e.seq_lens):
-        problems.append(f"params.yaml key 'evaluate.seq_lens': give lengths >= 2 (given: {list(e.seq_lens)})")
-    for name, path in e.local_files.items():
-        check(f"evaluate.local_files.{name}", check_local_file, name, path or None)
-    for i, task in enumerate(e.zero_shot.tasks):
-        check(f"evaluate.zero_shot.tasks[{i}]", check_task, task)
-    if e.zero_shot.local_dir:
-        check("evaluate.zero_shot.local_dir", check_local_dir, e.zero_shot.local_dir, e.zero_shot.tasks)
-    if not e.speed.batch_sizes or any(b < 1 for b in e.speed.batch_sizes):
-        problems.append(f"params.yaml key 'evaluate.speed.batch_sizes': give sizes >= 1 (given: {e.speed.batch_sizes})")
+
+def _prune(params: Params, problems: _Problems) -> None:
+    from prunekit.pruning.criteria import CRITERIA
+    from prunekit.pruning.criteria.activations import ActivationCriterion
+    from prunekit.pruning.plan import ALLOCATIONS
     from prunekit.pruning.schedules import SCHEDULES, Cut
+    from prunekit.pruning.units import UNITS
 
-    check("prune.schedule", SCHEDULES.get, params.prune.schedule)
-    if params.prune.schedule in SCHEDULES:
-        problems += SCHEDULES.get(params.prune.schedule).problems(Cut.of(params.prune, params.score.criterion))
-    from prunekit.quant import SCHEMES
-
-    for i, scheme in enumerate(params.search.choices):
-        check(f"search.choices[{i}]", SCHEMES.get, scheme)
-    known = [SCHEMES.get(c) for c in params.search.choices if c in SCHEMES]
-    if params.search.budget_bits is not None and known and min(c.bits for c in known) > params.search.budget_bits:
-        problems.append(
-            f"params.yaml key 'search.budget_bits': {params.search.budget_bits} is below the narrowest scheme of "
-            f"search.choices ({min(c.bits for c in known)} bits); raise it or add a narrower scheme (e.g. rtn2)"
-        )
-    if len(params.search.choices) < 2:
-        problems.append("params.yaml key 'search.choices': list at least two schemes to choose between")
-    if (params.search.budget_bits is None) == (params.search.budget_bytes is None):
-        problems.append(
-            "params.yaml keys 'search.budget_bits' / 'search.budget_bytes': set exactly one (the other null)"
-        )
-    units = set(params.prune.units)
+    p = params.prune
+    problems.check("prune.allocation", ALLOCATIONS.get, p.allocation)
+    if not p.units:
+        problems.key("prune.units", "empty; choose from " + ", ".join(UNITS.names()))
+    for i, unit in enumerate(p.units):
+        problems.check(f"prune.units[{i}]", UNITS.get, unit)
+    for unit, multiple in p.round_to.items():
+        problems.check(f"prune.round_to.{unit}", UNITS.get, unit)
+        if multiple < 1:
+            problems.key(f"prune.round_to.{unit}", f"must be >= 1 (given: {multiple})")
+    problems.check("prune.schedule", SCHEDULES.get, p.schedule)
+    if p.schedule in SCHEDULES:
+        problems += SCHEDULES.get(p.schedule).problems(Cut.of(p, params.score.criterion))
+    units = set(p.units)
     if "attn_query_head" in units and units & {"attn_qk_dim", "attn_vo_dim"}:
         # The planner counts each unit type's parameters separately; query heads and head dims share q rows
         # and o_proj columns, so their joint parameter count is a product it does not model yet.
-        problems.append(
-            "params.yaml key 'prune.units': attn_query_head cannot be combined with attn_qk_dim / attn_vo_dim; "
-            "prune whole heads with attn_kv_group together with head dims instead"
+        problems.key(
+            "prune.units",
+            "attn_query_head cannot be combined with attn_qk_dim / attn_vo_dim; prune whole heads with "
+            "attn_kv_group together with head dims instead",
         )
-    if params.prune.bias_compensation:
-        from prunekit.pruning.criteria.activations import ActivationCriterion
+    name = params.score.criterion
+    if p.bias_compensation and name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
+        activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]
+        problems.key(
+            "prune.bias_compensation",
+            f"needs the mean activations an activation-based criterion records; score.criterion is '{name}'. "
+            f"Choose one of {', '.join(activation_based)} or set prune.bias_compensation: false",
+        )
 
-        name = params.score.criterion
-        if name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
-            activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]
-            problems.append(
-                f"params.yaml key 'prune.bias_compensation': needs the mean activations an activation-based "
-                f"criterion records; score.criterion is '{name}'. Choose one of {', '.join(activation_based)} "
-                "or set prune.bias_compensation: false"
-            )
-    if problems:
-        raise ParamsError("\n".join(problems))
+
+def _evaluate(params: Params, problems: _Problems) -> None:
+    from prunekit.evaluation.datasets import check_local_file, check_ppl_name
+    from prunekit.evaluation.zeroshot import check_local_dir, check_task
+
+    e = params.evaluate
+    if not e.perplexity:
+        problems.key("evaluate.perplexity", "empty; list at least one dataset, e.g. [default]")
+    for i, name in enumerate(e.perplexity):
+        problems.check(f"evaluate.perplexity[{i}]", check_ppl_name, name)
+    if not e.seq_lens or any(n < 2 for n in e.seq_lens):
+        problems.key("evaluate.seq_lens", f"give lengths >= 2 (given: {list(e.seq_lens)})")
+    for name, path in e.local_files.items():
+        problems.check(f"evaluate.local_files.{name}", check_local_file, name, path or None)
+    for i, task in enumerate(e.zero_shot.tasks):
+        problems.check(f"evaluate.zero_shot.tasks[{i}]", check_task, task)
+    if e.zero_shot.local_dir:
+        problems.check("evaluate.zero_shot.local_dir", check_local_dir, e.zero_shot.local_dir, e.zero_shot.tasks)
+    if not e.speed.batch_sizes or any(b < 1 for b in e.speed.batch_sizes):
+        problems.key("evaluate.speed.batch_sizes", f"give sizes >= 1 (given: {e.speed.batch_sizes})")
+
+
+def _search(params: Params, problems: _Problems) -> None:
+    from prunekit.quant import SCHEMES
+
+    s = params.search
+    for i, scheme in enumerate(s.choices):
+        problems.check(f"search.choices[{i}]", SCHEMES.get, scheme)
+    known = [SCHEMES.get(c) for c in s.choices if c in SCHEMES]
+    if s.budget_bits is not None and known and min(c.bits for c in known) > s.budget_bits:
+        problems.key(
+            "search.budget_bits",
+            f"{s.budget_bits} is below the narrowest scheme of search.choices ({min(c.bits for c in known)} bits); "
+            "raise it or add a narrower scheme (e.g. rtn2)",
+        )
+    if len(s.choices) < 2:
+        problems.key("search.choices", "list at least two schemes to choose between")
+    if (s.budget_bits is None) == (s.budget_bytes is None):
+        problems.append(
+            "params.yaml keys 'search.budget_bits' / 'search.budget_bytes': set exactly one (the other null)"
+        )

@@ -20,45 +20,18 @@ modeling code has no such switch (Mistral, Qwen2) are refused.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.activations import DOWN_PROJ, O_PROJ, layer_geometry, mean_key, projection
+from prunekit.models.adapters import ADAPTERS, ModelAdapter
+from prunekit.pruning.criteria.activations import mean_key, projection
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.units import UNITS, unit_indices
 
 log = logging.getLogger(__name__)
-
-# Families whose config can give o_proj and down_proj a bias (``attention_bias`` / ``mlp_bias``).
-BIAS_FAMILIES = ("llama",)
-
-ColumnSpec = Callable[[ModelAdapter, nn.Module], tuple[str, int]]
-
-
-def _kv_group_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
-    hd, heads, kv = layer_geometry(adapter, layer)
-    return O_PROJ, hd * (heads // kv)  # the o_proj columns of the group's n_rep query heads, contiguous
-
-
-def _query_head_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
-    return O_PROJ, layer_geometry(adapter, layer)[0]  # the o_proj columns of one query head
-
-
-def _mlp_channel_columns(adapter: ModelAdapter, layer: nn.Module) -> tuple[str, int]:
-    return DOWN_PROJ, 1
-
-
-# Unit type -> (projection whose input columns a unit owns, columns per unit); unit u owns
-# columns [u * width, (u + 1) * width) of that projection's input.
-COMPENSABLE: dict[str, ColumnSpec] = {
-    "attn_kv_group": _kv_group_columns,
-    "attn_query_head": _query_head_columns,
-    "mlp_channel": _mlp_channel_columns,
-}
 
 
 def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict[tuple[str, int], torch.Tensor]:
@@ -70,15 +43,16 @@ def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict
     layers = adapter.layers(model)
     out: dict[tuple[str, int], set[int]] = {}
     for unit, per_layer in plan.keep.items():
-        spec = COMPENSABLE.get(unit)
-        if spec is None:
+        ut = UNITS.get(unit)
+        if not ut.input_of:
+            supported = sorted(n for n, u in UNITS.items() if u.input_of)
             raise PrunekitError(
                 f"prune.bias_compensation does not support unit type '{unit}' "
-                f"(supported: {', '.join(sorted(COMPENSABLE))}); set prune.bias_compensation: false"
+                f"(supported: {', '.join(supported)}); set prune.bias_compensation: false"
             )
         for idx, keep in per_layer.items():
             layer = layers[idx]
-            role, width = spec(adapter, layer)
+            role, width = ut.input_of, ut.input_width(adapter, layer)
             removed = sorted(set(range(UNITS.get(unit).count(adapter, layer))) - set(keep))
             if removed:
                 cols = unit_indices(torch.tensor(removed, dtype=torch.long), width).tolist()
@@ -88,10 +62,11 @@ def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict
 
 def check_family(adapter: ModelAdapter) -> None:
     """Raise unless the family's stock config can give o_proj / down_proj a bias."""
-    if adapter.family not in BIAS_FAMILIES:
+    if not adapter.output_bias:
+        families = ", ".join(n for n, a in ADAPTERS.items() if a.output_bias)
         raise PrunekitError(
             f"prune.bias_compensation needs o_proj / down_proj biases, which the stock '{adapter.family}' "
-            f"model cannot hold (supported families: {', '.join(BIAS_FAMILIES)}); set prune.bias_compensation: false"
+            f"model cannot hold (supported families: {families}); set prune.bias_compensation: false"
         )
 
 

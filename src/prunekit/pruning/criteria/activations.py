@@ -15,8 +15,9 @@ sum-of-squares form of the variance loses digits only when |mean_j| / std_j appr
 far outside what these activations show.
 
 Criteria on these statistics subclass :class:`ActivationCriterion`: they give a per-channel score for
-each projection's input, and a small per-unit-type table of reductions turns channel scores into unit
-scores. They also return the channel means (``aux.mean.<proj>.<layer>``) that FLAP's bias
+each projection's input, and :meth:`ActivationCriterion.unit_scores` turns channel scores into the scores of
+every unit type that declares the block of input columns it owns (``UnitType.input_of``, ``input_width``): by
+default the sum over the block. They also return the channel means (``aux.mean.<proj>.<layer>``) that FLAP's bias
 compensation (:mod:`prunekit.pruning.compensation`) folds into the projection's bias at prune time.
 """
 
@@ -24,10 +25,9 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,12 +37,12 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pruning.criteria.base import Criterion, ScoreRequest, Scores
 from prunekit.pruning.units import UNITS
+from prunekit.pruning.units.base import CONSUMERS, DOWN_PROJ, O_PROJ
 
 log = logging.getLogger(__name__)
 
 # Roles of the two projections whose inputs are observed; also the names used in ``aux.mean.*`` keys.
-O_PROJ, DOWN_PROJ = "o_proj", "down_proj"
-ROLES = (O_PROJ, DOWN_PROJ)
+ROLES = CONSUMERS
 AUX_MEAN_PREFIX = "aux.mean."
 # Values converted to float64 at a time by ChannelStats.update (128 MiB).
 CHUNK_VALUES = 1 << 24
@@ -174,31 +174,8 @@ class LayerChannels:
     num_heads: int
     num_kv_heads: int
 
-
-Reduction = Callable[[LayerChannels], torch.Tensor]
-
-
-def sum_per_kv_group(ch: LayerChannels) -> torch.Tensor:
-    """A KV group owns the o_proj columns of its n_rep query heads (contiguous): sum their channel scores."""
-    return ch.o.reshape(ch.num_kv_heads, -1).sum(dim=1)
-
-
-def sum_per_query_head(ch: LayerChannels) -> torch.Tensor:
-    """A query head owns head_dim contiguous o_proj columns: sum their channel scores."""
-    return ch.o.reshape(ch.num_heads, ch.head_dim).sum(dim=1)
-
-
-def per_mlp_channel(ch: LayerChannels) -> torch.Tensor:
-    """An MLP channel owns one down_proj column: its channel score."""
-    return ch.down.clone()
-
-
-# Unit type -> reduction of channel scores to unit scores, for criteria that add channel scores up.
-SUM_REDUCTIONS: Mapping[str, Reduction] = {
-    "attn_kv_group": sum_per_kv_group,
-    "attn_query_head": sum_per_query_head,
-    "mlp_channel": per_mlp_channel,
-}
+    def of(self, role: str) -> torch.Tensor:
+        return self.o if role == O_PROJ else self.down
 
 
 def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, int]:
@@ -218,23 +195,25 @@ def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, i
 class ActivationCriterion(Criterion):
     """A criterion computed from one forward pass of o_proj / down_proj input statistics.
 
-    Subclasses define :meth:`channel_scores` (one score per input channel of a projection) and may
-    replace ``reductions`` (unit type -> channel-to-unit reduction).
+    Subclasses define :meth:`channel_scores` (one score per input channel of a projection) and may replace
+    :meth:`unit_scores` (channel scores -> unit scores). Any unit type that declares ``input_of`` is scored.
     """
-
-    reductions: ClassVar[Mapping[str, Reduction]] = SUM_REDUCTIONS
 
     @abstractmethod
     def channel_scores(self, stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:
         """Score of each input channel j of a projection with float64 ``weight`` (out, in) -> (in,)."""
 
+    def unit_scores(self, ch: LayerChannels, role: str, width: int) -> torch.Tensor:
+        """Scores of the units that own ``width`` contiguous input columns of ``role`` each: their channels' sum."""
+        return ch.of(role).reshape(-1, width).sum(dim=1)
+
     def check_units(self, units: list[str]) -> None:
-        """Fail before the forward pass on a unit type this criterion has no reduction for."""
+        """Fail before the forward pass on a unit type that owns no block of o_proj / down_proj inputs."""
         for unit in units:
-            if unit not in self.reductions:
+            if unit not in UNITS or not UNITS.get(unit).input_of:
+                supported = sorted(n for n, u in UNITS.items() if u.input_of)
                 raise PrunekitError(
-                    f"criterion '{self.name}' does not support unit type '{unit}' "
-                    f"(supported: {', '.join(sorted(self.reductions))})"
+                    f"criterion '{self.name}' does not support unit type '{unit}' (supported: {', '.join(supported)})"
                 )
 
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
@@ -259,7 +238,8 @@ class ActivationCriterion(Criterion):
                 aux[mean_key(role, idx)] = stats[(role, idx)].mean
             ch = LayerChannels(per_role[O_PROJ], per_role[DOWN_PROJ], hd, heads, kv)
             for unit in req.units:
-                s = self.reductions[unit](ch).to(torch.float64)
+                ut = UNITS.get(unit)
+                s = self.unit_scores(ch, ut.input_of, ut.input_width(adapter, layer)).to(torch.float64)
                 expected = UNITS.get(unit).count(adapter, layer)
                 if s.shape != (expected,):
                     raise RuntimeError(

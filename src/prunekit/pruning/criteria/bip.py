@@ -65,12 +65,11 @@ from tqdm.auto import tqdm
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
+from prunekit.pruning.units import UNITS
+from prunekit.pruning.units.base import DOWN_PROJ, O_PROJ
 
 log = logging.getLogger(__name__)
 
-ATTN_UNITS = ("attn_kv_group", "attn_query_head")
-MLP_UNITS = ("mlp_channel",)
-SUPPORTED_UNITS = ATTN_UNITS + MLP_UNITS
 BOUNDS = ("strict", "local")
 # The RMSNorm before the MLP: the same name in every supported family (Llama, Mistral, Qwen2).
 POST_ATTN_NORM = "post_attention_layernorm"
@@ -249,7 +248,9 @@ class _LayerRecorder:
         self.idx, self.c, self.units, self.bound, self.sink = idx, consts, units, bound, sink
         self.cache: dict[str, torch.Tensor] = {}
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        need_attn = any(u in ATTN_UNITS for u in units)
+        # A unit is read through the block of o_proj / down_proj input columns it owns (UnitType.input_of).
+        self.blocks = {u: (UNITS.get(u).input_of, UNITS.get(u).input_width(adapter, layer)) for u in units}
+        need_attn = any(role == O_PROJ for role, _ in self.blocks.values())
         self.handles = [
             getattr(mlp, adapter.gate).register_forward_hook(self._keep_output("z")),
             getattr(mlp, adapter.up).register_forward_hook(self._keep_output("v")),
@@ -278,11 +279,12 @@ class _LayerRecorder:
         z, v = cache.pop("z"), cache.pop("v")
         s = c.act(z)
         for unit in self.units:
-            if unit == "mlp_channel":
-                # Exact: ||Δy|| = ||W_d[:, j]|| |s_j v_j|.
+            role, width = self.blocks[unit]
+            if role == DOWN_PROJ:
+                # Exact: ||Δy|| = ||W_d[:, j]|| |s_j v_j| (one channel per unit: run() checks the width).
                 self.sink(f"{unit}.{self.idx}", (s * v).abs() * c.col_d)
                 continue
-            heads = c.n_rep if unit == "attn_kv_group" else 1
+            heads = width // c.v_head_dim  # the query heads whose o_proj columns the unit owns
             dnorm, dot = _attn_changes(cache["o_in"], cache["u"], c.w_o, heads, c.v_head_dim)  # (tokens, K) each
             self.sink(f"{unit}.{self.idx}", self._propagate(dnorm, dot, cache["u"], z, v, s))
         cache.clear()
@@ -324,15 +326,16 @@ class BIPCriterion(Criterion):
 
     def run(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest, sink: Sink) -> int:
         """One forward pass of the decoder over the calibration data, feeding per-token bounds to ``sink``."""
+        layers = adapter.layers(model)
         for unit in req.units:
-            if unit not in SUPPORTED_UNITS:
-                raise PrunekitError(
-                    f"criterion 'bip' does not support unit type '{unit}'; it scores {', '.join(SUPPORTED_UNITS)}."
-                )
+            ut = UNITS.get(unit)
+            mlp_block = ut.input_of == DOWN_PROJ and any(ut.input_width(adapter, layers[i]) != 1 for i in req.layers)
+            if not ut.input_of or mlp_block:
+                supported = ", ".join(sorted(n for n, u in UNITS.items() if u.input_of))
+                raise PrunekitError(f"criterion 'bip' does not support unit type '{unit}'; it scores {supported}.")
         bound = str(req.options.get("bip_bound", "strict"))
         if bound not in BOUNDS:
             raise ParamsError(f"score.bip_bound: '{bound}' is not one of {', '.join(BOUNDS)}.")
-        layers = adapter.layers(model)
         lip_cache: dict[str, float] = {}
         recorders = []
         try:

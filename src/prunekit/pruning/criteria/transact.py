@@ -18,17 +18,13 @@ needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
-
 import torch
 
 from prunekit.pruning.criteria.activations import (
+    O_PROJ,
     ActivationCriterion,
     ChannelStats,
     LayerChannels,
-    Reduction,
-    per_mlp_channel,
 )
 from prunekit.pruning.criteria.base import CRITERIA
 
@@ -42,20 +38,16 @@ def head_scores(ch: LayerChannels) -> torch.Tensor:
     return norms.mean(dim=1) + (MAX_WEIGHT / ch.head_dim) * norms.amax(dim=1)
 
 
-def kv_group_from_heads(ch: LayerChannels) -> torch.Tensor:
-    """Sum of the head scores of each KV group's query heads (contiguous in o_proj) -> (num_kv_heads,)."""
-    return head_scores(ch).reshape(ch.num_kv_heads, -1).sum(dim=1)
-
-
 class TransActCriterion(ActivationCriterion):
     """L2 norm of the o_proj / down_proj input channels, aggregated per head as TransAct does."""
 
     name = "activation"
-    reductions: ClassVar[Mapping[str, Reduction]] = {
-        "attn_kv_group": kv_group_from_heads,
-        "attn_query_head": head_scores,
-        "mlp_channel": per_mlp_channel,
-    }
+
+    def unit_scores(self, ch: LayerChannels, role: str, width: int) -> torch.Tensor:
+        """Attention units: the sum of their query heads' scores (a KV group: its n_rep heads); MLP: the sum."""
+        if role == O_PROJ:
+            return head_scores(ch).reshape(-1, width // ch.head_dim).sum(dim=1)
+        return super().unit_scores(ch, role, width)
 
     def channel_scores(self, stats: ChannelStats, weight: torch.Tensor) -> torch.Tensor:
         del weight  # TransAct looks at activations only

@@ -64,6 +64,18 @@ class UnitType(ABC):
     # stands for the model; its members reach outside that layer (``ModelAdapter.layers`` links a layer
     # to its model). See units/hidden.py.
     model_wide = False
+    # The projection whose input columns a unit owns as one contiguous block of its members ("o_proj" or
+    # "down_proj", see CONSUMERS): activation criteria read a unit through the channel statistics of those
+    # columns, and FLAP's compensation folds their means into that projection's bias. "": neither applies.
+    input_of = ""
+
+    def input_width(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+        """Input columns of ``input_of`` one unit owns: unit u owns ``[u * width, (u + 1) * width)``."""
+        path = consumer_path(adapter, self.input_of)
+        for m in self.members(adapter, layer):
+            if m.path == path and m.dim == 1 and m.index is None:
+                return m.width
+        raise RuntimeError(f"unit type '{self.name}' declares input_of={self.input_of!r} but owns no block of {path}")
 
     def score_layers(self, layers: list[int]) -> list[int]:
         """Layer indices at which to score this type: each requested layer, or only index 0 for a
@@ -130,6 +142,20 @@ class UnitType(ABC):
             self.apply(adapter, layers[idx], torch.tensor(sorted(kept), dtype=torch.long), mode)
             if mode == "slice":
                 adapter.refresh_layer(layers[idx])
+
+
+# The projections whose inputs a unit can own (``UnitType.input_of``): the attention output and the MLP output.
+O_PROJ, DOWN_PROJ = "o_proj", "down_proj"
+CONSUMERS = (O_PROJ, DOWN_PROJ)
+
+
+def consumer_path(adapter: ModelAdapter, role: str) -> str:
+    """The weight of the ``o_proj`` or ``down_proj`` projection, relative to a decoder layer."""
+    if role == O_PROJ:
+        return f"{adapter.attn_path}.{adapter.o}.weight"
+    if role == DOWN_PROJ:
+        return f"{adapter.mlp_path}.{adapter.down}.weight"
+    raise ValueError(f"unknown projection role {role!r}; expected one of {CONSUMERS}")
 
 
 def unit_indices(keep: torch.Tensor, width: int) -> torch.Tensor:

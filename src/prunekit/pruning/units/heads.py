@@ -24,6 +24,7 @@ class AttnQueryHead(UnitType):
     name = "attn_query_head"
     description = "attention query head: its q_proj rows and o_proj columns; every KV group keeps the same count"
     parent = "attn_kv_group"
+    input_of = "o_proj"
 
     def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         attn = adapter.attention(layer)

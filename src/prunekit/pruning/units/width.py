@@ -15,6 +15,7 @@ class AttnKVGroup(UnitType):
 
     name = "attn_kv_group"
     description = "attention KV group: one k/v head, its query heads, and their o_proj columns"
+    input_of = "o_proj"
 
     def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         attn = adapter.attention(layer)
@@ -50,6 +51,7 @@ class MLPChannel(UnitType):
 
     name = "mlp_channel"
     description = "MLP channel: a row of gate_proj and up_proj and a column of down_proj"
+    input_of = "down_proj"
 
     def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         return getattr(adapter.mlp(layer), adapter.gate).out_features
