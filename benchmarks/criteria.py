@@ -5,6 +5,10 @@ perplexity (LLM-Pruner protocol, evaluate.seq_lens[0] tokens), on the default mo
 
     python benchmarks/criteria.py [DATA] [--model models/base] [--criteria l1 l2 ...] [--targets 0.2 0.5]
     python benchmarks/criteria.py ../shared/data/c4/c4_validation_2k.jsonl
+    python benchmarks/criteria.py ../shared/data/c4/c4_validation_2k.jsonl --criteria bip --reconstruct
+
+``--reconstruct`` also evaluates each cut after least-squares reconstruction (prune.reconstruct_ridge from the
+params file) and prints its time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     from prunekit.pipeline.params import load_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.plan import PlanRequest, make_plan
+    from prunekit.pruning.reconstruction import reconstruct
     from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
     from prunekit.pruning.units import UNITS
 
@@ -34,6 +39,7 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--criteria", nargs="*", default=None, help="default: every registered criterion")
     parser.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.5])
+    parser.add_argument("--reconstruct", action="store_true", help="also with least_squares reconstruction")
     args = parser.parse_args()
     params = load_params(args.params)
     setup = make_setup(args)
@@ -46,8 +52,10 @@ def main() -> None:
         f"units {', '.join(p.units)}, allocation {p.allocation}, layers {p.skip_first}..{n_layers - p.skip_last - 1}"
     )
     print(f"dense perplexity: {dense_ppl:.2f}\n")
-    print("| criterion | scoring s | " + " | ".join(f"achieved @{t} | ppl @{t}" for t in args.targets) + " |")
-    print("|---|---|" + "---|---|" * len(args.targets))
+    ls = [f" | ppl @{t} least_squares (x dense) | reconstruction s" for t in args.targets] if args.reconstruct else []
+    heads = [f"achieved @{t} | ppl @{t} (x dense)" + (ls[i] if ls else "") for i, t in enumerate(args.targets)]
+    print("| criterion | scoring s | " + " | ".join(heads) + " |")
+    print("|---|---|" + ("---|---|" + ("---|---|" if ls else "")) * len(args.targets))
 
     def request(units: list[str]) -> ScoreRequest:
         return ScoreRequest(
@@ -73,13 +81,20 @@ def main() -> None:
             try:
                 plan = make_plan(scores, req, p.allocation, criterion=name)
             except PrunekitError as e:  # e.g. whole layers cannot hit the target within the tolerance
-                cells.append("n/a | n/a")
+                cells.append("n/a | n/a" + (" | n/a | n/a" if args.reconstruct else ""))
                 notes.append(f"{name} @{target}: {e}")
                 continue
             pruned = apply_plan(copy.deepcopy(dense), adapter, plan)
             ppl = perplexity(pruned, setup.evaluation, params.evaluate.batch_size)["ppl"]
-            cells.append(f"{plan.achieved:.4f} | {ppl:.2f}")
+            cells.append(f"{plan.achieved:.4f} | {ppl:.2f} ({ppl / dense_ppl:.2f}x)")
             del pruned
+            if args.reconstruct:
+                refit, t0 = copy.deepcopy(dense), time.perf_counter()
+                reconstruct(refit, adapter, plan, setup.calibration, params.score.batch_size, p.reconstruct_ridge)
+                spent = time.perf_counter() - t0
+                ppl = perplexity(apply_plan(refit, adapter, plan), setup.evaluation, params.evaluate.batch_size)["ppl"]
+                cells[-1] += f" | {ppl:.2f} ({ppl / dense_ppl:.2f}x) | {spent:.1f}"
+                del refit
         name = name if units != ["layer"] else f"{name} (layer unit)"
         print(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + " |", flush=True)
     for note in notes:

@@ -10,9 +10,10 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def recover(params: Params, model_dir: Path, text: Path, out: Path, loss_file: Path, plot: Path) -> None:
-    """LoRA on the training text (``recover.lora``), merged into ``model_dir``'s weights and saved to ``out``;
-    the loss per step to ``loss_file`` (.json) and ``plot`` (.png)."""
+def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Path, loss_file: Path, plot: Path) -> None:
+    """LoRA on the training text (``recover.lora``; ``recover.loss``: LM loss or distillation from the dense model
+    in ``teacher``), merged into ``model_dir``'s weights and saved to ``out``; the loss per step to ``loss_file``
+    (.json) and ``plot`` (.png)."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
@@ -20,7 +21,7 @@ def recover(params: Params, model_dir: Path, text: Path, out: Path, loss_file: P
     from prunekit.pipeline.files import atomic_dir, write_json
     from prunekit.pipeline.stageio import read_documents
     from prunekit.pruning.slicing import save_model
-    from prunekit.training.lora import LoraSettings, train_lora
+    from prunekit.training.lora import LoraSettings, recovery_loss, train_lora
 
     r, m = params.recover, params.model
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
@@ -28,7 +29,10 @@ def recover(params: Params, model_dir: Path, text: Path, out: Path, loss_file: P
     if r.lora.steps > 0:
         stream = token_stream(tokenizer, read_documents(text, "training"))
         settings = LoraSettings.from_params(r.lora, params.seed, "recover.lora")
-        model, losses = train_lora(model, chunks(stream, r.lora.seq_len, "training"), settings, desc="LoRA recovery")
+        dense = load_model(teacher, r.teacher_dtype or m.dtype, m.device, m.device_map)[0] if r.loss != "lm" else None
+        loss = recovery_loss(r.loss, dense, r.temperature)
+        blocks = chunks(stream, r.lora.seq_len, "training")
+        model, losses = train_lora(model, blocks, settings, desc="LoRA recovery", loss=loss)
     with atomic_dir(out) as tmp:
         save_model(model, adapter, tokenizer, tmp)
         meta_src = model_dir / "prunekit.json"
@@ -42,6 +46,7 @@ def recover(params: Params, model_dir: Path, text: Path, out: Path, loss_file: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--teacher", type=Path, required=True, help="the dense model (distillation's teacher)")
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="recovered model directory")
     parser.add_argument("--loss", type=Path, dest="loss_file", required=True, help="loss curve (.json, a DVC plot)")

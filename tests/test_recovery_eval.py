@@ -147,3 +147,38 @@ def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
     assert "    2        4         2            64" in info
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "config.json missing" in capsys.readouterr().err
+
+
+def test_kd_loss_equals_its_formula() -> None:
+    """temperature^2 * mean over predicted tokens of KL(p_teacher || p_model), softened, from full logits."""
+    from prunekit.training.loss import kd_loss
+
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    ids = blocks()[:3]
+    for temperature in (1.0, 2.5):
+        got = kd_loss(student, teacher, ids, temperature, chunk_tokens=5)  # chunks that cut across windows
+        with torch.no_grad():
+            s = torch.log_softmax(student(input_ids=ids).logits[:, :-1].double() / temperature, -1)
+            t = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].double() / temperature, -1)
+        expected = temperature**2 * (t.exp() * (t - s)).sum(-1).mean()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    assert kd_loss(teacher, teacher, ids).abs().item() < 1e-6  # a model distilled from itself: no loss
+
+
+def test_distillation_trains_only_the_adapters() -> None:
+    from prunekit.rng import seeded
+    from prunekit.training.lora import attach_lora, recovery_loss
+
+    teacher = tiny_model(seed=2)
+    with seeded(0):
+        student = attach_lora(tiny_model(seed=1), settings())
+    ids = blocks()[:2]
+    for kind in ("kd", "lm_kd"):
+        student.zero_grad(set_to_none=True)
+        recovery_loss(kind, teacher, 2.0)(student, ids).backward()
+        trained = {n for n, p in student.named_parameters() if p.grad is not None}
+        assert trained and trained == {n for n, p in student.named_parameters() if p.requires_grad}
+        assert all("lora_" in n for n in trained)
+        assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(PrunekitError, match="recover.loss 'kd' distils from the dense model"):
+        recovery_loss("kd", None, 1.0)

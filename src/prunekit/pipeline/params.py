@@ -127,6 +127,10 @@ class PruneParams(Section):
     # oneshot | iterative (LoRAPrune: masks raised on a cubic schedule while LoRA trains) | kshot (TransAct);
     # the registered schedules (prunekit.pruning.schedules)
     schedule: str = "oneshot"
+    # none | least_squares: refit o_proj / down_proj over their kept input channels, layer by layer, so each
+    # pruned layer's outputs on the calibration windows stay closest to the dense layer's (oneshot, kshot)
+    reconstruct: Literal["none", "least_squares"] = "none"
+    reconstruct_ridge: float = Field(0.01, ge=0.0)  # ridge, relative to the mean diagonal of the Gram matrix
 
 
 class ScheduleParams(Section):
@@ -148,6 +152,13 @@ class RecoverParams(Section):
     """``recover``: LoRA fine-tuning of the pruned model, merged into its weights."""
 
     lora: RecoverLoraParams = RecoverLoraParams()
+    # lm: next-token NLL | kd: distillation from the dense model (KL of the softened distributions, Minitron) |
+    # lm_kd: their sum. The teacher (the dense model) runs in the same process, forward only.
+    loss: Literal["lm", "kd", "lm_kd"] = "lm"
+    temperature: float = Field(1.0, gt=0.0)  # kd: both distributions softened by it; the KL scaled by its square
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = (
+        None  # kd: the teacher's dtype (null: model.dtype)
+    )
 
 
 class ZeroShotParams(Section):

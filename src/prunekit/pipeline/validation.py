@@ -95,6 +95,10 @@ def _prune(params: Params, problems: _Problems) -> None:
             "attn_query_head cannot be combined with attn_qk_dim / attn_vo_dim; prune whole heads with "
             "attn_kv_group together with head dims instead",
         )
+    if p.reconstruct != "none" and p.bias_compensation:
+        problems.key("prune.reconstruct", "refits the biases too; set prune.bias_compensation: false with it")
+    if p.reconstruct != "none" and "hidden_channel" in units:
+        problems.key("prune.reconstruct", "cannot follow hidden_channel (it changes every layer's hidden size)")
     name = params.score.criterion
     if p.bias_compensation and name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
         activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]

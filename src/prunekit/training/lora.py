@@ -29,6 +29,9 @@ from prunekit.training.loss import lm_loss
 
 log = logging.getLogger(__name__)
 
+# (model, token batch (B, T)) -> scalar loss to minimise; default: the LM loss (training.loss.lm_loss).
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -117,8 +120,11 @@ class LoraTrainer:
     resumed run needs as tensors plus a JSON record (no pickle).
     """
 
-    def __init__(self, peft_model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings) -> None:
+    def __init__(
+        self, peft_model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings, loss: LossFn | None = None
+    ) -> None:
         self.model, self.blocks, self.cfg = peft_model, blocks, cfg
+        self.loss = loss or lm_loss
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -131,7 +137,7 @@ class LoraTrainer:
             self.order, self.pos = torch.randperm(self.blocks.shape[0], generator=self.gen), 0
         batch = self.blocks[self.order[self.pos : self.pos + self.cfg.batch_size]].to(self.device)
         self.pos += self.cfg.batch_size
-        loss = lm_loss(self.model, batch)  # logits chunked: the LM head's memory of one chunk at a time
+        loss = self.loss(self.model, batch)  # logits chunked: the LM head's memory of one chunk at a time
         if not torch.isfinite(loss):
             raise PrunekitError(
                 f"LoRA loss became {loss.item()} at step {self.step}; lower {self.cfg.key}.learning_rate or "
@@ -197,18 +203,36 @@ def train_lora(
     merge: bool = True,
     custom_modules: dict[type, type] | None = None,
     desc: str = "LoRA",
+    loss: LossFn | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train fresh LoRA adapters on ``blocks`` (N, T) for ``cfg.steps`` steps; return (model, loss per step).
 
     With ``merge`` the adapters are merged into the weights and the plain model comes back; without it (a
-    quantized base, QLoRA) the peft model comes back with its adapters. The caller's random state is left as it was.
+    quantized base, QLoRA) the peft model comes back with its adapters. ``loss`` replaces the LM loss (distillation:
+    :func:`recovery_loss`). The caller's random state is left as it was.
     """
     with seeded(cfg.seed):  # adapters' init and dropout
         peft_model = attach_lora(model, cfg, custom_modules)
-        losses = LoraTrainer(peft_model, blocks, cfg).run(desc)
+        losses = LoraTrainer(peft_model, blocks, cfg, loss).run(desc)
     if not merge:
         peft_model.eval()
         return peft_model, losses
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, losses
+
+
+def recovery_loss(kind: str, teacher: nn.Module | None, temperature: float) -> LossFn:
+    """``recover.loss``: lm (next-token NLL), kd (distillation from ``teacher``: temperature^2 * KL of the softened
+    distributions) or lm_kd (their sum)."""
+    from prunekit.training.loss import kd_loss
+
+    if kind == "lm":
+        return lm_loss
+    if teacher is None:
+        raise PrunekitError(f"recover.loss '{kind}' distils from the dense model: give the stage its teacher")
+    if kind == "kd":
+        return lambda model, batch: kd_loss(model, teacher, batch, temperature)
+    if kind == "lm_kd":
+        return lambda model, batch: lm_loss(model, batch) + kd_loss(model, teacher, batch, temperature)
+    raise PrunekitError(f"recover.loss '{kind}': expected lm, kd or lm_kd")

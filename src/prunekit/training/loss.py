@@ -58,6 +58,47 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int | None 
     return total / labels.numel()
 
 
+def _chunk_kd_sum(
+    head: nn.Module, hidden: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    student = F.log_softmax(head(hidden).float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def kd_loss(
+    model: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Distillation: ``temperature^2 * mean_t KL(p_teacher(. | t) || p_model(. | t))`` over every position that
+    predicts a next token of ``input_ids`` (B, T), both distributions softened by ``temperature``.
+
+    The teacher runs without gradients; its logits, like the model's, exist one chunk of tokens at a time.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise PrunekitError(f"kd_loss needs (batch, tokens >= 2) token ids, got shape {tuple(input_ids.shape)}")
+    lm, tm = causal_lm(model), causal_lm(teacher)
+    hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        t_hidden = tm.get_decoder()(input_ids=input_ids.to(tm.device), use_cache=False).last_hidden_state
+        t_hidden = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
+    head, t_head = lm.get_output_embeddings(), tm.get_output_embeddings()
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        with torch.no_grad():
+            t_logits = t_head(t_hidden[part]).to(hidden.device)
+        chunk = partial(_chunk_kd_sum, head, temperature=temperature)
+        total = total + checkpoint(chunk, hidden[part], t_logits, use_reentrant=False)
+    return total * temperature**2 / hidden.shape[0]
+
+
 @contextmanager
 def layer_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Inside: every decoder layer of ``model`` runs under activation checkpointing (non-reentrant, so

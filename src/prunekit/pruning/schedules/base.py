@@ -48,12 +48,15 @@ class Cut:
     round_to: dict[str, int] = field(default_factory=dict)
     tolerance: float = 0.01
     bias_compensation: bool = False
+    reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
+    reconstruct_ridge: float = 0.01
 
     @classmethod
     def of(cls, prune: PruneParams, criterion: str) -> Cut:
         """From the ``prune`` params section and ``score.criterion``."""
         return cls(prune.target, list(prune.units), prune.allocation, criterion, prune.skip_first, prune.skip_last,
-                   dict(prune.round_to), prune.tolerance, prune.bias_compensation)  # fmt: skip
+                   dict(prune.round_to), prune.tolerance, prune.bias_compensation, prune.reconstruct,
+                   prune.reconstruct_ridge)  # fmt: skip
 
     def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
@@ -73,6 +76,15 @@ class Cut:
 
     def plan(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Plan:
         return make_plan(scores, req, self.allocation, criterion=self.criterion)
+
+    def refit(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, job: PruneJob) -> list[Any]:
+        """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: [])."""
+        if self.reconstruct == "none":
+            return []
+        from prunekit.pruning.reconstruction import reconstruct
+
+        calibration = job.calibration_tokens()
+        return reconstruct(model, adapter, plan, calibration, job.score_batch_size, self.reconstruct_ridge)
 
 
 @dataclass
@@ -111,6 +123,7 @@ class PruneResult:
     model: nn.Module  # the smaller model (physically sliced)
     plan: Plan  # kept units, numbered as in the job's model; params_after counts the returned model
     log: list[dict[str, Any]] = field(default_factory=list)  # per step or per shot, for the metrics
+    fits: list[Any] = field(default_factory=list)  # reconstruction.ProjectionFit of every refit projection
 
     def metrics(self, target: float, schedule: str) -> dict[str, Any]:
         """The prune stage's metrics: parameters before and after, the fraction reached, the schedule's log."""
@@ -121,6 +134,10 @@ class PruneResult:
             "target_fraction": target,
             "schedule": schedule,
         }
+        if self.fits:
+            from prunekit.pruning.reconstruction import summary
+
+            out["reconstruction"] = summary(self.fits)
         return out | ({"schedule_log": self.log} if self.log else {})
 
 

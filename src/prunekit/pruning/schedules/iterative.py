@@ -352,6 +352,11 @@ class Iterative(Schedule):
                 "params.yaml key 'prune.bias_compensation': not available with prune.schedule 'iterative' "
                 "(the schedules retrain after each cut); use prune.schedule: oneshot"
             )
+        if cut.reconstruct != "none":
+            out.append(
+                "params.yaml key 'prune.reconstruct': the iterative schedule masks units while LoRA trains and never "
+                "cuts a dense model; use prune.schedule: oneshot or kshot, or prune.reconstruct: none"
+            )
         return out
 
     def run(self, job: PruneJob) -> PruneResult:

@@ -157,6 +157,7 @@ def kshot_prune(
     """
     from prunekit.models.loading import load_model
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.reconstruction import summary
     from prunekit.pruning.slicing import apply_plan, count_params, save_model
     from prunekit.training.lora import train_lora
 
@@ -184,12 +185,14 @@ def kshot_prune(
                                job.score_batch_size, job.seed + shot, job.score_options)  # fmt: skip
             scores = CRITERIA.get(cut.criterion).score(model, adapter, req)
         plan = cut.plan(scores, cut.request(model, adapter, fraction, original))
+        fits = cut.refit(model, adapter, plan, job)  # before slicing: it writes the kept columns
         kept.cut(model, adapter, plan)
         apply_plan(model, adapter, plan, mode="slice")
         settings = dataclasses.replace(cfg.lora, seed=cfg.lora.seed + shot)
         model, losses = train_lora(model, blocks, settings, desc=f"shot {shot} LoRA")
         removed = 1 - count_params(model) / original
-        records.append({"shot": shot, "target": fraction, "removed": removed, "loss": losses[-1] if losses else None})
+        records.append({"shot": shot, "target": fraction, "removed": removed, "loss": losses[-1] if losses else None}
+                       | ({"reconstruction": summary(fits)} if fits else {}))  # fmt: skip
         log.info("shot %d/%d: removed %.4f of the original parameters", shot, cfg.shots, removed)
         if job.state_dir is not None and shot < cfg.shots:
             record = {"shot": shot, "records": records, "original_params": original, "kept": kept.to_json()}

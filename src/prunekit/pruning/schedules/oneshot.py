@@ -20,13 +20,14 @@ class OneShot(Schedule):
         dense_names = {name for name, _ in job.model.named_parameters()}
         if job.cut.bias_compensation:
             compensate(job.model, job.adapter, plan, job.side)  # before slicing: it reads the removed columns
+        fits = job.cut.refit(job.model, job.adapter, plan, job)  # before slicing too: it writes the kept columns
         apply_plan(job.model, job.adapter, plan, mode="slice")
         added = sum(t.numel() for name, t in job.model.named_parameters() if name not in dense_names)
         if count_params(job.model) - added != plan.params_after:
             raise RuntimeError(
                 f"sliced model has {count_params(job.model) - added} parameters, the plan expected {plan.params_after}"
             )
-        return PruneResult(job.model, plan)
+        return PruneResult(job.model, plan, fits=fits)
 
 
 SCHEDULES.register(OneShot.name)(OneShot())

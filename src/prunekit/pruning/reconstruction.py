@@ -1,0 +1,264 @@
+"""Least-squares reconstruction: refit o_proj and down_proj over their kept input channels after a cut.
+
+After a plan is chosen, every pruned layer's ``o_proj`` (over the kept heads' value channels) and ``down_proj``
+(over the kept MLP channels; also where only the attention was cut, to make up for it) are refit in closed form so
+that, on the calibration tokens, the pruned layer's projection output stays as close as possible to the dense
+layer's (SlimGPT, Olica, OSSCAR; FLAP's bias compensation is the special case that fits the bias alone).
+
+Layer by layer, in order, on one pass of the calibration windows: the input ``h`` of layer i is what the
+already pruned and refit layers before it produce. On ``h`` the dense layer gives the projection input ``X_d``
+(all channels) and the pruned layer (the plan applied as masks) gives ``X_p``, whose removed channels are zero.
+With W (out x n) the dense weight, b its bias (if the family has one), K the kept input channels and
+T = X_d W^T + b the target, the refit weight W' (out x |K|) and bias b' solve
+
+    min  || X_p[:, K] W'^T + 1 b'^T - T ||^2  +  lam * ||W'||^2,       lam = ridge * mean(diag(X_pK^T X_pK))
+
+in closed form from the Gram matrices G = X_p^T X_p, C = X_p^T X_d (and the column sums when there is a bias),
+accumulated over the windows: W'^T = (G_KK + lam I)^-1 C_K: W^T. Each projection keeps the plainly sliced
+weights W[:, K] when they fit better (only possible with lam > 0), so no layer's error grows. The o_proj refit
+comes first; the MLP inputs are then taken with the refit attention. The weights are written into the model
+before slicing, in the kept columns (the removed ones go with the slice).
+
+Works for every unit type that removes input channels of o_proj or down_proj (KV groups, query heads, v/o head
+dims, MLP channels) and leaves the others (q/k head dims, whole layers) to change X_p; ``hidden_channel``
+changes the residual stream itself and is refused. Memory: a masked copy of the model, three n x n float64
+matrices per projection, the calibration hidden states of one layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.pruning.plan import Plan
+from prunekit.pruning.units import UNITS
+from prunekit.pruning.units.base import CONSUMERS, consumer_path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "least_squares")
+
+
+@dataclass(frozen=True)
+class ProjectionFit:
+    """One refit projection: its squared errors on the calibration tokens, plainly sliced and refit."""
+
+    layer: int
+    projection: str
+    kept: int
+    error_sliced: float
+    error_reconstructed: float
+    target_norm: float  # || T ||^2: the errors relative to it are comparable across layers
+
+
+def summary(fits: list[ProjectionFit]) -> dict[str, float]:
+    """Squared errors on the calibration windows summed over the fits, relative to the dense outputs' (metrics)."""
+    norm = sum(f.target_norm for f in fits) or 1.0
+    return {
+        "projections": len(fits),
+        "error_sliced": round(sum(f.error_sliced for f in fits) / norm, 6),
+        "error_reconstructed": round(sum(f.error_reconstructed for f in fits) / norm, 6),
+    }
+
+
+class _Gram:
+    """Running X_p^T X_p, X_p^T X_d, X_d^T X_d and column sums of one projection's inputs (float64)."""
+
+    def __init__(self) -> None:
+        self.g: torch.Tensor | None = None
+        self.c = self.d = self.sp = self.sd = torch.zeros(0)
+        self.n = 0
+
+    def add(self, xp: torch.Tensor, xd: torch.Tensor) -> None:
+        xp, xd = xp.reshape(-1, xp.shape[-1]).double(), xd.reshape(-1, xd.shape[-1]).double()
+        if self.g is None:
+            self.g, self.c, self.d = xp.T @ xp, xp.T @ xd, xd.T @ xd
+            self.sp, self.sd = xp.sum(0), xd.sum(0)
+        else:
+            self.g += xp.T @ xp
+            self.c += xp.T @ xd
+            self.d += xd.T @ xd
+            self.sp += xp.sum(0)
+            self.sd += xd.sum(0)
+        self.n += xp.shape[0]
+
+
+def removed_inputs(adapter: ModelAdapter, layer: nn.Module, plan: Plan, idx: int, role: str) -> torch.Tensor:
+    """Input columns of ``role`` in dense layer ``idx`` that the plan removes (sorted), from the unit members."""
+    path, cols = consumer_path(adapter, role), set()
+    for unit, per_layer in plan.keep.items():
+        ut = UNITS.get(unit)
+        if ut.whole_layer or idx not in per_layer:
+            continue
+        n = ut.count(adapter, layer)
+        gone = torch.tensor(sorted(set(range(n)) - set(per_layer[idx])), dtype=torch.long)
+        for m in ut.members(adapter, layer):
+            if m.path == path and m.dim == 1 and gone.numel():
+                cols.update(m.entries(gone).tolist())
+    return torch.tensor(sorted(cols), dtype=torch.long)
+
+
+def check_plan(plan: Plan) -> None:
+    """Refuse unit types reconstruction cannot follow (those that change the residual stream's width)."""
+    for unit in plan.keep:
+        if UNITS.get(unit).model_wide:
+            raise PrunekitError(
+                f"prune.reconstruct: least_squares cannot follow unit type '{unit}' (it changes the hidden size of "
+                "every layer); use prune.reconstruct: none with it"
+            )
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    plan: Plan,
+    calibration: torch.Tensor,
+    batch_size: int,
+    ridge: float,
+) -> list[ProjectionFit]:
+    """Refit o_proj and down_proj of every layer the plan prunes, in place, before slicing (module docstring)."""
+    check_plan(plan)
+    from prunekit.pruning.slicing import apply_plan
+
+    was_training = model.training
+    model.eval()
+    masked = apply_plan(copy.deepcopy(model), adapter, plan, mode="mask")
+    dense_layers, masked_layers = adapter.layers(model), adapter.layers(masked)
+    removed_layers = {i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k}
+    # Every layer the plan prunes gets both projections refit: down_proj also makes up for what the cut
+    # attention changed, and a projection with nothing removed is refit over all its inputs.
+    planned = {i for u, per in plan.keep.items() if not UNITS.get(u).whole_layer for i in per} - removed_layers
+    fits: list[ProjectionFit] = []
+    try:
+        hidden, kwargs = _layer_inputs(model, adapter, calibration, batch_size)
+        for idx in tqdm(range(len(dense_layers)), desc="reconstruction", unit="layer"):
+            dense_l, masked_l = dense_layers[idx], masked_layers[idx]
+            if idx in planned:
+                for role in CONSUMERS:
+                    cols = removed_inputs(adapter, dense_l, plan, idx, role)
+                    fits.append(_refit(adapter, dense_l, masked_l, idx, role, cols, hidden, kwargs[idx], ridge))
+            hidden = [_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
+    finally:
+        model.train(was_training)
+    return fits
+
+
+def _refit(
+    adapter: ModelAdapter,
+    dense_l: nn.Module,
+    masked_l: nn.Module,
+    idx: int,
+    role: str,
+    removed: torch.Tensor,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    ridge: float,
+) -> ProjectionFit:
+    """Accumulate one projection's Gram matrices on the layer's inputs, solve, write W' into both layers."""
+    path = consumer_path(adapter, role).removesuffix(".weight")
+    gram = _Gram()
+    for h, kw in zip(hidden, kwargs, strict=True):
+        with _capture(dense_l.get_submodule(path)) as xd, _capture(masked_l.get_submodule(path)) as xp:
+            dense_l(h, **kw)
+            masked_l(h, **kw)
+        gram.add(xp[0], xd[0])
+    dense_proj, masked_proj = dense_l.get_submodule(path), masked_l.get_submodule(path)
+    w = dense_proj.weight.detach().to("cpu", torch.float64)
+    b = dense_proj.bias.detach().to("cpu", torch.float64) if dense_proj.bias is not None else None
+    keep = torch.ones(w.shape[1], dtype=torch.bool)
+    keep[removed] = False
+    weight, bias, errors = solve(gram, w, b, keep, ridge)
+    for proj in (dense_proj, masked_proj):
+        proj.weight[:, keep] = weight.to(proj.weight.dtype).to(proj.weight.device)
+        if bias is not None:
+            proj.bias.copy_(bias.to(proj.bias.dtype).to(proj.bias.device))
+    return ProjectionFit(idx, role, int(keep.sum()), *errors)
+
+
+def solve(
+    gram: _Gram, w: torch.Tensor, b: torch.Tensor | None, keep: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float]]:
+    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams."""
+    g, c, d = gram.g.cpu(), gram.c.cpu(), gram.d.cpu()
+    k = keep.nonzero().squeeze(1)
+    gkk, ck = g[k][:, k], c[k]
+    # Target T = X_d W^T (+ 1 b^T): the normal equations need X_pK^T T and, for the errors, ||T||^2.
+    xt = ck @ w.T
+    t_norm = torch.einsum("ij,ij->", w @ d, w)
+    if b is not None:
+        xt = xt + gram.sp.cpu()[k].unsqueeze(1) * b
+        t_norm = t_norm + 2 * (gram.sd.cpu() @ w.T) @ b + gram.n * (b @ b)
+        # The bias as one more input column, always 1 (not damped by the ridge).
+        s = gram.sp.cpu()[k]
+        gkk = torch.cat(
+            [torch.cat([gkk, s.unsqueeze(1)], 1), torch.cat([s, torch.tensor([float(gram.n)])]).unsqueeze(0)]
+        )
+        xt = torch.cat([xt, (gram.sd.cpu() @ w.T + gram.n * b).unsqueeze(0)])
+    n_k = k.numel()
+    lam = ridge * float(torch.diagonal(gkk)[:n_k].mean()) if n_k else 0.0
+    damp = torch.zeros(gkk.shape[0], dtype=torch.float64)
+    damp[:n_k] = lam
+    solution = torch.linalg.lstsq(gkk + torch.diag(damp), xt, driver="gelsd").solution  # (|K| (+1), out)
+    sliced = w[:, k].T if b is None else torch.cat([w[:, k].T, b.unsqueeze(0)])
+
+    def error(sol: torch.Tensor) -> float:  # ||X~ sol - T||^2 = tr(sol^T G~ sol) - 2 tr(sol^T X~^T T) + ||T||^2
+        return float(torch.einsum("ij,ij->", gkk @ sol, sol) - 2 * torch.einsum("ij,ij->", sol, xt) + t_norm)
+
+    e_sliced, e_refit = error(sliced), error(solution)
+    best = solution if e_refit <= e_sliced else sliced
+    weight, bias = best[:n_k].T, (best[n_k] if b is not None else None)
+    return weight, bias, (max(e_sliced, 0.0), max(min(e_refit, e_sliced), 0.0), float(t_norm))
+
+
+@contextmanager
+def _capture(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The input of ``module``'s next call, in a list (filled when it runs)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layer_inputs(
+    model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Layer 0's input per calibration batch, and the keyword arguments every layer receives (masks, rotary
+    embeddings, positions: the same on the pruned path, they do not depend on the hidden states)."""
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+
+    def keep(i: int) -> Any:
+        def hook(_m: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+            if i == 0:
+                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+            kwargs[i].append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "cache")})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            model.get_decoder()(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, kwargs

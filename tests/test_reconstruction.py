@@ -1,0 +1,162 @@
+"""Least-squares reconstruction (prune.reconstruct): the closed form, its guarantees, and the sliced model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from prunekit.errors import ParamsError
+from prunekit.models.adapters import adapter_for
+from prunekit.pipeline.params import parse_params
+from prunekit.pipeline.validation import check_choices
+from prunekit.pruning.plan import Plan
+from prunekit.pruning.reconstruction import reconstruct
+from prunekit.pruning.slicing import apply_plan
+
+CALIB = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+
+
+def model64(**overrides: object):
+    return tiny_model(**overrides).double().eval()
+
+
+def plan_of(keep: dict[str, dict[int, list[int]]]) -> Plan:
+    return Plan(keep=keep, params_before=0, params_after=0, target=0.0, allocation="uniform", criterion="test")
+
+
+def layer_inputs(model, idx: int, module: str) -> torch.Tensor:
+    """The input of ``model.layers[idx].<module>`` over the calibration windows, (tokens, in_features)."""
+    seen = []
+    target = model.model.layers[idx].get_submodule(module)
+    handle = target.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=CALIB)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "unit,module,kept",
+    [("attn_kv_group", "self_attn.o_proj", [0, 2]), ("mlp_channel", "mlp.down_proj", list(range(0, 64, 2)))],
+)
+def test_one_layer_equals_the_closed_form(unit: str, module: str, kept: list[int], bias: bool) -> None:
+    """Layer 1 alone pruned: its inputs are the dense model's, so W' is lstsq(X_p[:, K], X_d W^T + b) with the
+    ridge rows sqrt(lam) I, computed here on the data matrices with torch.linalg."""
+    extra = {"attention_bias": True, "mlp_bias": True} if bias else {}
+    dense = model64(**extra)
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model.config)
+    plan = plan_of({unit: {1: kept}})
+    ridge = 0.05
+    reconstruct(model, adapter, plan, CALIB, 8, ridge)
+
+    masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
+    xd, xp = layer_inputs(dense, 1, module), layer_inputs(masked, 1, module)
+    proj = dense.model.layers[1].get_submodule(module)
+    w = proj.weight.detach()
+    cols = (masked.model.layers[1].get_submodule(module).weight.abs().sum(0) != 0).nonzero().squeeze(1)
+    a = xp[:, cols]
+    target = xd @ w.T + (proj.bias.detach() if bias else 0)
+    lam = ridge * (a * a).sum(0).mean()
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    damp = torch.zeros(a.shape[1], dtype=a.dtype)
+    damp[: cols.numel()] = lam.sqrt()
+    expected = torch.linalg.lstsq(
+        torch.cat([a, torch.diag(damp)]), torch.cat([target, torch.zeros(a.shape[1], w.shape[0], dtype=a.dtype)])
+    ).solution
+    got = model.model.layers[1].get_submodule(module)
+    torch.testing.assert_close(got.weight.detach()[:, cols], expected[: cols.numel()].T, rtol=1e-7, atol=1e-9)
+    if bias:
+        torch.testing.assert_close(got.bias.detach(), expected[-1], rtol=1e-7, atol=1e-9)
+
+
+def test_every_kept_channel_and_zero_ridge_reproduce_the_dense_layers() -> None:
+    dense = model64()
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model.config)
+    plan = plan_of({"attn_kv_group": {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, "mlp_channel": {1: list(range(64))}})
+    fits = reconstruct(model, adapter, plan, CALIB, 8, ridge=0.0)
+    assert {(f.layer, f.projection) for f in fits} == {(i, p) for i in (1, 2) for p in ("o_proj", "down_proj")}
+    for (name, p), q in zip(dense.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-7, atol=1e-9, msg=name)
+    assert all(f.error_reconstructed <= 1e-12 * f.target_norm for f in fits)
+
+
+def test_no_layer_error_grows_and_the_sliced_model_is_the_refit_masked_one() -> None:
+    dense = model64()
+    adapter = adapter_for(dense.config)
+    keep = {
+        "attn_query_head": {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]},
+        "attn_kv_group": {2: [0, 1, 3]},
+        "mlp_channel": {1: list(range(40)), 2: list(range(1, 64, 3))},
+    }
+    plan = plan_of(keep)
+    refit = copy.deepcopy(dense)
+    fits = reconstruct(refit, adapter, plan, CALIB, 8, ridge=0.5)
+    assert len(fits) == 4 and all(f.error_reconstructed <= f.error_sliced for f in fits)
+    assert sum(f.error_reconstructed for f in fits) < 0.9 * sum(f.error_sliced for f in fits)
+    masked = apply_plan(copy.deepcopy(refit), adapter, plan, mode="mask")
+    sliced = apply_plan(copy.deepcopy(refit), adapter, plan, mode="slice")
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(input_ids=CALIB).logits, masked(input_ids=CALIB).logits, rtol=1e-7, atol=1e-9)
+    # Without reconstruction the pruned model is further from the dense one on the calibration windows.
+    plain = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
+    with torch.no_grad():
+        reference = dense(input_ids=CALIB).logits
+        assert (sliced(input_ids=CALIB).logits - reference).norm() < (plain(input_ids=CALIB).logits - reference).norm()
+
+
+def test_params_refuse_what_reconstruction_cannot_follow() -> None:
+    with pytest.raises(ParamsError, match="prune.reconstruct': refits the biases too"):
+        check_choices(parse_params({"prune": {"reconstruct": "least_squares", "bias_compensation": True},
+                                    "score": {"criterion": "flap"}}))  # fmt: skip
+    with pytest.raises(ParamsError, match="'prune.reconstruct': the iterative schedule"):
+        check_choices(parse_params({"prune": {"reconstruct": "least_squares", "schedule": "iterative"},
+                                    "score": {"criterion": "lora"}}))  # fmt: skip
+    with pytest.raises(ParamsError, match="prune.reconstruct"):
+        parse_params({"prune": {"reconstruct": "lstsq"}})
+
+
+@pytest.mark.parametrize("schedule", ["oneshot", "kshot"])
+def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
+    from prunekit.pipeline.params import ScheduleParams
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+
+    dense = tiny_model(vocab_size=len(tokenizer)).eval()
+    adapter = adapter_for(dense.config)
+    calibration = torch.randint(0, len(tokenizer), (16, 16), generator=torch.Generator().manual_seed(2))
+    units = ["attn_kv_group", "mlp_channel"]
+    scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
+
+    def run(reconstruct: str):
+        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct=reconstruct, reconstruct_ridge=0.01)
+        job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=0, schedule=ScheduleParams(
+            shots=2, steps_per_shot=0), calibration=lambda: calibration, training_blocks=lambda n: calibration,
+            score_batch_size=4)  # fmt: skip
+        return prune_model(job, schedule)
+
+    plain, refit = run("none"), run("least_squares")
+    if schedule == "oneshot":
+        assert plain.plan.keep == refit.plan.keep  # the same cut, other weights (kshot rescores the refit model)
+        summary = refit.metrics(0.12, schedule)["reconstruction"]
+        assert summary["projections"] == 4 and summary["error_reconstructed"] < summary["error_sliced"]
+        expected = copy.deepcopy(dense)
+        reconstruct(expected, adapter, refit.plan, calibration, 4, 0.01)
+        apply_plan(expected, adapter, refit.plan, mode="slice")
+        for (name, p), q in zip(expected.named_parameters(), refit.model.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    else:
+        assert all(r["reconstruction"]["error_reconstructed"] <= r["reconstruction"]["error_sliced"]
+                   for r in refit.log)  # fmt: skip
+    with torch.no_grad():
+        reference = dense(input_ids=calibration).logits
+        err = {
+            k: (m.model(input_ids=calibration).logits - reference).norm() for k, m in (("plain", plain), ("ls", refit))
+        }
+    assert err["ls"] < err["plain"]
