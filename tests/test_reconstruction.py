@@ -45,7 +45,7 @@ def layer_inputs(model, idx: int, module: str) -> torch.Tensor:
 )
 def test_one_layer_equals_the_closed_form(unit: str, module: str, kept: list[int], bias: bool) -> None:
     """Layer 1 alone pruned: its inputs are the dense model's, so W' is lstsq(X_p[:, K], X_d W^T + b) with the
-    ridge rows sqrt(lam) I, computed here on the data matrices with torch.linalg."""
+    ridge rows sqrt(lam) I -> sqrt(lam) W[:, K]^T, computed here on the data matrices with torch.linalg."""
     extra = {"attention_bias": True, "mlp_bias": True} if bias else {}
     dense = model64(**extra)
     model = copy.deepcopy(dense)
@@ -66,8 +66,9 @@ def test_one_layer_equals_the_closed_form(unit: str, module: str, kept: list[int
         a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
     damp = torch.zeros(a.shape[1], dtype=a.dtype)
     damp[: cols.numel()] = lam.sqrt()
+    prior = w[:, cols].T if not bias else torch.cat([w[:, cols].T, proj.bias.detach().unsqueeze(0)])
     expected = torch.linalg.lstsq(
-        torch.cat([a, torch.diag(damp)]), torch.cat([target, torch.zeros(a.shape[1], w.shape[0], dtype=a.dtype)])
+        torch.cat([a, torch.diag(damp)]), torch.cat([target, damp.unsqueeze(1) * prior])
     ).solution
     got = model.model.layers[1].get_submodule(module)
     torch.testing.assert_close(got.weight.detach()[:, cols], expected[: cols.numel()].T, rtol=1e-7, atol=1e-9)

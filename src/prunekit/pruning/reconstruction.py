@@ -11,10 +11,12 @@ already pruned and refit layers before it produce. On ``h`` the dense layer give
 With W (out x n) the dense weight, b its bias (if the family has one), K the kept input channels and
 T = X_d W^T + b the target, the refit weight W' (out x |K|) and bias b' solve
 
-    min  || X_p[:, K] W'^T + 1 b'^T - T ||^2  +  lam * ||W'||^2,       lam = ridge * mean(diag(X_pK^T X_pK))
+    min  || X_p[:, K] W'^T + 1 b'^T - T ||^2  +  lam * ||W' - W[:, K]||^2,   lam = ridge * mean(diag(X_pK^T X_pK))
 
 in closed form from the Gram matrices G = X_p^T X_p, C = X_p^T X_d (and the column sums when there is a bias),
-accumulated over the windows: W'^T = (G_KK + lam I)^-1 C_K: W^T. Each projection keeps the plainly sliced
+accumulated over the windows: W'^T = (G_KK + lam I)^-1 (C_K: W^T + lam W[:, K]^T). The ridge pulls towards the
+plainly sliced weights, not towards zero: a few hundred calibration tokens for a thousand channels leave the
+problem underdetermined, and the dense weights are the prior that generalises. Each projection keeps the plainly sliced
 weights W[:, K] when they fit better (only possible with lam > 0), so no layer's error grows. The o_proj refit
 comes first; the MLP inputs are then taken with the refit attention. The weights are written into the model
 before slicing, in the kept columns (the removed ones go with the slice).
@@ -145,9 +147,12 @@ def reconstruct(
         for idx in tqdm(range(len(dense_layers)), desc="reconstruction", unit="layer"):
             dense_l, masked_l = dense_layers[idx], masked_layers[idx]
             if idx in planned:
+                reference = copy.deepcopy(dense_l)  # the dense layer's targets, while the model's layer is refit
                 for role in CONSUMERS:
                     cols = removed_inputs(adapter, dense_l, plan, idx, role)
-                    fits.append(_refit(adapter, dense_l, masked_l, idx, role, cols, hidden, kwargs[idx], ridge))
+                    fit = _refit(adapter, reference, masked_l, idx, role, cols, hidden, kwargs[idx], ridge)
+                    _copy_kept(adapter, masked_l, dense_l, role, cols)
+                    fits.append(fit)
             hidden = [_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
     finally:
         model.train(was_training)
@@ -165,7 +170,8 @@ def _refit(
     kwargs: list[dict[str, Any]],
     ridge: float,
 ) -> ProjectionFit:
-    """Accumulate one projection's Gram matrices on the layer's inputs, solve, write W' into both layers."""
+    """Accumulate one projection's Gram matrices on the layer's inputs (``dense_l``: the untouched dense layer),
+    solve, and write W' into the masked layer."""
     path = consumer_path(adapter, role).removesuffix(".weight")
     gram = _Gram()
     for h, kw in zip(hidden, kwargs, strict=True):
@@ -179,11 +185,21 @@ def _refit(
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[removed] = False
     weight, bias, errors = solve(gram, w, b, keep, ridge)
-    for proj in (dense_proj, masked_proj):
-        proj.weight[:, keep] = weight.to(proj.weight.dtype).to(proj.weight.device)
-        if bias is not None:
-            proj.bias.copy_(bias.to(proj.bias.dtype).to(proj.bias.device))
+    masked_proj.weight[:, keep] = weight.to(masked_proj.weight.dtype).to(masked_proj.weight.device)
+    if bias is not None:
+        masked_proj.bias.copy_(bias.to(masked_proj.bias.dtype).to(masked_proj.bias.device))
     return ProjectionFit(idx, role, int(keep.sum()), *errors)
+
+
+def _copy_kept(adapter: ModelAdapter, src: nn.Module, dst: nn.Module, role: str, removed: torch.Tensor) -> None:
+    """The refit kept columns (and bias) of ``role`` from the masked layer into the model's layer."""
+    path = consumer_path(adapter, role).removesuffix(".weight")
+    s, d = src.get_submodule(path), dst.get_submodule(path)
+    keep = torch.ones(s.weight.shape[1], dtype=torch.bool)
+    keep[removed] = False
+    d.weight[:, keep] = s.weight[:, keep]
+    if s.bias is not None:
+        d.bias.copy_(s.bias)
 
 
 def solve(
@@ -209,8 +225,11 @@ def solve(
     lam = ridge * float(torch.diagonal(gkk)[:n_k].mean()) if n_k else 0.0
     damp = torch.zeros(gkk.shape[0], dtype=torch.float64)
     damp[:n_k] = lam
-    solution = torch.linalg.lstsq(gkk + torch.diag(damp), xt, driver="gelsd").solution  # (|K| (+1), out)
     sliced = w[:, k].T if b is None else torch.cat([w[:, k].T, b.unsqueeze(0)])
+    # The ridge pulls W' towards the sliced weights W[:, K] (not towards 0): few calibration tokens for many
+    # channels leave the least-squares problem underdetermined, and the dense weights are the better prior.
+    rhs = xt + damp.unsqueeze(1) * sliced
+    solution = torch.linalg.lstsq(gkk + torch.diag(damp), rhs, driver="gelsd").solution  # (|K| (+1), out)
 
     def error(sol: torch.Tensor) -> float:  # ||X~ sol - T||^2 = tr(sol^T G~ sol) - 2 tr(sol^T X~^T T) + ||T||^2
         return float(torch.einsum("ij,ij->", gkk @ sol, sol) - 2 * torch.einsum("ij,ij->", sol, xt) + t_norm)
