@@ -29,7 +29,8 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ADAPTERS, ModelAdapter
 from prunekit.pruning.criteria.activations import mean_key, projection
 from prunekit.pruning.plan import Plan
-from prunekit.pruning.units import UNITS, unit_indices
+from prunekit.pruning.units import UNITS
+from prunekit.pruning.units.base import CONSUMERS
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,23 @@ def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict
     Every unit type of a plan numbers the dense layer's units, so the columns of several unit types on
     one projection (query heads and KV groups) are in the same numbering: what goes is their union.
     """
-    layers = adapter.layers(model)
-    out: dict[tuple[str, int], set[int]] = {}
-    for unit, per_layer in plan.keep.items():
-        ut = UNITS.get(unit)
-        if not ut.input_of:
+    from prunekit.pruning.reconstruction import removed_inputs
+
+    for unit in plan.keep:
+        if not UNITS.get(unit).input_of:
             supported = sorted(n for n, u in UNITS.items() if u.input_of)
             raise PrunekitError(
                 f"prune.bias_compensation does not support unit type '{unit}' "
                 f"(supported: {', '.join(supported)}); set prune.bias_compensation: false"
             )
-        for idx, keep in per_layer.items():
-            layer = layers[idx]
-            role, width = ut.input_of, ut.input_width(adapter, layer)
-            removed = sorted(set(range(UNITS.get(unit).count(adapter, layer))) - set(keep))
-            if removed:
-                cols = unit_indices(torch.tensor(removed, dtype=torch.long), width).tolist()
-                out.setdefault((role, idx), set()).update(cols)
-    return {key: torch.tensor(sorted(cols), dtype=torch.long) for key, cols in out.items()}
+    layers = adapter.layers(model)
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for idx in sorted({i for per_layer in plan.keep.values() for i in per_layer}):
+        for role in CONSUMERS:
+            cols = removed_inputs(adapter, layers[idx], plan, idx, role)
+            if cols.numel():
+                out[(role, idx)] = cols
+    return out
 
 
 def check_family(adapter: ModelAdapter) -> None:
