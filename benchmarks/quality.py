@@ -1,20 +1,22 @@
-"""Pruned-model quality without and with least-squares reconstruction, then LM-loss vs distillation recovery.
+"""Pruned-model quality by allocation (uniform, search) and reconstruction, then LM-loss vs distillation recovery.
 
-For each criterion and target (fraction of all parameters): the cut with ``prune.*`` of the params file, its
-perplexity (evaluate.seq_lens[0] tokens, the data's evaluation split, disjoint from calibration and training)
-plainly sliced and after ``least_squares`` reconstruction, with the reconstruction's time and the process's peak
-resident memory. Then, for the best of those at the first target, ``--steps`` LoRA steps (recover.lora) with the
-LM loss and with distillation from the dense model (same tokens, same seed). Every figure also as a ratio to
-the dense model's perplexity.
+For each criterion, target (fraction of all parameters) and allocation: the one-shot cut the prune stage makes
+(``prune.*`` of the params file, the library's schedule), plainly sliced and with ``least_squares``
+reconstruction, its perplexity (evaluate.seq_lens[0] tokens, the data's evaluation split, disjoint from calibration
+and training), the cut's time (search and reconstruction included) and the process's peak resident memory so far.
+Then, for the best of those at the first target, ``--steps`` LoRA steps (recover.lora) with the LM loss and with
+distillation from the dense model (same tokens, same seed). Every figure also as a ratio to the dense model's.
 
     python benchmarks/quality.py ../shared/data/c4/c4_validation_2k.jsonl --criteria bip param_first \\
-        --targets 0.2 0.5 --steps 20
+        --targets 0.2 0.5 --allocations uniform search --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import logging
 import resource
 import sys
 import time
@@ -33,63 +35,75 @@ def main() -> None:
     from prunekit.data.sources import load_documents
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.perplexity import perplexity
+    from prunekit.evaluation.zeroshot import auto_mc_rows, zero_shot
     from prunekit.models.loading import load_model
     from prunekit.pipeline.params import load_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-    from prunekit.pruning.plan import PlanRequest, make_plan
-    from prunekit.pruning.reconstruction import reconstruct
-    from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
     from prunekit.training.lora import LoraSettings, recovery_loss, train_lora
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--criteria", nargs="*", default=["bip", "param_first"])
     parser.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.5])
+    parser.add_argument("--allocations", nargs="*", default=["uniform", "search"])
+    parser.add_argument("--reconstruct", nargs="*", default=["none", "least_squares"])
     parser.add_argument("--steps", type=int, default=20, help="LoRA steps of each recovery (0: no recovery)")
+    parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("prunekit.pruning.allocation_search").setLevel(logging.INFO)
     params = load_params(args.params)
     setup = make_setup(args)
     dense, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)
-    p, bs = params.prune, params.evaluate.batch_size
+    p, bs = params.prune, params.score.batch_size
     n_layers = len(adapter.layers(dense))
 
     def ppl(model) -> float:
-        return perplexity(model, setup.evaluation, bs)["ppl"]
+        return perplexity(model, setup.evaluation, params.evaluate.batch_size)["ppl"]
 
-    dense_ppl = ppl(dense)
-    print(f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, units "
-          f"{', '.join(p.units)}, layers {p.skip_first}..{n_layers - p.skip_last - 1}, "
-          f"ridge {p.reconstruct_ridge}; dense perplexity {dense_ppl:.2f}\n")  # fmt: skip
-    print(
-        "| criterion | target | achieved | ppl sliced (x dense) | ppl least_squares (x dense) | reconstruction s "
-        "| peak RSS MiB |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    z = params.evaluate.zero_shot
+    documents = load_documents(args.data, "evaluation", text_field=params.data.text_field)
+    questions = auto_mc_rows(documents, args.questions, z.auto_mc_choices, z.auto_mc_context_words,
+                             z.auto_mc_continuation_words, params.seed)  # fmt: skip
+
+    def accuracy(model) -> float:
+        return zero_shot(model, tokenizer, ["auto_mc"], auto_rows=questions, batch_size=z.batch_size,
+                         seed=params.seed)["auto_mc"]["acc"]  # fmt: skip
+
+    dense_ppl, dense_acc = ppl(dense), accuracy(dense)
+    print(f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, "
+          f"{setup.calibration.shape[0]} x {setup.calibration.shape[1]} calibration tokens, units "
+          f"{', '.join(p.units)}, layers {p.skip_first}..{n_layers - p.skip_last - 1}, ridge {p.reconstruct_ridge}, "
+          f"search {p.search.candidates} candidates ({p.search.objective}, {p.search.knots} knots); "
+          f"dense perplexity {dense_ppl:.2f}, auto_mc accuracy {dense_acc:.3f} ({args.questions} questions)"
+          "\n")  # fmt: skip
+    print("| criterion | target | allocation | reconstruct | achieved | ppl (x dense) | auto_mc acc (x dense) | cut s "
+          "| peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     best = None
     for name in args.criteria:
-        req = ScoreRequest(list(p.units), list(range(n_layers)), setup.calibration, params.score.batch_size,
-                           params.seed, params.score.model_dump())  # fmt: skip
+        req = ScoreRequest(list(p.units), list(range(n_layers)), setup.calibration, bs, params.seed,
+                           params.score.model_dump())  # fmt: skip
         scores = CRITERIA.get(name).score(dense, adapter, req)
         for target in args.targets:
-            lays = layouts(dense, adapter, list(p.units), prunable_layers(n_layers, p.skip_first, p.skip_last))
-            plan = make_plan(scores, PlanRequest(target, count_params(dense), lays, dict(p.round_to), p.tolerance),
-                             p.allocation, criterion=name)  # fmt: skip
-            plain = ppl(apply_plan(copy.deepcopy(dense), adapter, plan))
-            refit, t0 = copy.deepcopy(dense), time.perf_counter()
-            reconstruct(refit, adapter, plan, setup.calibration, params.score.batch_size, p.reconstruct_ridge)
-            seconds = time.perf_counter() - t0
-            apply_plan(refit, adapter, plan)
-            fitted = ppl(refit)
-            row = f"| {name} | {target} | {plan.achieved:.4f} | {plain:.2f} ({plain / dense_ppl:.2f}x) | "
-            row += f"{fitted:.2f} ({fitted / dense_ppl:.2f}x) | {seconds:.1f} | {peak_rss_mib():.0f} |"
-            print(row, flush=True)
-            if target == args.targets[0] and (best is None or min(plain, fitted) < best[0]):
-                best = (
-                    min(plain, fitted),
-                    name,
-                    refit if fitted <= plain else apply_plan(copy.deepcopy(dense), adapter, plan),
-                )
-            del refit
+            for allocation in args.allocations:
+                for method in args.reconstruct:
+                    cut = dataclasses.replace(Cut.of(p, name), target=target, allocation=allocation, reconstruct=method)
+                    job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed,
+                                   calibration=lambda: setup.calibration, score_batch_size=bs)  # fmt: skip
+                    t0 = time.perf_counter()
+                    result = prune_model(job, "oneshot")
+                    seconds = time.perf_counter() - t0
+                    value = ppl(result.model)
+                    acc = accuracy(result.model)
+                    cells = [name, target, allocation, method, f"{result.plan.achieved:.4f}",
+                             f"{value:.2f} ({value / dense_ppl:.2f}x)", f"{acc:.3f} ({acc / dense_acc:.2f}x)",
+                             f"{seconds:.0f}", f"{peak_rss_mib():.0f}"]  # fmt: skip
+                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+                    if target == args.targets[0] and (best is None or value < best[0]):
+                        best = (value, f"{name}, {allocation}, {method}", result.model)
+                    del job, result
     if not args.steps or best is None:
         return
     _, name, model = best
@@ -100,14 +114,20 @@ def main() -> None:
         f"\nrecovery of the best cut at {args.targets[0]} ({name}): {args.steps} LoRA steps x "
         f"{settings.batch_size} x {params.recover.lora.seq_len} tokens, temperature {params.recover.temperature}\n"
     )
-    print("| recovery loss | ppl (x dense) | seconds |")
-    print("|---|---|---|")
+    print("| recovery loss | ppl (x dense) | auto_mc acc (x dense) | seconds |")
+    print("|---|---|---|---|")
     for kind in ("lm", "kd"):
         t0 = time.perf_counter()
         loss = recovery_loss(kind, dense, params.recover.temperature)
         recovered, _ = train_lora(copy.deepcopy(model), blocks, settings, desc=f"LoRA {kind}", loss=loss)
-        value = ppl(recovered)
-        print(f"| {kind} | {value:.2f} ({value / dense_ppl:.2f}x) | {time.perf_counter() - t0:.0f} |", flush=True)
+        seconds, value, acc = time.perf_counter() - t0, ppl(recovered), accuracy(recovered)
+        cells = [
+            kind,
+            f"{value:.2f} ({value / dense_ppl:.2f}x)",
+            f"{acc:.3f} ({acc / dense_acc:.2f}x)",
+            f"{seconds:.0f}",
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

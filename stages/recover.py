@@ -1,4 +1,4 @@
-"""Stage `recover`: LoRA fine-tuning of the pruned model (`recover.*`), merged and saved; the loss curve."""
+"""Stage `recover`: fine-tuning of the pruned model (`recover.*`: LoRA merged, or full), saved; the loss curve."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from prunekit.pipeline.runtime import exit_after, run_stage
 
 
 def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Path, loss_file: Path, plot: Path) -> None:
-    """LoRA on the training text (``recover.lora``; ``recover.loss``: LM loss or distillation from the dense model
-    in ``teacher``), merged into ``model_dir``'s weights and saved to ``out``; the loss per step to ``loss_file``
-    (.json) and ``plot`` (.png)."""
+    """Fine-tune ``model_dir`` on the training text (``recover.method``: LoRA merged into the weights, or every weight;
+    ``recover.lora``'s steps and optimiser; ``recover.loss``: LM loss or distillation from the dense model in
+    ``teacher``) and save it to ``out``; the loss per step to ``loss_file`` (.json) and ``plot`` (.png)."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
@@ -21,7 +21,7 @@ def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Pat
     from prunekit.pipeline.files import atomic_dir, write_json
     from prunekit.pipeline.stageio import read_documents
     from prunekit.pruning.slicing import save_model
-    from prunekit.training.lora import LoraSettings, recovery_loss, train_lora
+    from prunekit.training.lora import LoraSettings, recovery_loss, train_full, train_lora
 
     r, m = params.recover, params.model
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
@@ -32,7 +32,10 @@ def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Pat
         dense = load_model(teacher, r.teacher_dtype or m.dtype, m.device, m.device_map)[0] if r.loss != "lm" else None
         loss = recovery_loss(r.loss, dense, r.temperature)
         blocks = chunks(stream, r.lora.seq_len, "training")
-        model, losses = train_lora(model, blocks, settings, desc="LoRA recovery", loss=loss)
+        if r.method == "full":
+            model, losses = train_full(model, blocks, settings, desc="recovery (full)", loss=loss)
+        else:
+            model, losses = train_lora(model, blocks, settings, desc="LoRA recovery", loss=loss)
     with atomic_dir(out) as tmp:
         save_model(model, adapter, tokenizer, tmp)
         meta_src = model_dir / "prunekit.json"
@@ -40,7 +43,8 @@ def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Pat
         meta["recover"] = r.model_dump()
         write_model_record(tmp, meta)
     write_json(loss_file, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
-    line_plot(plot, range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "LoRA recovery")
+    title = "full fine-tuning recovery" if r.method == "full" else "LoRA recovery"
+    line_plot(plot, range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", title)
 
 
 def main(argv: list[str] | None = None) -> int:

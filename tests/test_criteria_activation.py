@@ -360,6 +360,7 @@ def test_score_and_prune_stages_compensate(tiny_model_dir: Path, tmp_path: Path)
         out=out,
         plan_file=tmp_path / "plan.json",
         metrics_file=tmp_path / "metrics.json",
+        trials_file=tmp_path / "trials.json",
         text=None,
         calibration=None,
         state=tmp_path / "state",

@@ -353,3 +353,29 @@ def test_head_dim_attention_is_built_from_a_layer_config() -> None:
     assert (attn.v_proj.out_features, attn.o_proj.in_features) == (4 * 3, 8 * 3)
     assert attn.rope_index.tolist()[0] == [0, 3, 4, 7] and attn.scaling == HD**-0.5
     assert attn.rope_pairs() == ((0, 3), (1, 2), (0, 1), (2, 3))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("allocation", "target"), [("uniform", 0.3), ("global_weighted", 0.4)])
+def test_query_heads_and_head_dims_in_one_plan(
+    family: str, allocation: str, target: float, tmp_path, tokenizer
+) -> None:
+    """KV groups, query heads inside them and both head dims in one plan: the planner's parameter count is the
+    sliced model's (q_proj and o_proj are sliced by three unit types: counted once), the sliced model equals the
+    masked one, and it saves, reloads and generates the same."""
+    dense = tiny_family(family, True, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    units = ["attn_kv_group", "attn_query_head", *HEAD_DIM_UNITS, "mlp_channel"]
+    lays = layouts(dense, adapter, units, [1, 2])
+    gen = torch.Generator().manual_seed(3)
+    scores = {f"{lay.unit}.{lay.layer}": torch.rand(lay.count, generator=gen) for lay in lays}
+    plan = make_plan(scores, PlanRequest(target, count_params(dense), lays, {}, 0.02), allocation)
+    assert all(len(plan.keep["attn_query_head"][i]) < KV * N_REP for i in (1, 2))  # query heads are cut ...
+    assert any(len(plan.keep[u][i]) < KV * 4 for u in HEAD_DIM_UNITS for i in (1, 2))  # ... and head dims
+    masked, sliced = masked_and_sliced(dense, plan)
+    assert count_params(sliced) == plan.params_after
+    save_model(sliced, adapter, tokenizer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
+    assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
+    assert_generate_matches(loaded, masked, ids)

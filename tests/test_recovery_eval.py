@@ -182,3 +182,55 @@ def test_distillation_trains_only_the_adapters() -> None:
         assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(PrunekitError, match="recover.loss 'kd' distils from the dense model"):
         recovery_loss("kd", None, 1.0)
+
+
+def test_full_fine_tuning_takes_adamw_steps_on_every_weight() -> None:
+    """recover.method full: one step at learning rate lr moves every weight by AdamW's first step,
+    -lr * g / (|g| + eps) for the gradient g of the batch (computed here independently), and leaves the
+    requires_grad flags as they were."""
+    from prunekit.training.lora import train_full
+    from prunekit.training.loss import lm_loss
+
+    model, ids = tiny_model(seed=1), blocks()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = tiny_model(seed=1)
+    lm_loss(reference, ids).backward()  # one batch of all blocks: the order does not change the mean loss
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    model.model.embed_tokens.weight.requires_grad_(False)  # a frozen weight is trained too, then frozen again
+    cfg = settings(learning_rate=1e-3, batch_size=ids.shape[0], steps=1, warmup_steps=0)
+    trained, losses = train_full(model, ids, cfg)
+    assert losses[0] == pytest.approx(lm_loss(reference, ids).item(), rel=1e-5)
+    for name, p in trained.named_parameters():
+        g = grads[name]
+        expected = before[name] - 1e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+    assert not model.model.embed_tokens.weight.requires_grad and model.model.norm.weight.requires_grad
+    assert not trained.training
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_recover_stage_trains_what_the_method_names(method: str, tiny_model_dir, tmp_path) -> None:
+    """recover.method: lora changes only the adapted modules (merged); full changes every weight."""
+    import json
+    from pydoc_data.topics import topics
+
+    from safetensors.torch import load_file
+    from test_criteria_activation import load_stage
+
+    from prunekit.pipeline.params import parse_params
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "training.jsonl").write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:8]))
+    lora = {"steps": 2, "batch_size": 2, "seq_len": 16, "warmup_steps": 0, "target_modules": ["q_proj", "v_proj"]}
+    params = parse_params({"recover": {"method": method, "lora": lora}})
+    out = tmp_path / "recovered"
+    load_stage("recover").recover(params, model_dir=tiny_model_dir, teacher=tiny_model_dir, text=text, out=out,
+                                  loss_file=tmp_path / "loss.json", plot=tmp_path / "loss.png")  # fmt: skip
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    changed = {name for name, t in after.items() if not torch.equal(t, before[name])}
+    if method == "full":
+        assert changed == set(after)
+    else:
+        assert changed == {n for n in after if n.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert len(json.loads((tmp_path / "loss.json").read_text())) == 2

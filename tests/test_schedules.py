@@ -246,7 +246,8 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
     )
     load_stage("prune").prune(
         params, model_dir=tiny_model_dir, scores_file=scores, out=tmp_path / "pruned", plan_file=tmp_path / "plan.json",
-        metrics_file=tmp_path / "metrics.json", text=text, calibration=tmp_path / "calib.safetensors",
+        metrics_file=tmp_path / "metrics.json", trials_file=tmp_path / "trials.json", text=text,
+        calibration=tmp_path / "calib.safetensors",
         state=tmp_path / "state",
     )  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -360,3 +361,25 @@ def test_unknown_or_unfit_schedule_is_refused_with_the_key() -> None:
     with pytest.raises(ParamsError, match=r"'prune.bias_compensation': not available with prune.schedule 'kshot'"):
         check_choices(parse_params({"prune": {"schedule": "kshot", "bias_compensation": True},
                                     "score": {"criterion": "activation"}}))  # fmt: skip
+
+
+def test_schedules_distil_from_the_unpruned_model_when_asked(tokenizer) -> None:
+    """schedule.loss kd: the teacher is a copy of the model as the schedule got it, so the iterative schedule's
+    first step (LoRA's B = 0, no mask yet) has a KD loss of 0; with lm it is the LM loss."""
+    from prunekit.pipeline.params import ScheduleParams
+
+    model, adapter, req, cfg, blocks = _iterative_setup(steps=4)
+    job = PruneJob(model, tokenizer, adapter, {}, Cut(0.1, UNITS, "uniform", "lora"), schedule=ScheduleParams())
+    assert job.loss() is None  # lm: the trainer's default
+    job.schedule = ScheduleParams(loss="kd", temperature=2.0)
+    kd = job.loss()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # later changes to the model leave the teacher
+    same = kd(tiny_model(), blocks[:2]).item()
+    assert abs(same) < 1e-8 and kd(model, blocks[:2]).item() > 1e-6
+    _, _, history = iterative_prune(tiny_model(), adapter, blocks, req, UNITS, LAYERS, "uniform",
+                                    dataclasses.replace(cfg, loss=kd))  # fmt: skip
+    # The student starts as the teacher (the unpruned model's copy): no loss at the first step, then some.
+    assert abs(history[0]["loss"]) < 1e-8 and history[-1]["loss"] > 1e-8
+    _, _, plain = iterative_prune(tiny_model(), adapter, blocks, req, UNITS, LAYERS, "uniform", cfg)
+    assert plain[0]["loss"] > 1.0

@@ -111,6 +111,17 @@ class ScoreParams(Section):
     base_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
+class AllocationSearchParams(Section):
+    """``prune.search``: ``prune.allocation: search``, per-layer and per-unit-type fractions by Bayesian optimisation
+    (prunekit.pruning.allocation_search)."""
+
+    candidates: int = Field(24, ge=1)  # allocations evaluated, the flat profile (uniform) first
+    random_starts: int = Field(4, ge=0)  # random candidates before the Gaussian process proposes
+    knots: int = Field(3, ge=1)  # depth-profile control points per unit type (1: one ratio per unit type)
+    max_ratio: float = Field(0.9, gt=0.0, le=1.0)  # no layer loses more than this share of a unit type
+    objective: Literal["kl", "loss"] = "kl"  # KL to the unpruned model's next-token distribution | LM loss
+
+
 class PruneParams(Section):
     """``prune``: what to remove, how much, where."""
 
@@ -131,6 +142,7 @@ class PruneParams(Section):
     # pruned layer's outputs on the calibration windows stay closest to the dense layer's (oneshot, kshot)
     reconstruct: Literal["none", "least_squares"] = "none"
     reconstruct_ridge: float = Field(0.01, ge=0.0)  # ridge, relative to the mean diagonal of the Gram matrix
+    search: AllocationSearchParams = AllocationSearchParams()  # allocation: search
 
 
 class ScheduleParams(Section):
@@ -143,14 +155,20 @@ class ScheduleParams(Section):
     checkpoint_every: int = Field(10, ge=1)  # iterative: steps between checkpoints (resume)
     shots: int = Field(8, ge=1)  # kshot: rounds of score -> prune -> train
     steps_per_shot: int = Field(10, ge=0)  # kshot: LoRA steps after each cut (merged; no warm-up)
+    # The schedules' LoRA loss, as recover.loss: lm | kd | lm_kd (the teacher: a copy of the unpruned model)
+    loss: Literal["lm", "kd", "lm_kd"] = "lm"
+    temperature: float = Field(1.0, gt=0.0)  # kd: both distributions softened by it
     # iterative: its whole run (lora.steps in all, lora.warmup_steps of learning-rate warm-up);
     # kshot: each shot's adapters and optimiser (steps_per_shot steps, no warm-up)
     lora: ScheduleLoraParams = ScheduleLoraParams()
 
 
 class RecoverParams(Section):
-    """``recover``: LoRA fine-tuning of the pruned model, merged into its weights."""
+    """``recover``: fine-tuning of the pruned model, LoRA merged into its weights or every weight trained."""
 
+    # lora: adapters on recover.lora.target_modules, merged | full: every parameter of the pruned model trained
+    # (recover.lora's optimiser and batch keys; rank, alpha, dropout and target_modules unused)
+    method: Literal["lora", "full"] = "lora"
     lora: RecoverLoraParams = RecoverLoraParams()
     # lm: next-token NLL | kd: distillation from the dense model (KL of the softened distributions, Minitron) |
     # lm_kd: their sum. The teacher (the dense model) runs in the same process, forward only.

@@ -103,7 +103,7 @@ def run_stage(
     (:mod:`prunekit.pipeline.prefect_server`).
     """
     configure_logging()
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", required=True, help="params file (dvc.yaml passes params.yaml)")
     args = parser.parse_args(argv)
     try:
         params = validated_params(args.params)

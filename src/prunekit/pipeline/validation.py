@@ -87,14 +87,14 @@ def _prune(params: Params, problems: _Problems) -> None:
     if p.schedule in SCHEDULES:
         problems += SCHEDULES.get(p.schedule).problems(Cut.of(p, params.score.criterion))
     units = set(p.units)
-    if "attn_query_head" in units and units & {"attn_qk_dim", "attn_vo_dim"}:
-        # The planner counts each unit type's parameters separately; query heads and head dims share q rows
-        # and o_proj columns, so their joint parameter count is a product it does not model yet.
+    if p.allocation == "search" and not units - {"layer"}:
         problems.key(
-            "prune.units",
-            "attn_query_head cannot be combined with attn_qk_dim / attn_vo_dim; prune whole heads with "
-            "attn_kv_group together with head dims instead",
+            "prune.allocation",
+            "'search' moves parameters between layers through width units; add one to prune.units "
+            "(e.g. mlp_channel) or use allocation uniform to remove whole layers alone",
         )
+    if p.allocation == "search" and "hidden_channel" in units:
+        problems.key("prune.allocation", "'search' allocates per layer; hidden_channel spans the whole model")
     if p.reconstruct != "none" and p.bias_compensation:
         problems.key("prune.reconstruct", "refits the biases too; set prune.bias_compensation: false with it")
     if p.reconstruct != "none" and "hidden_channel" in units:

@@ -37,6 +37,11 @@ class UnitLayout:
     # A whole decoder layer (``count`` 1, ``params_per_unit`` = all its parameters): chosen globally by
     # score and kept 0 or 1 times; once removed, the other unit types of its layer count for nothing.
     whole_layer: bool = False
+    # The parameters the units are slices of, (name, size): a tensor several unit types slice (q_proj: KV groups,
+    # query heads and q/k dims) keeps its size times the product of their kept shares, each type indexing its own
+    # factor of the sliced axis. Empty: the units' own ``count * params_per_unit`` parameters (a parent's
+    # including its children's, which its removed units take with them).
+    tensors: tuple[tuple[str, int], ...] = ()
 
     def kept(self, ratio: float, multiple: int) -> int:
         """Units kept at ``ratio``: the same count in every group, rounded to ``multiple`` per group."""
@@ -93,6 +98,9 @@ class PlanRequest:
     layouts: list[UnitLayout]
     round_to: dict[str, int]
     tolerance: float
+    # ``allocation: search``: evaluates candidate allocations on a model (prunekit.pruning.allocation_search);
+    # given by the schedule that cuts, None for the allocations that read scores only.
+    search: Any = None
 
     @classmethod
     def of_original(
@@ -142,7 +150,7 @@ def _key(lay: UnitLayout) -> str:
     return f"{lay.unit}.{lay.layer}"
 
 
-def _removed(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]) -> int:
+def removed_params(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]) -> int:
     """Parameters that keeping ``counts[(unit, layer)]`` units removes, every parameter counted once."""
     by_layer: dict[int, list[UnitLayout]] = {}
     for lay in layouts:
@@ -151,20 +159,40 @@ def _removed(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]) -> i
 
 
 def _layer_removed(lays: list[UnitLayout], counts: dict[tuple[str, int], int]) -> int:
-    """Parameters removed from one layer: all of them if a whole-layer unit goes, else each unit type's
-    removed units, those nested in a parent type counted only inside the parent units that stay."""
+    """Parameters removed from one layer: all of them if a whole-layer unit goes; else, for every tensor the
+    unit types slice, its size times one minus the product of their kept shares (a tensor sliced by several types,
+    or by a parent type and its children, counted once)."""
     kept = {lay.unit: counts[(lay.unit, lay.layer)] for lay in lays}
     for lay in lays:
         if lay.whole_layer and kept[lay.unit] < lay.count:
             return (lay.count - kept[lay.unit]) * lay.params_per_unit
+    width = [lay for lay in lays if not lay.whole_layer]
+    size: dict[str, int] = {}
+    slicers: dict[str, set[str]] = {}
+    for lay in width:
+        for name, n in _tensors(lay, width):
+            size[name] = n
+            slicers.setdefault(name, set()).add(lay.unit)
+            if any(p.unit == lay.parent for p in width):  # a removed parent unit takes the child's slices
+                slicers[name].add(lay.parent)
+    count = {lay.unit: lay.count for lay in width}
     removed = 0
-    for lay in lays:
-        gone = lay.count - kept[lay.unit]
-        parent = next((p for p in lays if p.unit == lay.parent), None)
-        if parent is not None and parent.count == lay.groups:
-            gone = gone * kept[parent.unit] // lay.groups  # equal removals per group: exact
-        removed += gone * lay.params_per_unit
+    for name, n in size.items():
+        num, den = n, 1
+        for unit in slicers[name]:
+            num, den = num * kept[unit], den * count[unit]
+        removed += n - (2 * num + den) // (2 * den)  # exact whenever the shares tile the tensor (they do)
     return removed
+
+
+def _tensors(lay: UnitLayout, lays: list[UnitLayout]) -> tuple[tuple[str, int], ...]:
+    """The tensors ``lay``'s units slice; a layout that names none owns ``count * params_per_unit`` parameters,
+    of which those of child layouts (``parent`` = its unit, also naming none) are theirs."""
+    if lay.tensors:
+        return lay.tensors
+    own = lay.count * lay.params_per_unit
+    own -= sum(c.count * c.params_per_unit for c in lays if c.parent == lay.unit and not c.tensors)
+    return ((f"{lay.unit}.units", own),)
 
 
 def _keep_whole_in_removed_layers(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]) -> None:
@@ -204,8 +232,10 @@ def _uniform_widths(layouts: list[UnitLayout], want: float, round_to: dict[str, 
     # What the finest type can still remove given the coarse choice (nested types: inside kept parents).
     for lay in fine_layouts:
         counts[(lay.unit, lay.layer)] = lay.count
-    coarse_removed = _removed(counts, layouts)
-    fine_prunable = _removed({**counts, **{(lay.unit, lay.layer): 0 for lay in fine_layouts}}, layouts) - coarse_removed
+    coarse_removed = removed_params(counts, layouts)
+    fine_prunable = (
+        removed_params({**counts, **{(lay.unit, lay.layer): 0 for lay in fine_layouts}}, layouts) - coarse_removed
+    )
     r_fine = min(max((want - coarse_removed) / fine_prunable, 0.0), 1.0) if fine_prunable else 0.0
     for lay in fine_layouts:
         counts[(lay.unit, lay.layer)] = lay.kept(r_fine, round_to.get(lay.unit, 1))
@@ -232,7 +262,7 @@ def uniform(scores: dict[str, torch.Tensor], req: PlanRequest) -> dict[tuple[str
     counts = _lowest_layers(scores, whole, want, fit=has_width) if whole else {}
     gone = {lay.layer for lay in whole if counts[(lay.unit, lay.layer)] == 0}
     width = [lay for lay in req.layouts if not lay.whole_layer and lay.layer not in gone]
-    counts.update(_uniform_widths(width, want - _removed(counts, whole), req.round_to))
+    counts.update(_uniform_widths(width, want - removed_params(counts, whole), req.round_to))
     for lay in req.layouts:  # width units of removed layers: left whole, the layer takes them with it
         counts.setdefault((lay.unit, lay.layer), lay.count)
     return counts
@@ -300,7 +330,7 @@ def _threshold_allocation(
     cuts = [*values, math.inf]  # cut i removes the units whose key is below cuts[i]; cut 0 removes none
 
     def removed(i: int) -> int:
-        return _removed(_threshold_counts(keys, req, cuts[i]), req.layouts)
+        return removed_params(_threshold_counts(keys, req, cuts[i]), req.layouts)
 
     lo, hi = 0, len(cuts) - 1  # smallest cut removing at least ``want`` (or the last one)
     while lo < hi:
@@ -318,7 +348,7 @@ def _threshold_allocation(
         "%s allocation: threshold %.6g removes %.4f of all parameters (target %.4f)",
         name,
         cuts[best],
-        _removed(counts, req.layouts) / req.total_params,
+        removed_params(counts, req.layouts) / req.total_params,
         req.target,
     )
     return counts
@@ -389,22 +419,7 @@ def make_plan(
         if not torch.isfinite(s).all():
             raise PrunekitError(f"scores for {lay.unit} in layer {lay.layer} contain NaN or inf")
     counts = ALLOCATIONS.get(allocation)(scores, req)
-    keep: dict[str, dict[int, list[int]]] = {}
-    ratios: dict[str, dict[int, float]] = {}
-    for lay in req.layouts:
-        k = counts[(lay.unit, lay.layer)]
-        keep.setdefault(lay.unit, {})[lay.layer] = top_k(scores[f"{lay.unit}.{lay.layer}"], k, lay.groups)
-        ratios.setdefault(lay.unit, {})[lay.layer] = 1.0 - k / lay.count
-    removed = _removed(counts, req.layouts)
-    plan = Plan(
-        keep=keep,
-        params_before=req.total_params,
-        params_after=req.total_params - removed,
-        target=req.target,
-        allocation=allocation,
-        criterion=criterion,
-        layer_ratios=ratios,
-    )
+    plan = plan_of_counts(scores, req, counts, allocation, criterion)
     log.info("plan: remove %.2f%% of parameters (target %.2f%%)", 100 * plan.achieved, 100 * req.target)
     if not math.isclose(plan.achieved, req.target, abs_tol=req.tolerance):
         raise PrunekitError(
@@ -413,3 +428,32 @@ def make_plan(
             f"prune.skip_last), add unit types to prune.units, lower prune.round_to, or widen prune.tolerance."
         )
     return plan
+
+
+def plan_of_counts(
+    scores: dict[str, torch.Tensor],
+    req: PlanRequest,
+    counts: dict[tuple[str, int], int],
+    allocation: str,
+    criterion: str = "",
+) -> Plan:
+    """The plan that keeps ``counts[(unit, layer)]`` units of each layout, the highest-scored ones."""
+    keep: dict[str, dict[int, list[int]]] = {}
+    ratios: dict[str, dict[int, float]] = {}
+    for lay in req.layouts:
+        k = counts[(lay.unit, lay.layer)]
+        keep.setdefault(lay.unit, {})[lay.layer] = top_k(scores[f"{lay.unit}.{lay.layer}"], k, lay.groups)
+        ratios.setdefault(lay.unit, {})[lay.layer] = 1.0 - k / lay.count
+    removed = removed_params(counts, req.layouts)
+    return Plan(
+        keep=keep,
+        params_before=req.total_params,
+        params_after=req.total_params - removed,
+        target=req.target,
+        allocation=allocation,
+        criterion=criterion,
+        layer_ratios=ratios,
+    )
+
+
+from prunekit.pruning import allocation_search  # noqa: E402, F401  (registers allocation "search")

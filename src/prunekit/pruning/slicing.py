@@ -61,6 +61,10 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
 
 def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
     ut, layer = UNITS.get(name), adapter.layers(model)[idx]
+    tensors: tuple[tuple[str, int], ...] = ()
+    if not (ut.whole_layer or ut.model_wide):  # their members are the whole layer / reach beyond it
+        paths = dict.fromkeys(m.path for m in ut.members(adapter, layer))
+        tensors = tuple((path, layer.get_parameter(path).numel()) for path in paths)
     return UnitLayout(
         name,
         idx,
@@ -69,6 +73,7 @@ def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> Uni
         ut.groups(adapter, layer),
         parent=ut.parent,
         whole_layer=ut.whole_layer,
+        tensors=tensors,
     )
 
 

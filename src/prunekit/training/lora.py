@@ -222,6 +222,28 @@ def train_lora(
     return merged, losses
 
 
+def train_full(
+    model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings, desc: str = "fine-tuning", loss: LossFn | None = None
+) -> tuple[nn.Module, list[float]]:
+    """Full fine-tuning: every parameter of ``model`` trained, with the trainer, batches, schedule and loss of
+    :func:`train_lora` (``cfg``'s adapter fields unused); the model (in eval mode) and the loss per step.
+
+    Memory: the weights, their gradients and AdamW's two moments (four times the weights, in their dtype: train a
+    float32 model; AdamW on bfloat16 weights loses small updates). The caller's random state is left as it was.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with seeded(cfg.seed):  # dropout
+            losses = LoraTrainer(model, blocks, cfg, loss).run(desc)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    model.eval()
+    return model, losses
+
+
 def recovery_loss(kind: str, teacher: nn.Module | None, temperature: float) -> LossFn:
     """``recover.loss``: lm (next-token NLL), kd (distillation from ``teacher``: temperature^2 * KL of the softened
     distributions) or lm_kd (their sum)."""

@@ -80,13 +80,33 @@ def kd_loss(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise PrunekitError(f"kd_loss needs (batch, tokens >= 2) token ids, got shape {tuple(input_ids.shape)}")
-    lm, tm = causal_lm(model), causal_lm(teacher)
+    t_head = causal_lm(teacher).get_output_embeddings()
+    return kd_loss_from(model, teacher_states(teacher, input_ids), t_head, input_ids, temperature, chunk_tokens)
+
+
+@torch.no_grad()
+def teacher_states(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's last hidden states at every position that predicts a next token, (B * (T - 1), hidden):
+    all of the teacher that :func:`kd_loss_from` needs besides its output head (a caller scoring many students
+    against one teacher computes them once)."""
+    tm = causal_lm(teacher)
+    t_hidden = tm.get_decoder()(input_ids=input_ids.to(tm.device), use_cache=False).last_hidden_state
+    return t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
+
+
+def kd_loss_from(
+    model: nn.Module,
+    t_hidden: torch.Tensor,
+    t_head: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """:func:`kd_loss` with the teacher given as its :func:`teacher_states` and output head."""
+    lm = causal_lm(model)
     hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    with torch.no_grad():
-        t_hidden = tm.get_decoder()(input_ids=input_ids.to(tm.device), use_cache=False).last_hidden_state
-        t_hidden = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
-    head, t_head = lm.get_output_embeddings(), tm.get_output_embeddings()
+    head = lm.get_output_embeddings()
     if chunk_tokens is None:
         chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -8,6 +8,8 @@ units of the model it was given, whatever the schedule (one cut, masks raised du
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pipeline.params import PruneParams, ScheduleParams
+from prunekit.pipeline.params import AllocationSearchParams, PruneParams, ScheduleParams
 from prunekit.pruning.plan import Plan, PlanRequest, make_plan
 from prunekit.registry import Registry
 
@@ -50,13 +52,14 @@ class Cut:
     bias_compensation: bool = False
     reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
     reconstruct_ridge: float = 0.01
+    search: AllocationSearchParams = field(default_factory=AllocationSearchParams)  # allocation: search
 
     @classmethod
     def of(cls, prune: PruneParams, criterion: str) -> Cut:
         """From the ``prune`` params section and ``score.criterion``."""
         return cls(prune.target, list(prune.units), prune.allocation, criterion, prune.skip_first, prune.skip_last,
                    dict(prune.round_to), prune.tolerance, prune.bias_compensation, prune.reconstruct,
-                   prune.reconstruct_ridge)  # fmt: skip
+                   prune.reconstruct_ridge, prune.search)  # fmt: skip
 
     def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
@@ -64,18 +67,55 @@ class Cut:
 
         return prunable_layers(len(adapter.layers(model)), self.skip_first, self.skip_last)
 
-    def request(self, model: nn.Module, adapter: ModelAdapter, fraction: float, original: int) -> PlanRequest:
-        """Cut ``model`` so that ``1 - fraction`` of ``original`` parameters remain (the tolerance is on those too)."""
+    def request(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        fraction: float,
+        original: int,
+        job: PruneJob | None = None,
+        label: str = "",
+    ) -> PlanRequest:
+        """Cut ``model`` so that ``1 - fraction`` of ``original`` parameters remain (the tolerance is on those too).
+
+        With ``allocation: search`` the request carries the search, which evaluates candidates on ``model`` with
+        ``job``'s calibration tokens (``label`` names it in the trials and its resume record)."""
         from prunekit.pruning.slicing import count_params, layouts
 
         lays = layouts(model, adapter, list(self.units), self.layers(model, adapter))
         current = count_params(model)
         if current == original:  # the first cut: the fractions as given
-            return PlanRequest(fraction, current, lays, dict(self.round_to), self.tolerance)
-        return PlanRequest.of_original(fraction, original, current, lays, dict(self.round_to), self.tolerance)
+            req = PlanRequest(fraction, current, lays, dict(self.round_to), self.tolerance)
+        else:
+            req = PlanRequest.of_original(fraction, original, current, lays, dict(self.round_to), self.tolerance)
+        if self.allocation == "search":
+            req = dataclasses.replace(req, search=self.searcher(model, adapter, job, label))
+        return req
+
+    def searcher(self, model: nn.Module, adapter: ModelAdapter, job: PruneJob | None, label: str) -> Any:
+        """The allocation search of a cut of ``model``: candidates scored as this cut would produce them."""
+        from prunekit.pruning.allocation_search import AllocationSearch, candidate_objective
+
+        if job is None:
+            raise ValueError("allocation 'search' evaluates candidates on calibration tokens: give the request a job")
+
+        def refit(candidate: nn.Module, plan: Plan) -> None:
+            self.refit(candidate, adapter, plan, job)
+
+        evaluate = candidate_objective(
+            model, adapter, job.calibration_tokens(), job.score_batch_size, self.search.objective,
+            refit if self.reconstruct != "none" else None,
+        )  # fmt: skip
+        state = job.state_dir / "allocation_search.json" if job.state_dir is not None else None
+        return AllocationSearch(self.search, evaluate, job.seed, label, state, job.state_key)
 
     def plan(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Plan:
         return make_plan(scores, req, self.allocation, criterion=self.criterion)
+
+    @staticmethod
+    def trials(req: PlanRequest) -> list[dict[str, Any]]:
+        """Every candidate an allocation search of ``req`` evaluated (none for the other allocations)."""
+        return req.search.rows() if req.search is not None else []
 
     def refit(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, job: PruneJob) -> list[Any]:
         """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: [])."""
@@ -112,6 +152,16 @@ class PruneJob:
             raise ValueError("this schedule trains LoRA: give the job training_blocks")
         return self.training_blocks(seq_len)
 
+    def loss(self) -> Any:
+        """The schedules' LoRA loss (``schedule.loss``); distillation's teacher is a copy of the model as given
+        (the unpruned one: taken before the schedule changes it). None: the LM loss."""
+        if self.schedule.loss == "lm":
+            return None
+        from prunekit.training.lora import recovery_loss
+
+        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return recovery_loss(self.schedule.loss, teacher, self.schedule.temperature)
+
     def calibration_tokens(self) -> torch.Tensor:
         if self.calibration is None:
             raise ValueError("this schedule rescores the model: give the job calibration tokens")
@@ -124,6 +174,7 @@ class PruneResult:
     plan: Plan  # kept units, numbered as in the job's model; params_after counts the returned model
     log: list[dict[str, Any]] = field(default_factory=list)  # per step or per shot, for the metrics
     fits: list[Any] = field(default_factory=list)  # reconstruction.ProjectionFit of every refit projection
+    trials: list[dict[str, Any]] = field(default_factory=list)  # allocation search: every candidate evaluated
 
     def metrics(self, target: float, schedule: str) -> dict[str, Any]:
         """The prune stage's metrics: parameters before and after, the fraction reached, the schedule's log."""
@@ -138,6 +189,15 @@ class PruneResult:
             from prunekit.pruning.reconstruction import summary
 
             out["reconstruction"] = summary(self.fits)
+        if self.trials:
+            best = min(self.trials, key=lambda t: (t["objective"], t["candidate"]))
+            first = self.trials[0]
+            out["allocation_search"] = {
+                "candidates": len(self.trials),
+                "best_candidate": best["candidate"],
+                "best_objective": best["objective"],
+                "flat_objective": first["objective"],
+            }
         return out | ({"schedule_log": self.log} if self.log else {})
 
 

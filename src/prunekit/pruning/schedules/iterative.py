@@ -222,6 +222,7 @@ class IterativeSettings:
     ema: float
     checkpoint_every: int
     lora: Any  # training.lora.LoraSettings: its ``steps`` are the schedule's steps in all
+    loss: Any = None  # training.lora.LossFn of the LoRA steps (None: the LM loss)
 
 
 class _Masking:
@@ -309,7 +310,7 @@ def iterative_prune(
     steps = cfg.lora.steps
     with seeded(cfg.lora.seed):  # adapters' init and dropout; the caller's random state is left as it was
         peft_model = attach_lora(model, cfg.lora)
-        trainer = LoraTrainer(peft_model, blocks, cfg.lora)
+        trainer = LoraTrainer(peft_model, blocks, cfg.lora, cfg.loss)
         run = _Masking(peft_model, adapter, masks, req, allocation, cfg)
         if state_dir is not None:
             run.load(trainer, state_dir, state_key)
@@ -352,6 +353,11 @@ class Iterative(Schedule):
                 "params.yaml key 'prune.bias_compensation': not available with prune.schedule 'iterative' "
                 "(the schedules retrain after each cut); use prune.schedule: oneshot"
             )
+        if cut.allocation == "search":
+            out.append(
+                "params.yaml key 'prune.allocation': the iterative schedule re-plans at every mask update; 'search' "
+                "needs prune.schedule: oneshot or kshot"
+            )
         if cut.reconstruct != "none":
             out.append(
                 "params.yaml key 'prune.reconstruct': the iterative schedule masks units while LoRA trains and never "
@@ -376,7 +382,7 @@ class Iterative(Schedule):
                 f"schedule.lora.target_modules {targets} miss {missing}: the iterative schedule scores every pruned "
                 "module from its LoRA adapter"
             )
-        cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora)
+        cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora, job.loss())
         req = job.cut.request(job.model, job.adapter, job.cut.target, count_params(job.model))
         blocks = job.blocks(sc.lora.seq_len)
         model, plan, history = iterative_prune(job.model, job.adapter, blocks, req, units, layers,

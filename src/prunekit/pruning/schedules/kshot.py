@@ -144,6 +144,7 @@ class KShotSettings:
     target: float
     shots: int
     lora: Any  # training.lora.LoraSettings of each shot's training (steps = schedule.steps_per_shot); seed + shot
+    loss: Any = None  # training.lora.LossFn of the LoRA steps (None: the LM loss)
 
 
 def kshot_prune(
@@ -184,15 +185,18 @@ def kshot_prune(
             req = ScoreRequest(list(cut.units), cut.layers(model, adapter), job.calibration_tokens(),
                                job.score_batch_size, job.seed + shot, job.score_options)  # fmt: skip
             scores = CRITERIA.get(cut.criterion).score(model, adapter, req)
-        plan = cut.plan(scores, cut.request(model, adapter, fraction, original))
+        req = cut.request(model, adapter, fraction, original, job, label=f"shot {shot}")
+        plan = cut.plan(scores, req)
+        trials = cut.trials(req)
         fits = cut.refit(model, adapter, plan, job)  # before slicing: it writes the kept columns
         kept.cut(model, adapter, plan)
         apply_plan(model, adapter, plan, mode="slice")
         settings = dataclasses.replace(cfg.lora, seed=cfg.lora.seed + shot)
-        model, losses = train_lora(model, blocks, settings, desc=f"shot {shot} LoRA")
+        model, losses = train_lora(model, blocks, settings, desc=f"shot {shot} LoRA", loss=cfg.loss)
         removed = 1 - count_params(model) / original
         records.append({"shot": shot, "target": fraction, "removed": removed, "loss": losses[-1] if losses else None}
-                       | ({"reconstruction": summary(fits)} if fits else {}))  # fmt: skip
+                       | ({"reconstruction": summary(fits)} if fits else {})
+                       | ({"trials": trials} if trials else {}))  # fmt: skip
         log.info("shot %d/%d: removed %.4f of the original parameters", shot, cfg.shots, removed)
         if job.state_dir is not None and shot < cfg.shots:
             record = {"shot": shot, "records": records, "original_params": original, "kept": kept.to_json()}
@@ -226,8 +230,10 @@ class KShot(Schedule):
 
         sc = job.schedule
         lora = LoraSettings.from_params(sc.lora, job.seed, "schedule.lora", steps=sc.steps_per_shot, warmup_steps=0)
-        model, plan, records = kshot_prune(job, KShotSettings(target=job.cut.target, shots=sc.shots, lora=lora))
-        return PruneResult(model, plan, records)
+        cfg = KShotSettings(target=job.cut.target, shots=sc.shots, lora=lora, loss=job.loss())
+        model, plan, records = kshot_prune(job, cfg)
+        trials = [t for record in records for t in record.pop("trials", [])]  # a plots file, not the metrics
+        return PruneResult(model, plan, records, trials=trials)
 
 
 SCHEDULES.register(KShot.name)(KShot())

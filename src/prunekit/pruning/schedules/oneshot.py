@@ -16,7 +16,8 @@ class OneShot(Schedule):
         from prunekit.pruning.slicing import apply_plan, count_params
 
         before = count_params(job.model)
-        plan = job.cut.plan(job.scores, job.cut.request(job.model, job.adapter, job.cut.target, before))
+        req = job.cut.request(job.model, job.adapter, job.cut.target, before, job)
+        plan = job.cut.plan(job.scores, req)
         dense_names = {name for name, _ in job.model.named_parameters()}
         if job.cut.bias_compensation:
             compensate(job.model, job.adapter, plan, job.side)  # before slicing: it reads the removed columns
@@ -27,7 +28,7 @@ class OneShot(Schedule):
             raise RuntimeError(
                 f"sliced model has {count_params(job.model) - added} parameters, the plan expected {plan.params_after}"
             )
-        return PruneResult(job.model, plan, fits=fits)
+        return PruneResult(job.model, plan, fits=fits, trials=job.cut.trials(req))
 
 
 SCHEDULES.register(OneShot.name)(OneShot())

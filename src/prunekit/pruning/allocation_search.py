@@ -1,0 +1,281 @@
+"""``prune.allocation: search``: how much each layer and each unit type loses, chosen by Bayesian optimisation.
+
+The fixed rules (``uniform``, ``global``, ``global_weighted``) decide each layer's share from the scores alone.
+The search evaluates candidate allocations on the model itself (Týr-the-Pruner, EvoPress, DarwinLM search in the
+same space) and keeps the one whose pruned model is closest to the unpruned one on the calibration windows.
+
+Search space: for every width unit type ``u`` in ``prune.units`` a depth profile of ``prune.search.knots`` values
+``v_u,k`` in [0.05, 1], placed evenly over the pruned layers and interpolated linearly in between, and, when there
+are several unit types, a log2 share ``s_u`` in [-2, 2] for every type after the first (the first is 0). Layer
+``l``'s candidate ratio of type ``u`` is
+
+    r_u(l) = min(max_ratio, c * 2^s_u * v_u(pos(l)))
+
+with ``c`` bisected so the removed parameters come closest to ``prune.target`` (so every candidate lies on the
+target, whatever the optimiser proposes: no penalties, no wasted candidates), kept counts rounded to
+``prune.round_to`` as for the other allocations. Whole layers (``layer``) go where ``r(l) >= 0.5``. The first
+candidate is the flat profile (every layer and type at the same ratio: LLM-Pruner's uniform rule), so the search
+never ends worse than it on the objective.
+
+Objective of a candidate: its plan (the highest-scored units of each layer) is applied to a copy of the model,
+refit first when ``prune.reconstruct`` asks, and sliced (so the search optimises the model the cut produces), and
+scored on the calibration windows: ``kl`` is the mean KL divergence from the unpruned model's next-token
+distribution to the candidate's, ``loss`` the candidate's LM loss.
+
+Optimiser: scikit-optimize's ``Optimizer`` (a Gaussian process with ``gp_hedge`` acquisition, seeded), asked and
+told one candidate at a time; ``prune.search.random_starts`` random candidates follow the flat one. Every candidate
+is recorded; with a state folder, after each one, so a killed search replays the recorded candidates (asking the
+seeded optimiser again and checking it proposes the same point) and evaluates only the rest.
+
+Cost: ``candidates`` x (a copy of the model, a forward pass of the pruned candidate over the calibration windows,
+and the reconstruction when asked); the unpruned model's last hidden states are computed once. Memory: the model
+twice (three times with reconstruction).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.pipeline.params import AllocationSearchParams
+from prunekit.pruning.plan import ALLOCATIONS, Plan, PlanRequest, UnitLayout, plan_of_counts, removed_params
+
+log = logging.getLogger(__name__)
+
+KNOT_RANGE = (0.05, 1.0)
+SHARE_RANGE = (-2.0, 2.0)
+Counts = dict[tuple[str, int], int]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The candidate allocations of one cut: a point (knots per unit type, shares) -> kept counts."""
+
+    req: PlanRequest
+    max_ratio: float
+    knots: int
+
+    @property
+    def units(self) -> list[str]:
+        return list(dict.fromkeys(lay.unit for lay in self.req.layouts))
+
+    @property
+    def names(self) -> list[str]:
+        knots = [f"knot{k}.{u}" for u in self.units for k in range(self.knots)]
+        return knots + [f"share.{u}" for u in self.units[1:]]
+
+    def dimensions(self) -> list[Any]:
+        from skopt.space import Real
+
+        return [Real(*(SHARE_RANGE if n.startswith("share.") else KNOT_RANGE), name=n) for n in self.names]
+
+    def flat(self) -> list[float]:
+        return [1.0] * (len(self.units) * self.knots) + [0.0] * (len(self.units) - 1)
+
+    def weights(self, point: list[float]) -> dict[tuple[str, int], float]:
+        """Each layout's relative ratio ``2^s_u * v_u(pos(l))`` at ``point``."""
+        layers = sorted({lay.layer for lay in self.req.layouts})
+        span = max(layers[-1] - layers[0], 1)
+        grid = np.linspace(0.0, 1.0, self.knots) if self.knots > 1 else np.array([0.0])
+        out = {}
+        for i, unit in enumerate(self.units):
+            values = np.asarray(point[i * self.knots : (i + 1) * self.knots], dtype=float)
+            share = 0.0 if i == 0 else point[len(self.units) * self.knots + i - 1]
+            for lay in self.req.layouts:
+                if lay.unit == unit:
+                    pos = (lay.layer - layers[0]) / span
+                    profile = float(np.interp(pos, grid, values)) if self.knots > 1 else float(values[0])
+                    out[(unit, lay.layer)] = 2.0**share * profile
+        return out
+
+    def counts_at(self, weights: dict[tuple[str, int], float], c: float) -> Counts:
+        counts = {}
+        for lay in self.req.layouts:
+            ratio = min(self.max_ratio, c * weights[(lay.unit, lay.layer)])
+            counts[(lay.unit, lay.layer)] = _kept(lay, ratio, self.req.round_to.get(lay.unit, 1))
+        return counts
+
+    def counts(self, point: list[float]) -> Counts:
+        """Kept counts at ``point``, with the scale ``c`` that brings the removed parameters closest to the target."""
+        want = self.req.target * self.req.total_params
+        weights = self.weights(point)
+
+        def removed(c: float) -> int:
+            return removed_params(self.counts_at(weights, c), self.req.layouts)
+
+        lo, hi = 0.0, self.max_ratio / min(weights.values())  # hi: every layout at max_ratio
+        if removed(hi) < want:
+            raise PrunekitError(
+                f"prune.target={self.req.target} is out of reach with prune.search.max_ratio={self.max_ratio}: "
+                f"every pruned layer at that ratio removes {removed(hi) / self.req.total_params:.4f} of all "
+                "parameters; raise prune.search.max_ratio or prune fewer parameters"
+            )
+        for _ in range(60):  # removed(c) grows with c: lo removes less than want, hi at least want
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if removed(mid) >= want else (mid, hi)
+        best = lo if want - removed(lo) <= removed(hi) - want else hi
+        return self.counts_at(weights, best)
+
+
+def _kept(lay: UnitLayout, ratio: float, multiple: int) -> int:
+    if lay.whole_layer:
+        return 0 if ratio >= 0.5 else lay.count
+    return lay.kept(ratio, multiple)
+
+
+@dataclass
+class Candidate:
+    index: int
+    source: str  # flat | random | gp
+    point: list[float]
+    objective: float
+    achieved: float
+
+    def row(self, names: list[str], label: str) -> dict[str, Any]:
+        """The candidate as the trials file records it (no time: the same search writes the same file)."""
+        row: dict[str, Any] = {"search": label} if label else {}
+        row |= {"candidate": self.index, "source": self.source, "objective": float(f"{self.objective:.8g}"),
+                "achieved": round(self.achieved, 6)}  # fmt: skip
+        return row | {name: round(v, 6) for name, v in zip(names, self.point, strict=True)}
+
+
+@dataclass
+class AllocationSearch:
+    """One search: its settings, how a candidate plan is scored, where its progress is kept."""
+
+    settings: AllocationSearchParams
+    evaluate: Callable[[Plan], float]  # a candidate plan -> objective (lower is better)
+    seed: int
+    label: str = ""  # names the search in the trials (k-shot: the shot)
+    state_file: Path | None = None  # progress, replayed by a resumed run
+    state_key: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [c.row(self.names, self.label) for c in self.candidates]
+
+    def run(self, scores: dict[str, torch.Tensor], req: PlanRequest, criterion: str = "") -> Counts:
+        """Evaluate ``settings.candidates`` allocations of ``req``; the best one's kept counts."""
+        from skopt import Optimizer
+
+        cfg = self.settings
+        space = Space(req, cfg.max_ratio, cfg.knots)
+        self.names = space.names
+        space.counts(space.flat())  # an unreachable target fails here, before any candidate is evaluated
+        opt = Optimizer(space.dimensions(), base_estimator="GP", acq_func="gp_hedge",
+                        n_initial_points=cfg.random_starts + 1, random_state=self.seed)  # fmt: skip
+        recorded = self._recorded()
+        self.candidates = []
+        for i in range(cfg.candidates):
+            point = space.flat() if i == 0 else [float(v) for v in opt.ask()]
+            source = "flat" if i == 0 else "random" if i <= cfg.random_starts else "gp"
+            if i < len(recorded) and np.allclose(recorded[i]["point"], point, rtol=0, atol=1e-9):
+                objective, achieved = recorded[i]["objective"], recorded[i]["achieved"]
+            else:
+                recorded = recorded[:i]  # the optimiser proposes something else: evaluate from here on
+                start = time.perf_counter()
+                plan = plan_of_counts(scores, req, space.counts(point), "search", criterion)
+                objective, achieved = self.evaluate(plan), plan.achieved
+                if not math.isfinite(objective):
+                    raise PrunekitError(
+                        f"allocation search: candidate {i} gives a non-finite objective ({objective}); the pruned "
+                        "model diverges on the calibration windows (lower prune.target or prune.search.max_ratio)"
+                    )
+                log.info("allocation candidate %d (%s): %s %.5f, removes %.4f (%.1f s)", i, source,
+                         cfg.objective, objective, achieved, time.perf_counter() - start)  # fmt: skip
+            self.candidates.append(Candidate(i, source, point, objective, achieved))
+            self._save()
+            opt.tell(point, objective)
+        best = min(self.candidates, key=lambda c: (c.objective, c.index))
+        flat = self.candidates[0]
+        log.info("allocation search: best candidate %d (%s) %.5f; flat profile %.5f", best.index, best.source,
+                 best.objective, flat.objective)  # fmt: skip
+        return space.counts(best.point)
+
+    def _recorded(self) -> list[dict[str, Any]]:
+        if self.state_file is None or not self.state_file.is_file():
+            return []
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return []
+        if state.get("fingerprint") != self.state_key or state.get("label") != self.label:
+            return []
+        log.info("allocation search: replaying %d recorded candidates", len(state["candidates"]))
+        return list(state["candidates"])
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        from prunekit.pipeline.files import write_json
+
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        done = [{"point": c.point, "objective": c.objective, "achieved": c.achieved} for c in self.candidates]
+        write_json(self.state_file, {"fingerprint": self.state_key, "label": self.label, "candidates": done})
+
+
+@ALLOCATIONS.register("search")
+def searched(scores: dict[str, torch.Tensor], req: PlanRequest) -> Counts:
+    """Per-layer, per-unit-type fractions chosen by a search on the model (module docstring)."""
+    if req.search is None:
+        raise PrunekitError(
+            "prune.allocation 'search' evaluates candidates on the model: it runs inside a prune schedule "
+            "(oneshot or kshot), which gives the plan request a search"
+        )
+    return req.search.run(scores, req)
+
+
+def candidate_objective(
+    model: nn.Module,
+    adapter: Any,
+    calibration: torch.Tensor,
+    batch_size: int,
+    objective: str,
+    refit: Callable[[nn.Module, Plan], Any] | None = None,
+) -> Callable[[Plan], float]:
+    """``plan -> objective`` on ``calibration`` (N, T): a copy of ``model`` with the plan as masks (refit first by
+    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token."""
+    from prunekit.pruning.slicing import apply_plan
+    from prunekit.training.loss import causal_lm, kd_loss_from, lm_loss, teacher_states
+
+    device = next(model.parameters()).device
+    batches = [calibration[s : s + batch_size].to(device) for s in range(0, calibration.shape[0], batch_size)]
+    reference: list[torch.Tensor] = []  # the unpruned model's last hidden states per batch, computed once
+
+    @torch.no_grad()
+    def evaluate(plan: Plan) -> float:
+        was_training = model.training
+        model.eval()  # the reference runs without dropout, as the copy does
+        try:
+            if objective == "kl" and not reference:
+                reference.extend(teacher_states(model, batch) for batch in batches)
+            candidate = copy.deepcopy(model)
+            if refit is not None:
+                refit(candidate, plan)
+            apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
+            head, total = causal_lm(model).get_output_embeddings(), 0.0
+            for i, batch in enumerate(batches):
+                loss = (
+                    kd_loss_from(candidate, reference[i], head, batch)
+                    if objective == "kl"
+                    else lm_loss(candidate, batch)
+                )
+                total += float(loss) * batch.shape[0]
+        finally:
+            model.train(was_training)
+        return total / calibration.shape[0]
+
+    return evaluate

@@ -1,0 +1,199 @@
+"""prune.allocation: search: candidates on the target, the objective's formula, the best candidate in the plan,
+resume, and the candidates scored as the cut produces them (reconstruction included)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from prunekit.errors import ParamsError, PrunekitError
+from prunekit.models.adapters import adapter_for
+from prunekit.pipeline.params import AllocationSearchParams, parse_params
+from prunekit.pipeline.validation import check_choices
+from prunekit.pruning.allocation_search import AllocationSearch, Space, candidate_objective
+from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.plan import PlanRequest, plan_of_counts, removed_params
+from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+from prunekit.pruning.slicing import apply_plan, count_params, layouts
+
+UNITS = ["attn_kv_group", "mlp_channel"]
+LAYERS = [1, 2, 3, 4]
+CALIB = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(4))
+
+
+def _model():
+    return tiny_model(num_hidden_layers=6, intermediate_size=96, initializer_range=0.3)
+
+
+def _request(model, target: float = 0.25, units=UNITS) -> PlanRequest:
+    adapter = adapter_for(model.config)
+    return PlanRequest(target, count_params(model), layouts(model, adapter, units, LAYERS), {"mlp_channel": 4}, 0.02)
+
+
+def _scores(model, units=UNITS):
+    req = ScoreRequest(units, LAYERS, CALIB, 3, seed=0)
+    return CRITERIA.get("activation").score(model, adapter_for(model.config), req)
+
+
+def _kl_of_masked(dense, plan) -> float:
+    """The KL objective computed independently: full logits of both models, KL(p_dense || p_pruned) per position."""
+    masked = apply_plan(copy.deepcopy(dense), adapter_for(dense.config), plan, mode="mask")
+    with torch.no_grad():
+        p = F.log_softmax(dense(input_ids=CALIB).logits[:, :-1].double(), -1)
+        q = F.log_softmax(masked(input_ids=CALIB).logits[:, :-1].double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_every_candidate_lies_on_the_target_and_the_flat_one_is_uniform() -> None:
+    model = _model()
+    req = _request(model)
+    space = Space(req, max_ratio=0.9, knots=3)
+    step = max(lay.params_per_unit * req.round_to.get(lay.unit, 1) for lay in req.layouts)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(12):
+        if i == 0:
+            point = space.flat()
+        else:
+            knots = (0.05 + 0.95 * torch.rand(2 * 3, generator=gen)).tolist()
+            point = knots + (4 * torch.rand(1, generator=gen) - 2).tolist()
+        counts = space.counts(point)
+        removed = removed_params(counts, req.layouts)
+        assert abs(removed - req.target * req.total_params) <= step, (point, removed)
+        for lay in req.layouts:  # never more than max_ratio of a unit type, at least one round_to kept
+            assert counts[(lay.unit, lay.layer)] >= (1 - 0.9) * lay.count - req.round_to.get(lay.unit, 1)
+    flat = space.counts(space.flat())
+    for unit in UNITS:
+        assert len({flat[(unit, layer)] for layer in LAYERS}) == 1  # one ratio per type in every layer
+    # Profiles move parameters between layers: a profile rising with depth keeps more of the first layers.
+    rising = space.counts([0.1, 0.5, 1.0, 0.1, 0.5, 1.0, 0.0])
+    assert rising[("mlp_channel", LAYERS[0])] > rising[("mlp_channel", LAYERS[-1])]
+
+
+def test_unreachable_target_is_refused_before_any_candidate() -> None:
+    model = _model()
+    calls = []
+    search = AllocationSearch(AllocationSearchParams(candidates=3, max_ratio=0.2), calls.append, seed=0)
+    with pytest.raises(PrunekitError, match="prune.search.max_ratio"):
+        search.run(_scores(model), _request(model, target=0.4))
+    assert calls == []
+
+
+@pytest.mark.parametrize("objective", ["kl", "loss"])
+def test_objective_equals_its_formula(objective: str) -> None:
+    model = _model()
+    req = _request(model)
+    plan = plan_of_counts(_scores(model), req, Space(req, 0.9, 2).counts([0.2, 1.0, 1.0, 0.3, 0.5]), "search")
+    got = candidate_objective(model, adapter_for(model.config), CALIB, 4, objective)(plan)
+    if objective == "kl":
+        want = _kl_of_masked(model, plan)
+    else:
+        masked = apply_plan(copy.deepcopy(model), adapter_for(model.config), plan, mode="mask")
+        with torch.no_grad():
+            logits = masked(input_ids=CALIB).logits[:, :-1]
+        want = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), CALIB[:, 1:].reshape(-1)))
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert got > 0
+
+
+def _job(model, state: Path | None = None, reconstruct: str = "none", candidates: int = 8) -> PruneJob:
+    settings = AllocationSearchParams(candidates=candidates, random_starts=2, knots=2)
+    cut = Cut(0.25, UNITS, "search", "activation", 1, 1, {"mlp_channel": 4}, 0.02, reconstruct=reconstruct,
+              reconstruct_ridge=0.0, search=settings)  # fmt: skip
+    return PruneJob(model, None, adapter_for(model.config), _scores(model), cut, seed=3,
+                    calibration=lambda: CALIB, score_batch_size=3, state_dir=state, state_key="k")  # fmt: skip
+
+
+def test_search_plan_holds_the_best_candidate_on_the_target() -> None:
+    dense = _model()
+    result = prune_model(_job(copy.deepcopy(dense)), "oneshot")
+    trials = result.trials
+    assert [t["candidate"] for t in trials] == list(range(8))
+    assert [t["source"] for t in trials] == ["flat", "random", "random"] + ["gp"] * 5
+    assert all(abs(t["achieved"] - 0.25) <= 0.02 for t in trials)
+    assert abs(result.plan.achieved - 0.25) <= 0.02 and result.plan.allocation == "search"
+    best = min(trials, key=lambda t: (t["objective"], t["candidate"]))
+    assert best["objective"] <= trials[0]["objective"]  # never worse than the flat (uniform) candidate
+    # The plan is the best candidate's: its KL, computed independently on the dense model, is the recorded one.
+    assert _kl_of_masked(dense, result.plan) == pytest.approx(best["objective"], rel=1e-4)
+    assert len({t["objective"] for t in trials}) > 1  # candidates differ
+    metrics = result.metrics(0.25, "oneshot")["allocation_search"]
+    assert metrics["best_candidate"] == best["candidate"] and metrics["candidates"] == 8
+    again = prune_model(_job(copy.deepcopy(dense)), "oneshot")  # seeded: the same search
+    assert again.trials == trials and again.plan.keep == result.plan.keep
+
+
+def test_candidates_are_scored_as_the_cut_produces_them_with_reconstruction() -> None:
+    dense = _model()
+    result = prune_model(_job(copy.deepcopy(dense), reconstruct="least_squares", candidates=4), "oneshot")
+    best = min(result.trials, key=lambda t: (t["objective"], t["candidate"]))
+    with torch.no_grad():  # the returned (refit, sliced) model against the dense one
+        p = F.log_softmax(dense(input_ids=CALIB).logits[:, :-1].double(), -1)
+        q = F.log_softmax(result.model(input_ids=CALIB).logits[:, :-1].double(), -1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(best["objective"], rel=1e-4)
+    assert best["objective"] < _kl_of_masked(dense, result.plan)  # refit beats plain slicing of that plan
+
+
+def test_a_killed_search_resumes_from_its_recorded_candidates(tmp_path: Path) -> None:
+    dense = _model()
+    full = prune_model(_job(copy.deepcopy(dense)), "oneshot")
+    job = _job(copy.deepcopy(dense), state=tmp_path / "state")
+    evaluated = []
+    original_searcher = job.cut.searcher
+
+    def killing_searcher(*args, **kwargs):
+        search = original_searcher(*args, **kwargs)
+        inner = search.evaluate
+
+        def evaluate(plan):
+            if len(evaluated) == 5:
+                raise KeyboardInterrupt("killed")
+            evaluated.append(plan)
+            return inner(plan)
+
+        search.evaluate = evaluate
+        return search
+
+    object.__setattr__(job.cut, "searcher", killing_searcher)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(job, "oneshot")
+    recorded = json.loads((tmp_path / "state" / "allocation_search.json").read_text())
+    assert len(recorded["candidates"]) == 5
+    evaluated.clear()
+    resumed = prune_model(_job(copy.deepcopy(dense), state=tmp_path / "state"), "oneshot")
+    assert resumed.trials == full.trials and resumed.plan.keep == full.plan.keep
+    other = _job(copy.deepcopy(dense), state=tmp_path / "state")
+    other.state_key = "other params"  # a record of other params is not replayed
+    assert other.cut.searcher(other.model, other.adapter, other, "")._recorded() == []
+
+
+def test_kshot_searches_every_shot() -> None:
+    from prunekit.pruning.schedules import KShotSettings, kshot_prune
+    from prunekit.training.lora import LoraSettings
+
+    model = _model()
+    job = _job(model, candidates=3)
+    job.training_blocks = lambda seq_len: CALIB
+    lora = LoraSettings(4, 8, 0.0, ["q_proj", "v_proj"], 1e-3, 2, 2, 0, 0.0, seed=1)
+    _, plan, records = kshot_prune(job, KShotSettings(target=0.25, shots=2, lora=lora))
+    assert [t["search"] for r in records for t in r["trials"]] == ["shot 1"] * 3 + ["shot 2"] * 3
+    assert abs(records[-1]["removed"] - 0.25) <= 0.02
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ({"allocation": "search", "units": ["layer"]}, "add one to prune.units"),
+        ({"allocation": "search", "schedule": "iterative"}, "re-plans at every mask update"),
+        ({"allocation": "search", "units": ["hidden_channel"]}, "spans the whole model"),
+        ({"search": {"objective": "ce"}}, "prune.search.objective"),
+    ],
+)
+def test_search_params_refused(prune: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        check_choices(parse_params({"prune": prune}))
