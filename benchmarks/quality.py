@@ -8,7 +8,7 @@ Then, for the best of those at the first target, ``--steps`` LoRA steps (recover
 distillation from the dense model (same tokens, same seed). Every figure also as a ratio to the dense model's.
 
     python benchmarks/quality.py ../shared/data/c4/c4_validation_2k.jsonl --criteria bip param_first \\
-        --targets 0.2 0.5 --allocations uniform search --steps 20
+        --targets 0.2 0.5 --cuts uniform:none search:none --steps 20
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--criteria", nargs="*", default=["bip", "param_first"])
     parser.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.5])
-    parser.add_argument("--allocations", nargs="*", default=["uniform", "search"])
-    parser.add_argument("--reconstruct", nargs="*", default=["none", "least_squares"])
+    cuts = ["uniform:none", "uniform:least_squares", "search:none", "search:least_squares"]
+    parser.add_argument("--cuts", nargs="*", default=cuts, help="prune.allocation:prune.reconstruct pairs")
     parser.add_argument("--steps", type=int, default=20, help="LoRA steps of each recovery (0: no recovery)")
     parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
     args = parser.parse_args()
@@ -87,23 +87,22 @@ def main() -> None:
                            params.score.model_dump())  # fmt: skip
         scores = CRITERIA.get(name).score(dense, adapter, req)
         for target in args.targets:
-            for allocation in args.allocations:
-                for method in args.reconstruct:
-                    cut = dataclasses.replace(Cut.of(p, name), target=target, allocation=allocation, reconstruct=method)
-                    job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed,
-                                   calibration=lambda: setup.calibration, score_batch_size=bs)  # fmt: skip
-                    t0 = time.perf_counter()
-                    result = prune_model(job, "oneshot")
-                    seconds = time.perf_counter() - t0
-                    value = ppl(result.model)
-                    acc = accuracy(result.model)
-                    cells = [name, target, allocation, method, f"{result.plan.achieved:.4f}",
-                             f"{value:.2f} ({value / dense_ppl:.2f}x)", f"{acc:.3f} ({acc / dense_acc:.2f}x)",
-                             f"{seconds:.0f}", f"{peak_rss_mib():.0f}"]  # fmt: skip
-                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
-                    if target == args.targets[0] and (best is None or value < best[0]):
-                        best = (value, f"{name}, {allocation}, {method}", result.model)
-                    del job, result
+            for allocation, method in (pair.split(":") for pair in args.cuts):
+                cut = dataclasses.replace(Cut.of(p, name), target=target, allocation=allocation, reconstruct=method)
+                job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed,
+                               calibration=lambda: setup.calibration, score_batch_size=bs)  # fmt: skip
+                t0 = time.perf_counter()
+                result = prune_model(job, "oneshot")
+                seconds = time.perf_counter() - t0
+                value = ppl(result.model)
+                acc = accuracy(result.model)
+                cells = [name, target, allocation, method, f"{result.plan.achieved:.4f}",
+                         f"{value:.2f} ({value / dense_ppl:.2f}x)", f"{acc:.3f} ({acc / dense_acc:.2f}x)",
+                         f"{seconds:.0f}", f"{peak_rss_mib():.0f}"]  # fmt: skip
+                print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+                if target == args.targets[0] and (best is None or value < best[0]):
+                    best = (value, f"{name}, {allocation}, {method}", result.model)
+                del job, result
     if not args.steps or best is None:
         return
     _, name, model = best

@@ -302,22 +302,36 @@ def test_missing_means_error_says_rescore() -> None:
     assert model.model.layers[0].self_attn.o_proj.bias is None and not model.config.attention_bias
 
 
-def test_compensation_refuses_families_without_bias_switch() -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("layout", ["uniform", "heterogeneous"])
+def test_compensation_in_families_without_a_bias_switch(family: str, layout: str, tmp_path: Path, tokenizer) -> None:
+    """Mistral and Qwen2 have no stock o_proj / down_proj bias: compensation gives those two projections biases
+    (no others), records ``output_bias`` in a prunekit config, and the reloaded model equals the dense model with
+    the removed channels' inputs replaced by their means."""
+    from test_families import tiny_family
 
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=128,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=8,
-        )
-    )
-    with pytest.raises(PrunekitError, match="stock 'qwen2' model cannot hold"):
-        compensate(model, adapter_for(model.config), make_plan(model, PLANS["uniform"]), {})
+    dense = tiny_family(family, False, len(tokenizer)).double()
+    adapter = adapter_for(dense.config)
+    keep = {u: {i: k for i, k in per.items() if i < 3} for u, per in PLANS[layout].items()}  # 3 layers
+    ids = calibration(len(tokenizer))
+    req = ScoreRequest(["attn_kv_group", "mlp_channel"], [0, 1, 2], ids, batch_size=4, seed=0)
+    _, means = CRITERIA.get("flap").score_with_aux(dense, adapter, req)
+    pruned = copy.deepcopy(dense)
+    q_bias = pruned.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's own q/k/v biases
+    compensate(pruned, adapter, make_plan(dense, keep), means)
+    apply_plan(pruned, adapter, make_plan(dense, keep), mode="slice")
+    assert (pruned.model.layers[0].self_attn.q_proj.bias is not None) == q_bias  # only o_proj / down_proj
+    assert pruned.model.layers[0].mlp.gate_proj.bias is None
+    reference = mean_replaced_logits(dense, keep, means, ids)
+    assert (logits(pruned, ids) - reference).abs().max().item() <= 1e-5
+    plain = apply_plan(copy.deepcopy(dense), adapter, make_plan(dense, keep), mode="slice")
+    assert (logits(plain, ids) - reference).abs().max().item() > 1e-3
+    save_model(pruned, adapter, tokenizer, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == f"prunekit_{family}" and cfg["output_bias"] is True  # uniform widths too
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert loaded.model.layers[1].self_attn.o_proj.bias.abs().max() > 0
+    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
 
 
 # ---------------------------------------------------------------- stages: score writes means, prune folds them

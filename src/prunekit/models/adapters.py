@@ -16,7 +16,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.attention import HeadDimAttention
-from prunekit.models.modeling import LAYER_SIZE_KEYS
+from prunekit.models.modeling import LAYER_SIZE_KEYS, OUTPUT_BIAS
 from prunekit.registry import Registry
 
 
@@ -98,7 +98,9 @@ class ModelAdapter:
     stock_classes: tuple[type, type]  # (config, causal LM) of transformers
     pruned: tuple[type, type, type]  # (config, base model, causal LM) with per-layer widths
     head_dim_attention: type[HeadDimAttention]  # the family's attention with pruned head dims
-    output_bias = False  # the stock config can give o_proj and down_proj a bias (FLAP's compensation needs it)
+    # The stock config has a switch for o_proj / down_proj biases (Llama's attention_bias / mlp_bias); families
+    # without one get them through the pruned config's ``output_bias`` (FLAP's compensation needs them).
+    output_bias = False
     attn_path = "self_attn"
     mlp_path = "mlp"
     q, k, v, o = "q_proj", "k_proj", "v_proj", "o_proj"
@@ -158,6 +160,8 @@ class ModelAdapter:
         """The family's stock config with uniform ``sizes``; raises ValueError if stock rejects them."""
         if sizes.head_dims_pruned:
             raise ValueError("stock attention has one head_dim for q, k and v and no kept rotary pairs")
+        if getattr(config, OUTPUT_BIAS, False):
+            raise ValueError(f"the stock {self.family} config has no o_proj / down_proj biases")
         stock_cls = type(config).__mro__[1] if config.model_type.startswith("prunekit_") else type(config)
         data = config.to_dict()
         for key in ("layer_sizes", "model_type", "architectures", "transformers_version"):

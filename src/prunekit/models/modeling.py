@@ -9,6 +9,10 @@ decoder layer is built from a copy of the config carrying that layer's sizes. La
 pruned (q/k and v widths of their own, which no stock config can express) get the family's attention
 subclass (``ModelAdapter.head_dim_attention``); the others keep the stock attention. Each family's classes live
 in its module of :mod:`prunekit.models.families`.
+
+A pruned config with ``output_bias: true`` gives every layer's o_proj and down_proj a bias: FLAP's bias
+compensation on a family whose stock config has no switch for them (Mistral, Qwen2; Llama has ``attention_bias``
+and ``mlp_bias``). Such a checkpoint always has a prunekit config, uniform widths or not.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -24,6 +29,17 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 HEAD_DIM_KEYS = ("qk_head_dim", "v_head_dim", "rope_pairs")
 # Keys of one entry of ``layer_sizes``: the per-layer config attributes that pruning changes.
 LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", *HEAD_DIM_KEYS)
+# A pruned config's switch for o_proj / down_proj biases the family's stock config cannot express.
+OUTPUT_BIAS = "output_bias"
+
+
+def add_bias(linear: nn.Linear) -> bool:
+    """Give ``linear`` a zero bias (its weight's dtype and device) if it has none; whether it added one."""
+    if linear.bias is not None:
+        return False
+    w = linear.weight
+    linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
+    return True
 
 
 def layer_config(config: Any, layer_idx: int) -> Any:
@@ -76,22 +92,31 @@ def _check_head_dims(i: int, entry: dict[str, Any], head_dim: int, kv: int) -> N
             )
 
 
-def build_layer(layer_cls: type[nn.Module], config: Any, idx: int, attention_cls: type[nn.Module]) -> nn.Module:
-    """Decoder layer ``idx`` with its sizes; ``attention_cls`` replaces the attention if its head dims are pruned."""
+def build_layer(
+    layer_cls: type[nn.Module], config: Any, idx: int, attention_cls: type[nn.Module], outputs: tuple[str, ...] = ()
+) -> nn.Module:
+    """Decoder layer ``idx`` with its sizes; ``attention_cls`` replaces the attention if its head dims are pruned,
+    and the ``outputs`` projections (paths in the layer) get biases when the config's ``output_bias`` says so."""
     cfg = layer_config(config, idx)
     layer = layer_cls(cfg, idx)
     if getattr(cfg, "qk_head_dim", None) is not None:
         layer.self_attn = attention_cls(cfg, idx)
+    if getattr(cfg, OUTPUT_BIAS, False):
+        for path in outputs:
+            add_bias(layer.get_submodule(path))
     return layer
 
 
-def build_layers(layer_cls: type[nn.Module], config: Any, attention_cls: type[nn.Module]) -> nn.ModuleList:
+def build_layers(
+    layer_cls: type[nn.Module], config: Any, attention_cls: type[nn.Module], outputs: tuple[str, ...] = ()
+) -> nn.ModuleList:
     """Decoder layers with per-layer sizes, all sharing ``config`` afterwards.
 
     Modules keep a reference to the config they were built with and read run-time settings from it
     (``_attn_implementation``); pointing them back at the shared config keeps those settings global.
     """
-    layers = nn.ModuleList(build_layer(layer_cls, config, i, attention_cls) for i in range(config.num_hidden_layers))
+    n = config.num_hidden_layers
+    layers = nn.ModuleList(build_layer(layer_cls, config, i, attention_cls, outputs) for i in range(n))
     for layer in layers:
         for module in layer.modules():
             if getattr(module, "config", None) is not None and module is not layer:
@@ -106,8 +131,12 @@ class PerLayerModel:
     attention_cls: type[nn.Module]  # for layers whose head dims are pruned
 
     def __init__(self, config: Any) -> None:
+        from prunekit.models.adapters import adapter_for
+
         super().__init__(config)  # type: ignore[call-arg]
-        self.layers = build_layers(self.decoder_layer_cls, config, self.attention_cls)
+        a = adapter_for(config)
+        outputs = (f"{a.attn_path}.{a.o}", f"{a.mlp_path}.{a.down}")
+        self.layers = build_layers(self.decoder_layer_cls, config, self.attention_cls, outputs)
         self.post_init()  # type: ignore[attr-defined]
 
 

@@ -14,7 +14,8 @@ written by every activation-based criterion).
 Stock Llama has no o_proj / down_proj bias; its config switches ``attention_bias`` (q, k, v and o) and
 ``mlp_bias`` (gate, up and down) add them, so the other projections get zero biases: the saved model is
 a plain Llama (or prunekit Llama) config that ``from_pretrained`` reloads exactly. Families whose stock
-modeling code has no such switch (Mistral, Qwen2) are refused.
+config has no such switch (Mistral, Qwen2) get biases on o_proj and down_proj alone, recorded as
+``output_bias: true`` in their prunekit config (:mod:`prunekit.models.modeling`), as per-layer widths are.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ADAPTERS, ModelAdapter
+from prunekit.models.adapters import ModelAdapter
+from prunekit.models.modeling import OUTPUT_BIAS, add_bias
 from prunekit.pruning.criteria.activations import mean_key, projection
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.units import UNITS
@@ -60,35 +62,24 @@ def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict
     return out
 
 
-def check_family(adapter: ModelAdapter) -> None:
-    """Raise unless the family's stock config can give o_proj / down_proj a bias."""
-    if not adapter.output_bias:
-        families = ", ".join(n for n, a in ADAPTERS.items() if a.output_bias)
-        raise PrunekitError(
-            f"prune.bias_compensation needs o_proj / down_proj biases, which the stock '{adapter.family}' "
-            f"model cannot hold (supported families: {families}); set prune.bias_compensation: false"
-        )
-
-
 def add_zero_biases(model: nn.Module, adapter: ModelAdapter) -> int:
-    """Give every q/k/v/o and gate/up/down projection a bias (zeros where it had none); returns how many."""
-    check_family(adapter)
+    """Give o_proj and down_proj a bias (zeros where they had none), and what else the family's config needs to
+    say so: with a stock switch (Llama) every q/k/v/o and gate/up/down projection; else ``output_bias`` in the
+    config, which the pruned classes read. Returns how many biases were added."""
+    stock = adapter.output_bias
     added = 0
     for layer in adapter.layers(model):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        for owner, names in (
-            (attn, (adapter.q, adapter.k, adapter.v, adapter.o)),
-            (mlp, (adapter.gate, adapter.up, adapter.down)),
-        ):
-            for name in names:
-                lin = getattr(owner, name)
-                if lin.bias is None:
-                    w = lin.weight
-                    lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
-                    added += 1
-    # transformers' Llama builds these biases from the config: keep it saying so, for save and reload.
-    model.config.attention_bias = True
-    model.config.mlp_bias = True
+        attn_names = (adapter.q, adapter.k, adapter.v, adapter.o) if stock else (adapter.o,)
+        mlp_names = (adapter.gate, adapter.up, adapter.down) if stock else (adapter.down,)
+        for owner, names in ((attn, attn_names), (mlp, mlp_names)):
+            added += sum(add_bias(getattr(owner, name)) for name in names)
+    # The model classes build these biases from the config: keep it saying so, for save and reload.
+    if stock:
+        model.config.attention_bias = True
+        model.config.mlp_bias = True
+    else:
+        setattr(model.config, OUTPUT_BIAS, True)
     return added
 
 
@@ -99,7 +90,6 @@ def compensate(model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mappi
     Call before slicing (the removed columns are still there). ``means`` maps ``aux.mean.<proj>.<layer>``
     to the (in_features,) input channel means, as the score stage saves them; extra keys are ignored.
     """
-    check_family(adapter)
     layers = adapter.layers(model)
     deltas: dict[tuple[str, int], torch.Tensor] = {}
     # Everything is checked before the model changes, so an error leaves it untouched.
