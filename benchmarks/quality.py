@@ -56,6 +56,7 @@ def main() -> None:
     params = load_params(args.params)
     setup = make_setup(args)
     dense, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)
+    text = token_stream(tokenizer, load_documents(args.data, "training", text_field=params.data.text_field))
     p, bs = params.prune, params.score.batch_size
     n_layers = len(adapter.layers(dense))
 
@@ -90,7 +91,8 @@ def main() -> None:
             for allocation, method in (pair.split(":") for pair in args.cuts):
                 cut = dataclasses.replace(Cut.of(p, name), target=target, allocation=allocation, reconstruct=method)
                 job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed,
-                               calibration=lambda: setup.calibration, score_batch_size=bs)  # fmt: skip
+                               calibration=lambda: setup.calibration, score_batch_size=bs,
+                               training_blocks=lambda n: chunks(text, n, "training"))  # fmt: skip
                 t0 = time.perf_counter()
                 result = prune_model(job, "oneshot")
                 seconds = time.perf_counter() - t0
@@ -106,7 +108,6 @@ def main() -> None:
     if not args.steps or best is None:
         return
     _, name, model = best
-    text = token_stream(tokenizer, load_documents(args.data, "training", text_field=params.data.text_field))
     blocks = chunks(text, params.recover.lora.seq_len, "training")
     settings = LoraSettings.from_params(params.recover.lora, params.seed, "recover.lora", steps=args.steps)
     print(

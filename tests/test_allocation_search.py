@@ -197,3 +197,41 @@ def test_kshot_searches_every_shot() -> None:
 def test_search_params_refused(prune: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
         check_choices(parse_params({"prune": prune}))
+
+
+def test_prune_stage_writes_every_candidate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The prune stage with allocation search: the trials file (a DVC plot) holds every candidate, the metrics the
+    best and the flat one, the saved model is the plan's, and the finished search leaves no state behind."""
+    from safetensors.torch import save_file
+    from test_criteria_activation import load_stage
+    from transformers import AutoModelForCausalLM
+
+    params = parse_params({
+        "score": {"criterion": "activation", "batch_size": 2},
+        "prune": {"target": 0.15, "skip_first": 1, "skip_last": 1, "tolerance": 0.03, "allocation": "search",
+                  "search": {"candidates": 5, "random_starts": 2, "knots": 2}},
+    })  # fmt: skip
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "training.jsonl").write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:8]))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    save_file({"input_ids": CALIB % vocab}, str(tmp_path / "calib.safetensors"))
+    scores = tmp_path / "scores.safetensors"
+    load_stage("score").score(params, model_dir=tiny_model_dir, calibration_file=tmp_path / "calib.safetensors",
+                              out=scores)  # fmt: skip
+    load_stage("prune").prune(
+        params, model_dir=tiny_model_dir, scores_file=scores, out=tmp_path / "pruned", plan_file=tmp_path / "plan.json",
+        metrics_file=tmp_path / "metrics.json", trials_file=tmp_path / "trials.json", text=text,
+        calibration=tmp_path / "calib.safetensors", state=tmp_path / "state",
+    )  # fmt: skip
+    trials = json.loads((tmp_path / "trials.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [t["candidate"] for t in trials] == list(range(5)) and plan["allocation"] == "search"
+    best = min(trials, key=lambda t: (t["objective"], t["candidate"]))
+    assert metrics["allocation_search"]["best_objective"] == best["objective"]
+    assert abs(plan["achieved"] - best["achieved"]) < 0.005  # the plan is the best candidate's
+    assert metrics["params_after"] == count_params(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"))
+    assert (tmp_path / "state").is_dir() and not any((tmp_path / "state").iterdir())

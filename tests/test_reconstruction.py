@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -161,3 +162,39 @@ def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
             k: (m.model(input_ids=calibration).logits - reference).norm() for k, m in (("plain", plain), ("ls", refit))
         }
     assert err["ls"] < err["plain"]
+
+
+def test_reconstruction_refits_on_training_windows_when_asked(tokenizer) -> None:
+    """prune.reconstruct_samples: the refit uses that many training-text windows (a seeded choice of the
+    non-overlapping blocks), not the calibration windows; too few blocks is refused with the key to change."""
+    from prunekit.errors import PrunekitError
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+
+    dense = tiny_model(vocab_size=len(tokenizer)).eval()
+    adapter = adapter_for(dense.config)
+    calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(2))
+    training = torch.randint(0, len(tokenizer), (20, 24), generator=torch.Generator().manual_seed(3))
+    units = ["attn_kv_group", "mlp_channel"]
+    scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
+    seen_lengths = []
+
+    def blocks(seq_len: int) -> torch.Tensor:
+        seen_lengths.append(seq_len)
+        return training
+
+    cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct="least_squares",
+              reconstruct_ridge=0.01, reconstruct_samples=8, reconstruct_seq_len=24)  # fmt: skip
+    job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=5, calibration=lambda: calibration,
+                   training_blocks=blocks, score_batch_size=4)  # fmt: skip
+    chosen = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:8].sort().values
+    assert torch.equal(job.reconstruction_tokens(), training[chosen]) and seen_lengths == [24]
+    result = prune_model(job, "oneshot")
+    expected = copy.deepcopy(dense)
+    reconstruct(expected, adapter, result.plan, training[chosen], 4, 0.01)
+    apply_plan(expected, adapter, result.plan, mode="slice")
+    for (name, p), q in zip(expected.named_parameters(), result.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    job.cut = dataclasses.replace(cut, reconstruct_samples=21)
+    with pytest.raises(PrunekitError, match=r"prune.reconstruct_samples=21: the training text holds only 20"):
+        job.reconstruction_tokens()

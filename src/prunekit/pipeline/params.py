@@ -142,6 +142,10 @@ class PruneParams(Section):
     # pruned layer's outputs on the calibration windows stay closest to the dense layer's (oneshot, kshot)
     reconstruct: Literal["none", "least_squares"] = "none"
     reconstruct_ridge: float = Field(0.01, ge=0.0)  # ridge, relative to the mean diagonal of the Gram matrix
+    # least_squares: windows of the training text to refit on (null: the calibration windows, which rank units
+    # well but are too few tokens to refit weights), of reconstruct_seq_len tokens each
+    reconstruct_samples: int | None = Field(None, ge=1)
+    reconstruct_seq_len: int = Field(128, ge=2)
     search: AllocationSearchParams = AllocationSearchParams()  # allocation: search
 
 

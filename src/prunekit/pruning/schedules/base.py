@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.params import AllocationSearchParams, PruneParams, ScheduleParams
 from prunekit.pruning.plan import Plan, PlanRequest, make_plan
@@ -52,6 +53,8 @@ class Cut:
     bias_compensation: bool = False
     reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
     reconstruct_ridge: float = 0.01
+    reconstruct_samples: int | None = None  # training-text windows to refit on (None: the calibration windows)
+    reconstruct_seq_len: int = 128
     search: AllocationSearchParams = field(default_factory=AllocationSearchParams)  # allocation: search
 
     @classmethod
@@ -59,7 +62,8 @@ class Cut:
         """From the ``prune`` params section and ``score.criterion``."""
         return cls(prune.target, list(prune.units), prune.allocation, criterion, prune.skip_first, prune.skip_last,
                    dict(prune.round_to), prune.tolerance, prune.bias_compensation, prune.reconstruct,
-                   prune.reconstruct_ridge, prune.search)  # fmt: skip
+                   prune.reconstruct_ridge, prune.reconstruct_samples, prune.reconstruct_seq_len,
+                   prune.search)  # fmt: skip
 
     def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
@@ -123,8 +127,8 @@ class Cut:
             return []
         from prunekit.pruning.reconstruction import reconstruct
 
-        calibration = job.calibration_tokens()
-        return reconstruct(model, adapter, plan, calibration, job.score_batch_size, self.reconstruct_ridge)
+        tokens = job.reconstruction_tokens()
+        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.reconstruct_ridge)
 
 
 @dataclass
@@ -166,6 +170,21 @@ class PruneJob:
         if self.calibration is None:
             raise ValueError("this schedule rescores the model: give the job calibration tokens")
         return self.calibration()
+
+    def reconstruction_tokens(self) -> torch.Tensor:
+        """What least-squares reconstruction refits on: ``cut.reconstruct_samples`` windows of the training text
+        (non-overlapping blocks of ``cut.reconstruct_seq_len`` tokens, a seeded choice), or the calibration windows."""
+        n = self.cut.reconstruct_samples
+        if n is None:
+            return self.calibration_tokens()
+        blocks = self.blocks(self.cut.reconstruct_seq_len)
+        if blocks.shape[0] < n:
+            raise PrunekitError(
+                f"prune.reconstruct_samples={n}: the training text holds only {blocks.shape[0]} windows of "
+                f"{self.cut.reconstruct_seq_len} tokens; lower prune.reconstruct_samples or reconstruct_seq_len"
+            )
+        chosen = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(self.seed))[:n]
+        return blocks[chosen.sort().values]
 
 
 @dataclass
