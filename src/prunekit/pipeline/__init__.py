@@ -2,5 +2,5 @@
 
 The stages (``stages/*.py``) read params.yaml and take paths from dvc.yaml; ``prunekit.data``, ``pruning``,
 ``training``, ``quant`` and ``evaluation`` receive typed settings (the sections of :mod:`prunekit.pipeline.params`)
-and never read params.yaml, fixed paths or ``sys.argv`` themselves.
+and open no params file, fixed path or command line of their own.
 """
