@@ -14,7 +14,8 @@ trap 'rm -rf "$work"' EXIT
 . "$work/venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q --no-deps --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH"
-python -m pip install -q "torch==$TORCH" -e ".[test]"
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+python -m pip install -q "torch==$TORCH" -e ".[test,llamacpp]"
 python -m pip check
 {
   echo "# Exact versions installed by scripts/setup.sh (as pip constraints). Regenerate with scripts/lock.sh."

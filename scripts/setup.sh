@@ -14,6 +14,9 @@ if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1); t
   # Only torch itself comes from there (--no-deps): its dependencies resolve from the usual index below.
   python -m pip install -q --no-deps --retries 2 --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"
 fi
-python -m pip install -q -c requirements.lock "torch==$TORCH_VERSION" -e ".[test]"
+# llama-cpp-python compiles llama.cpp from its source distribution: about 10 minutes on 2 cores the first time
+# (pip caches the wheel, so later setups on the machine take seconds); its multimodal library is not needed.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+python -m pip install -q -c requirements.lock "torch==$TORCH_VERSION" -e ".[test,llamacpp]"
 python -m pip check
 python -c "import prunekit, torch; print(f'prunekit {prunekit.__version__} with torch {torch.__version__} ready in $VENV')"

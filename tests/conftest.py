@@ -78,3 +78,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def block_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny model whose Linear input widths are multiples of llama.cpp's block of 32 (hidden 64, MLP 128),
+    with a byte-level BPE tokenizer that has merges (llama.cpp needs them): the whole pipeline through export."""
+    path = tmp_path_factory.mktemp("block_model")
+    tok = tiny_tokenizer(300)
+    model = tiny_model(vocab_size=len(tok), hidden_size=64, intermediate_size=128)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -92,43 +92,15 @@ TOY_FAMILY = '''
 """Granite: Llama's layout with scaling multipliers (embedding, residual, attention, logits)."""
 
 from transformers.models.granite import modeling_granite
-from transformers.models.granite.configuration_granite import GraniteConfig
-from transformers.models.granite.modeling_granite import GraniteDecoderLayer, GraniteForCausalLM, GraniteModel
 
 from prunekit.models.adapters import ADAPTERS, ModelAdapter
-from prunekit.models.attention import HeadDimAttention
-from prunekit.models.modeling import PerLayerCausalLM, PerLayerModel, check_layer_sizes
-
-
-class HeadDimGraniteAttention(HeadDimAttention, modeling_granite.GraniteAttention):
-    family_module = modeling_granite
-
-
-class PrunedGraniteConfig(GraniteConfig):
-    model_type = "prunekit_granite"
-    layer_sizes: list | None = None
-
-    def validate_architecture(self):
-        check_layer_sizes(self)
-
-
-class PrunedGraniteModel(PerLayerModel, GraniteModel):
-    config_class = PrunedGraniteConfig
-    decoder_layer_cls = GraniteDecoderLayer
-    attention_cls = HeadDimGraniteAttention
-
-
-class PrunedGraniteForCausalLM(PerLayerCausalLM, GraniteForCausalLM):
-    config_class = PrunedGraniteConfig
-    base_model_cls = PrunedGraniteModel
 
 
 class GraniteAdapter(ModelAdapter):
     family = "granite"
     model_types = ("granite",)
-    stock_classes = (GraniteConfig, GraniteForCausalLM)
-    pruned = (PrunedGraniteConfig, PrunedGraniteModel, PrunedGraniteForCausalLM)
-    head_dim_attention = HeadDimGraniteAttention
+    modeling = modeling_granite
+    prefix = "Granite"
 
 
 ADAPTERS.register(GraniteAdapter.family)(GraniteAdapter())
@@ -142,8 +114,7 @@ def test_a_family_is_one_module(tmp_path, tokenizer, monkeypatch: pytest.MonkeyP
 
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    from prunekit.models.attention import enable_head_dims
-    from prunekit.models.modeling import register_auto_classes
+    from prunekit.models.adapters import register_auto_classes
 
     monkeypatch.setattr(ADAPTERS, "_items", dict(ADAPTERS._items))  # the registration ends with the test
     (tmp_path / "toy_family.py").write_text(TOY_FAMILY)
@@ -155,7 +126,7 @@ def test_a_family_is_one_module(tmp_path, tokenizer, monkeypatch: pytest.MonkeyP
     dense = GraniteForCausalLM(config).eval()
     adapter = adapter_for(dense.config)
     assert adapter.family == "granite"
-    enable_head_dims(dense.model.layers[1].self_attn, "granite")  # the family's head-dim attention, same outputs
+    adapter.enable_head_dims(dense.model.layers[1].self_attn)  # the family's head-dim attention, same outputs
     plan = random_plan(dense, WIDTH_UNITS, seed=5)
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")

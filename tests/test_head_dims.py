@@ -19,10 +19,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ADAPTERS, adapter_for
-from prunekit.models.attention import HeadDimAttention
 from prunekit.models.compat import cache_of
-from prunekit.models.families.llama import HeadDimLlamaAttention
-from prunekit.models.modeling import check_layer_sizes
+from prunekit.models.modeling import HeadDimAttention, check_layer_sizes
 from prunekit.pruning.criteria import CRITERIA
 from prunekit.pruning.criteria.base import ScoreRequest
 from prunekit.pruning.plan import Plan, PlanRequest, make_plan
@@ -348,7 +346,7 @@ def test_head_dim_attention_is_built_from_a_layer_config() -> None:
     cfg = copy.copy(tiny_family("llama", False, 160).config)
     for key, value in {"qk_head_dim": 4, "v_head_dim": 3, "rope_pairs": [[0, 3], [1, 2], [0, 1], [2, 3]]}.items():
         object.__setattr__(cfg, key, value)
-    attn = HeadDimLlamaAttention(cfg, 0)
+    attn = ADAPTERS.get("llama").pruned.attention(cfg, 0)
     assert (attn.q_proj.out_features, attn.k_proj.out_features) == (8 * 4, 4 * 4)
     assert (attn.v_proj.out_features, attn.o_proj.in_features) == (4 * 3, 8 * 3)
     assert attn.rope_index.tolist()[0] == [0, 3, 4, 7] and attn.scaling == HD**-0.5

@@ -33,6 +33,7 @@ ALL_STAGES = {
     "search",
     "quantize",
     "evaluate_quantized",
+    "export",
 }
 
 
@@ -96,6 +97,8 @@ def tiny_params(model_dir: Path) -> dict:
     params["score"]["batch_size"] = 2
     # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
     params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
+    # head_dim 8: two KV groups (32 o_proj inputs) at a time keep llama.cpp's block of 32 (search.choices q*).
+    params["prune"]["round_to"]["attn_kv_group"] = 2
     params["recover"]["lora"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
     params["evaluate"].update(seq_lens=[16, 32], max_chunks=8)
     params["evaluate"]["zero_shot"].update(auto_mc_questions=4, auto_mc_context_words=12, auto_mc_continuation_words=4)
@@ -124,14 +127,14 @@ def set_param(repo: Path, section: str, key: str, value: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, prefect_env: dict[str, str]) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, block_model_dir: Path, prefect_env: dict[str, str]) -> Path:
     """A git + DVC repository with the project's dvc.yaml and stages, on the tiny model."""
     path = tmp_path_factory.mktemp("repo")
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)
     for name in ("stages", "flows"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir), sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(block_model_dir), sort_keys=False))
     env = prefect_env
     run(["git", "init", "-q"], path, env)
     run(["git", "config", "user.email", "test@example.com"], path, env)
@@ -141,6 +144,39 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, prefect
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-q", "-m", "init"], path, env)
     return path
+
+
+def assert_export_runs_in_llama_cpp(repo: Path) -> None:
+    """models/export/model.gguf: the recovered model in the searched plan's types (embedding Q8_0), per-layer
+    widths as llama.cpp's deci architecture; llama.cpp's logits are the fake-quantized recovered model's, within
+    15% of the quantization's own effect (llama.cpp rounds activations to 8 bits in its block dot products)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import prunekit  # noqa: F401  (the pruned classes)
+    from prunekit.export.gguf import TensorTypes, rounded
+
+    summary = json.loads((repo / "metrics/export.json").read_text())
+    plan = json.loads((repo / "data/quant_plan.json").read_text())["schemes"]
+    assert summary["architecture"] == "deci" and summary["bytes"] == (repo / "models/export/model.gguf").stat().st_size
+    kinds = {s.upper() for s in plan.values()} | {"Q8_0", "F32"}
+    assert set(summary["tensor_types"]) == kinds
+    model = AutoModelForCausalLM.from_pretrained(repo / "models/recovered").eval()
+    types = TensorTypes(default="F16", embedding="Q8_0", tensors={k: v.upper() for k, v in plan.items()})
+    reference = rounded(model, types)
+    ids = [5, 17, 33, 60, 2, 99, 140, 7, 8, 9]
+    llm = llama_cpp.Llama(str(repo / "models/export/model.gguf"), n_ctx=32, logits_all=True, verbose=False,
+                          n_threads=1, type_k=0, type_v=0)  # fmt: skip
+    try:
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        expected, dense = reference(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0]
+    effect = (expected - dense).abs().max().item()
+    assert (got - expected).abs().max().item() <= 0.15 * effect
 
 
 @pytest.mark.slow
@@ -173,6 +209,7 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
     assert quantized["bytes_vs_dense_16bit"] == round(quantized["weight_bytes"] / (2 * metrics["dense"]["params"]), 4)
     assert quantized["weight_bytes"] < metrics["recovered"]["weight_bytes"]
     assert len(json.loads((repo / "metrics/qlora_loss.json").read_text())) == 2
+    assert_export_runs_in_llama_cpp(repo)
 
     assert stages_run(run(["dvc", "repro"], repo, env)) == set()
 
@@ -195,6 +232,7 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
         "search",
         "quantize",
         "evaluate_quantized",
+        "export",
     }
     assert abs(json.loads((repo / "metrics/prune.json").read_text())["achieved_fraction"] - 0.3) <= 0.02
 
@@ -386,7 +424,7 @@ def prefect_processes(home: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_stage_leaves_no_server_and_no_temporaries(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, block_model_dir: Path
 ) -> None:
     """SIGKILL a stage mid-run with no Prefect server configured: the next `dvc repro` finishes and leaves no
     temporary folder, and once idle the shared server stops: no Prefect process of this PREFECT_HOME lives on."""
@@ -398,7 +436,7 @@ def test_a_killed_stage_leaves_no_server_and_no_temporaries(
         shutil.copy(ROOT / name, path / name)
     for name in ("stages", "flows"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(tiny_model_dir)
+    params = tiny_params(block_model_dir)
     params["recover"]["lora"]["steps"] = 40  # long enough to be killed mid-training
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):

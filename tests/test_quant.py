@@ -28,7 +28,8 @@ from prunekit.quant.schemes import SCHEMES, QuantSettings
 from prunekit.quant.search import Budget, build_space, greedy_index, repair, search, uniform_index
 from prunekit.training.lora import LoraSettings, train_lora
 
-ALL = ["int8", "nf4", "fp4", "rtn2", "rtn3", "rtn4", "rtn8", "fp16", "bf16"]
+GGML = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+ALL = ["int8", "nf4", "fp4", "rtn2", "rtn3", "rtn4", "rtn8", *GGML, "fp16", "bf16"]
 SETTINGS = QuantSettings(group_size=16)
 
 
@@ -37,8 +38,14 @@ def _ids(seed: int = 1) -> torch.Tensor:
 
 
 def mixed_plan(model) -> dict[str, str]:
-    """Every scheme on some module of the tiny model (28 Linears, 9 schemes)."""
+    """Every scheme on some module of the tiny model (28 Linears, 14 schemes; llama.cpp's block formats need
+    input widths that are multiples of 32: hidden 64)."""
     return {t.name: ALL[i % len(ALL)] for i, t in enumerate(quant_targets(model, adapter_for(model.config)))}
+
+
+def block_model() -> nn.Module:
+    """The tiny GQA Llama with hidden 64: every Linear's input width a multiple of llama.cpp's block of 32."""
+    return tiny_model(hidden_size=64)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -100,7 +107,7 @@ def test_unknown_module_or_scheme_in_a_plan() -> None:
 
 
 def test_fake_quantized_matches_realised_and_restores_weights() -> None:
-    model = tiny_model()
+    model = block_model()
     plan = mixed_plan(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = _ids()
@@ -206,7 +213,7 @@ def test_lora_gradients_flow_after_an_eval_forward() -> None:
 
 
 def test_quantized_model_saves_and_reloads_with_the_same_outputs(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = block_model()
     plan = mixed_plan(model)
     realise(model, plan, SETTINGS)
     cfg = LoraSettings(
@@ -225,7 +232,7 @@ def test_quantized_model_saves_and_reloads_with_the_same_outputs(tmp_path: Path)
         got = loaded(input_ids=ids).logits
     assert torch.equal(got, expected)
     # And without adapters.
-    plain = realise(tiny_model(), plan, SETTINGS).eval()
+    plain = realise(block_model(), plan, SETTINGS).eval()
     with torch.no_grad():
         expected = plain(input_ids=ids).logits
     save_quantized(plain, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "plain")
@@ -251,7 +258,7 @@ def test_corrupt_or_missing_quantized_checkpoint(tmp_path: Path) -> None:
 
 def test_schemes_registry_lists_every_format() -> None:
     assert SCHEMES.names() == sorted(ALL)
-    assert {SCHEMES.get(n).bits for n in ALL} == {2, 3, 4, 8, 16}
+    assert {SCHEMES.get(n).bits for n in ALL} == {2, 3, 4, 5, 8, 16}
     copy.deepcopy(SETTINGS)  # settings are plain data (saved in the plan JSON)
 
 

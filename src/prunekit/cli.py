@@ -99,6 +99,21 @@ def cmd_server(action: str) -> None:
         print(f"shared Prefect server at {status['url']} (pid {status['pid']}), stages attached: {status['clients']}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a GGUF file of a model directory (pruned, recovered or any supported one) for llama.cpp."""
+    from pathlib import Path
+
+    from prunekit.export.gguf import choose_types, export_directory
+
+    types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,
+                         unplanned=args.type, embedding=args.embedding, output=args.output)  # fmt: skip
+    tokenizer = Path(args.tokenizer_gguf) if args.tokenizer_gguf else None
+    summary = export_directory(Path(args.model_dir), Path(args.out), types, tokenizer_gguf=tokenizer,
+                               tokenizer_pre=args.tokenizer_pre)  # fmt: skip
+    kinds = ", ".join(f"{n} {k}" for k, n in summary["tensor_types"].items())
+    print(f"wrote {args.out}: {summary['architecture']}, {summary['bytes']:,} bytes ({kinds})")
+
+
 REPORT = "reports/experiments.md"  # the experiment comparison: written here only (`prunekit report`, the flow)
 
 
@@ -124,6 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--out", default=REPORT, help="markdown path (the PNG goes beside it)")
     summary = sub.add_parser("summary", help="one row per evaluated model: size, perplexity, accuracy, speed")
     summary.add_argument("--json", help="a saved `dvc metrics show --json` output (default: run it here)")
+    export = sub.add_parser("export", help="write a model directory as a GGUF file for llama.cpp")
+    export.add_argument("model_dir")
+    export.add_argument("--format", choices=["gguf"], default="gguf")
+    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export.add_argument("--plan", help="a quantization plan (data/quant_plan.json or a quantized model directory)")
+    export.add_argument("--type", default="F16", help="every weight's type, or those the plan leaves out (F16)")
+    export.add_argument("--embedding", help="the token embedding's type (default: --type)")
+    export.add_argument("--output", help="an untied output head's type (default: the embedding's)")
+    export.add_argument("--tokenizer-gguf", help="a GGUF file whose tokenizer fields to copy (default: built)")
+    export.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name for a built tokenizer")
     server = sub.add_parser("server", help="the shared local Prefect server the stages report to")
     server.add_argument("action", choices=["status", "stop"])
     args = parser.parse_args(argv)
@@ -137,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_summary(args.json)
         elif args.command == "server":
             cmd_server(args.action)
+        elif args.command == "export":
+            cmd_export(args)
         else:
             cmd_info(args.model_dir)
     except PrunekitError as e:

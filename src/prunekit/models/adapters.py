@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.attention import HeadDimAttention
-from prunekit.models.modeling import LAYER_SIZE_KEYS, OUTPUT_BIAS
+from prunekit.models.modeling import LAYER_SIZE_KEYS, OUTPUT_BIAS, HeadDimAttention, PrunedClasses, pruned_classes
 from prunekit.registry import Registry
 
 
@@ -95,9 +96,8 @@ class ModelAdapter:
 
     family = ""
     model_types: tuple[str, ...] = ()
-    stock_classes: tuple[type, type]  # (config, causal LM) of transformers
-    pruned: tuple[type, type, type]  # (config, base model, causal LM) with per-layer widths
-    head_dim_attention: type[HeadDimAttention]  # the family's attention with pruned head dims
+    modeling: ModuleType  # the family's transformers modeling module (transformers.models.llama.modeling_llama)
+    prefix = ""  # its class names' prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>Attention, ...
     # The stock config has a switch for o_proj / down_proj biases (Llama's attention_bias / mlp_bias); families
     # without one get them through the pruned config's ``output_bias`` (FLAP's compensation needs them).
     output_bias = False
@@ -153,8 +153,34 @@ class ModelAdapter:
     def all_layer_sizes(self, model: nn.Module) -> list[LayerSizes]:
         return [self.layer_sizes(model, i) for i in range(len(self.layers(model)))]
 
-    def pruned_classes(self) -> tuple[type, type, type]:
-        return self.pruned
+    @property
+    def stock_classes(self) -> tuple[type, type]:
+        """(config, causal LM) of transformers."""
+        return getattr(self.modeling, f"{self.prefix}Config"), getattr(self.modeling, f"{self.prefix}ForCausalLM")
+
+    @property
+    def pruned(self) -> PrunedClasses:
+        """The family's classes with per-layer widths (config, base model, causal LM, head-dim attention)."""
+        return pruned_classes(self.modeling, self.prefix)
+
+    def enable_head_dims(self, attn: nn.Module) -> HeadDimAttention:
+        """Turn the family's stock attention into its head-dim subclass in place: same weights, same outputs.
+
+        The subclass adds only state (widths equal to head_dim, identity rotary index), so switching the class
+        of the live module keeps its parameters, hooks and place in the model.
+        """
+        if isinstance(attn, HeadDimAttention):
+            return attn
+        cls = self.pruned.attention
+        if type(attn) not in cls.__bases__:
+            raise TypeError(f"cannot prune head dims of {type(attn).__name__}: expected the {self.family} attention")
+        hd = int(attn.head_dim)
+        kv = attn.k_proj.out_features // hd
+        index = torch.arange(hd, device=attn.k_proj.weight.device).expand(kv, hd).clone()
+        attn.__class__ = cls
+        converted = cast(HeadDimAttention, attn)
+        converted._set_head_dims(hd, hd, index)
+        return converted
 
     def stock_config(self, config: Any, sizes: LayerSizes) -> Any:
         """The family's stock config with uniform ``sizes``; raises ValueError if stock rejects them."""
@@ -172,7 +198,7 @@ class ModelAdapter:
 
     def pruned_config(self, config: Any, sizes: list[LayerSizes]) -> Any:
         """The family's prunekit config recording every layer's sizes."""
-        config_cls = self.pruned_classes()[0]
+        config_cls = self.pruned.config
         data = config.to_dict()
         for key in ("model_type", "architectures", "transformers_version"):
             data.pop(key, None)
@@ -191,6 +217,20 @@ def config_head_dim(config: Any) -> int:
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
 
 
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for _, adapter in ADAPTERS.items():
+        config_cls, model_cls, causal_cls, _ = adapter.pruned
+        if config_cls.model_type in CONFIG_MAPPING:
+            continue
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModel.register(config_cls, model_cls)
+        AutoModelForCausalLM.register(config_cls, causal_cls)
+
+
 def supported_model_types() -> list[str]:
     """Every ``model_type`` a registered family reads (GGUF files name theirs the same way)."""
     return sorted(t for _, a in ADAPTERS.items() for t in a.model_types)
@@ -200,7 +240,7 @@ def adapter_for(config: Any) -> ModelAdapter:
     """The adapter for a transformers config, or an error listing the supported architectures."""
     model_type = str(getattr(config, "model_type", ""))
     for _, adapter in ADAPTERS.items():
-        pruned_type = adapter.pruned_classes()[0].model_type
+        pruned_type = adapter.pruned.config.model_type
         if model_type in adapter.model_types or model_type == pruned_type:
             return adapter
     supported = supported_model_types()

@@ -2,27 +2,37 @@
 
 A pruned checkpoint whose layers all keep the same widths is saved with the stock config of its family,
 so stock transformers loads it without prunekit. When layers differ, the config is a subclass of the
-family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_type = "prunekit_<family>"``;
-``import prunekit`` registers these with the Auto classes, so ``AutoModelForCausalLM.from_pretrained``
-loads them. The model classes subclass the family's own modules (no vendored modeling code): each
-decoder layer is built from a copy of the config carrying that layer's sizes. Layers whose head dims are
-pruned (q/k and v widths of their own, which no stock config can express) get the family's attention
-subclass (``ModelAdapter.head_dim_attention``); the others keep the stock attention. Each family's classes live
-in its module of :mod:`prunekit.models.families`.
+family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_type = "prunekit_<family>"``.
+The model classes subclass the family's own modules (no vendored modeling code): each decoder layer is built
+from a copy of the config carrying that layer's sizes. Layers whose head dims are pruned (q/k and v widths of
+their own, which no stock config can express) get the family's attention with :class:`HeadDimAttention`
+mixed in; the others keep the stock attention. :func:`pruned_classes` makes a family's four classes from its
+transformers modeling module.
 
 A pruned config with ``output_bias: true`` gives every layer's o_proj and down_proj a bias: FLAP's bias
 compensation on a family whose stock config has no switch for them (Mistral, Qwen2; Llama has ``attention_bias``
 and ``mlp_bias``). Such a checkpoint always has a prunekit config, uniform widths or not.
+
+Loading without prunekit: this module imports nothing but the standard library, torch and transformers. Saving
+a pruned config writes this module's source, followed by the lines that make the checkpoint family's classes,
+as ``modeling_prunekit.py`` beside ``config.json``, and an ``auto_map`` to it in the config, so
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` (lm-eval's ``hf`` model, vLLM's and TGI's
+transformers back-ends) loads the checkpoint where prunekit is not installed. With prunekit imported, its
+registered classes (made by the same code) load it without ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Within-head widths of a layer whose head dims are pruned (all three or none; none: stock attention).
 # ``rope_pairs`` lists, per k/v head, the kept rotary pairs (frequency indices in [0, head_dim / 2)).
@@ -31,6 +41,9 @@ HEAD_DIM_KEYS = ("qk_head_dim", "v_head_dim", "rope_pairs")
 LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", *HEAD_DIM_KEYS)
 # A pruned config's switch for o_proj / down_proj biases the family's stock config cannot express.
 OUTPUT_BIAS = "output_bias"
+# The file a pruned config's save writes beside config.json, and the line after which its family's classes follow.
+REMOTE_CODE_FILE = "modeling_prunekit.py"
+_FAMILY_MARKER = "# ---- the classes of this checkpoint's family ----"
 
 
 def add_bias(linear: nn.Linear) -> bool:
@@ -92,6 +105,130 @@ def _check_head_dims(i: int, entry: dict[str, Any], head_dim: int, kv: int) -> N
             )
 
 
+def rope_index_from_pairs(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(k/v heads, kept pairs) pair indices -> (k/v heads, 2 * kept pairs) dense dim indices."""
+    return torch.cat([pairs, pairs + head_dim // 2], dim=1)
+
+
+def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """A linear layer like ``linear`` (bias, device, dtype) with other sizes; its weights come from a load."""
+    w = linear.weight
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+
+
+class HeadDimAttention(nn.Module):
+    """Mixin over a family's attention module: q/k and v head widths of their own (see the module doc).
+
+    Subclasses list it before the family's attention class, so ``super().__init__`` builds the stock module.
+    """
+
+    # The family's transformers modeling module: its ``rotate_half`` and ``eager_attention_forward``.
+    family_module: ClassVar[ModuleType]
+
+    qk_head_dim: int
+    v_head_dim: int
+    rope_index: torch.Tensor
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        """Build from a per-layer config carrying ``qk_head_dim``, ``v_head_dim`` and ``rope_pairs``."""
+        super().__init__(config, layer_idx)  # type: ignore[call-arg]  # the family's attention
+        qk, v = int(config.qk_head_dim), int(config.v_head_dim)
+        heads, kv = config.num_attention_heads, config.num_key_value_heads
+        # The stock constructor made dense projections; replace them with the pruned widths.
+        self.q_proj = _resized(self.q_proj, config.hidden_size, heads * qk)
+        self.k_proj = _resized(self.k_proj, config.hidden_size, kv * qk)
+        self.v_proj = _resized(self.v_proj, config.hidden_size, kv * v)
+        self.o_proj = _resized(self.o_proj, heads * v, config.hidden_size)
+        pairs = torch.tensor(config.rope_pairs, dtype=torch.long).reshape(kv, qk // 2)
+        self._set_head_dims(qk, v, rope_index_from_pairs(pairs, self.head_dim))
+
+    def _set_head_dims(self, qk: int, v: int, rope_index: torch.Tensor) -> None:
+        self.qk_head_dim, self.v_head_dim = qk, v
+        self.register_buffer("rope_index", rope_index, persistent=True)
+
+    # --- updates by the units, after they sliced the weights -----------------------------------------
+
+    def keep_qk_pairs(self, pairs: torch.Tensor) -> None:
+        """Keep, for each k/v head g, its current pairs ``pairs[g]`` (sorted, positions in its current pairs)."""
+        half = self.qk_head_dim // 2
+        cols = torch.cat([pairs, pairs + half], dim=1).to(self.rope_index.device)
+        self.rope_index = self.rope_index.gather(1, cols)
+        self.qk_head_dim = 2 * pairs.shape[1]
+
+    def keep_v_dims(self, kept: int) -> None:
+        """Every k/v head now has ``kept`` v dims."""
+        self.v_head_dim = kept
+
+    def keep_kv_heads(self, keep: torch.Tensor) -> None:
+        """Only k/v heads ``keep`` (sorted) remain: drop the others' rotary indices."""
+        self.rope_index = self.rope_index[keep.to(self.rope_index.device)]
+
+    def rope_pairs(self) -> tuple[tuple[int, ...], ...]:
+        """The kept rotary pairs (frequency indices in [0, head_dim/2)) of each k/v head."""
+        return tuple(tuple(row[: self.qk_head_dim // 2]) for row in self.rope_index.tolist())
+
+    # --- forward -----------------------------------------------------------------------------------
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE with each k/v head's kept frequencies; its query heads use the same ones."""
+        rotate_half: Callable[[torch.Tensor], torch.Tensor] = self.family_module.rotate_half
+        # (B, T, head_dim) -> (B, T, kv, qk) -> (B, kv, T, qk)
+        cos_k = cos[..., self.rope_index].transpose(1, 2)
+        sin_k = sin[..., self.rope_index].transpose(1, 2)
+        k = k * cos_k + rotate_half(k) * sin_k
+        # Query heads are grouped by k/v head (head h uses k/v head h // n_rep, as in repeat_kv).
+        qg = q.unflatten(1, (cos_k.shape[1], -1))  # (B, kv, n_rep, T, qk)
+        qg = qg * cos_k.unsqueeze(2) + rotate_half(qg) * sin_k.unsqueeze(2)
+        return qg.flatten(1, 2), k
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """The sliding window the stock attention passes to the attention function, where it has one: its own
+        (Qwen2: per layer type) or its config's (Mistral); none otherwise (Llama)."""
+        window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        return {} if window is None else {"sliding_window": window}
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # transformers >= 5.24 passes the KV cache as ``cache``, earlier releases as ``past_key_values``.
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, H, T, qk)
+        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, kv, T, qk)
+        v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)  # (B, kv, T, v)
+        q, k = self.rotate(q, k, *position_embeddings)
+        if cache is not None:
+            # DynamicCache keeps keys and values as separate tensors: their widths may differ.
+            k, v = cache.update(k, v, self.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, self.family_module.eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,  # the dense head_dim's: pruned dims contribute zero, nothing rescales
+            **self.attention_kwargs(),
+            **kwargs,
+        )
+        out = out.reshape(*input_shape, -1).contiguous()  # (B, T, H * v)
+        return self.o_proj(out), weights
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, qk_head_dim={self.qk_head_dim}, v_head_dim={self.v_head_dim}"
+
+
 def build_layer(
     layer_cls: type[nn.Module], config: Any, idx: int, attention_cls: type[nn.Module], outputs: tuple[str, ...] = ()
 ) -> nn.Module:
@@ -129,14 +266,11 @@ class PerLayerModel:
 
     decoder_layer_cls: type[nn.Module]
     attention_cls: type[nn.Module]  # for layers whose head dims are pruned
+    output_paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")  # biased by ``output_bias``
 
     def __init__(self, config: Any) -> None:
-        from prunekit.models.adapters import adapter_for
-
         super().__init__(config)  # type: ignore[call-arg]
-        a = adapter_for(config)
-        outputs = (f"{a.attn_path}.{a.o}", f"{a.mlp_path}.{a.down}")
-        self.layers = build_layers(self.decoder_layer_cls, config, self.attention_cls, outputs)
+        self.layers = build_layers(self.decoder_layer_cls, config, self.attention_cls, self.output_paths)
         self.post_init()  # type: ignore[attr-defined]
 
 
@@ -151,15 +285,78 @@ class PerLayerCausalLM:
         self.post_init()  # type: ignore[attr-defined]
 
 
-def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+class PrunedClasses(NamedTuple):
+    """A family's classes with per-layer widths."""
 
-    from prunekit.models.adapters import ADAPTERS
+    config: type
+    model: type
+    causal_lm: type
+    attention: type  # the family's attention with pruned head dims
 
-    for config_cls, model_cls, causal_cls in (adapter.pruned for _, adapter in ADAPTERS.items()):
-        if config_cls.model_type in CONFIG_MAPPING:
-            continue
-        AutoConfig.register(config_cls.model_type, config_cls)
-        AutoModel.register(config_cls, model_cls)
-        AutoModelForCausalLM.register(config_cls, causal_cls)
+
+def remote_code(config_cls: type) -> str:
+    """The source of ``modeling_prunekit.py`` for a pruned config class: this module and its family's line."""
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    end = lines.index(_FAMILY_MARKER) if _FAMILY_MARKER in lines else len(lines)  # a saved copy: up to its family
+    shared = "\n".join(lines[:end]).rstrip("\n")
+    prefix = config_cls.__name__.removeprefix("Pruned").removesuffix("Config")
+    module = config_cls.family_module
+    package, name = module.rsplit(".", 1)
+    return (
+        f"{shared}\n\n\n{_FAMILY_MARKER}\n"
+        f"from {package} import {name} as family_modeling  # noqa: E402\n\n"
+        f"Pruned{prefix}Config, Pruned{prefix}Model, Pruned{prefix}ForCausalLM, HeadDim{prefix}Attention = "
+        f"pruned_classes(family_modeling, {prefix!r})\n"
+    )
+
+
+class PrunedConfig:
+    """Mixin for a family's config with per-layer widths (``layer_sizes``); top-level sizes are the dense model's."""
+
+    family_module: ClassVar[str]  # the family's transformers modeling module, by name
+
+    def validate_architecture(self) -> None:
+        # Stock Llama demands hidden_size % num_attention_heads == 0, which pruned heads need not meet
+        # (head_dim is explicit); check what the pruned architecture needs instead.
+        check_layer_sizes(self)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """Save config.json with an ``auto_map`` to ``modeling_prunekit.py``, written beside it."""
+        name = type(self).__name__.removesuffix("Config")
+        module = REMOTE_CODE_FILE.removesuffix(".py")
+        self.auto_map = {  # type: ignore[attr-defined]
+            "AutoConfig": f"{module}.{name}Config",
+            "AutoModel": f"{module}.{name}Model",
+            "AutoModelForCausalLM": f"{module}.{name}ForCausalLM",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        (Path(save_directory) / REMOTE_CODE_FILE).write_text(remote_code(type(self)), encoding="utf-8")
+
+
+@functools.cache
+def pruned_classes(modeling: ModuleType, prefix: str) -> PrunedClasses:
+    """The per-layer-width classes of the family whose transformers modeling module is ``modeling`` and whose
+    classes are named ``<prefix>Config``, ``<prefix>Model``, ... (``"Llama"``), made once per process."""
+    stock_config = getattr(modeling, f"{prefix}Config")
+
+    class Attention(HeadDimAttention, getattr(modeling, f"{prefix}Attention")):  # type: ignore[misc]
+        family_module = modeling
+
+    class Config(PrunedConfig, stock_config):  # type: ignore[misc, valid-type]
+        model_type = f"prunekit_{stock_config.model_type}"
+        family_module = modeling.__name__
+        layer_sizes: list | None = None
+
+    class Model(PerLayerModel, getattr(modeling, f"{prefix}Model")):  # type: ignore[misc]
+        config_class = Config
+        decoder_layer_cls = getattr(modeling, f"{prefix}DecoderLayer")
+        attention_cls = Attention
+
+    class CausalLM(PerLayerCausalLM, getattr(modeling, f"{prefix}ForCausalLM")):  # type: ignore[misc]
+        config_class = Config
+        base_model_cls = Model
+
+    named = {"Config": Config, "Model": Model, "ForCausalLM": CausalLM, "Attention": Attention}
+    for suffix, cls in named.items():
+        cls.__name__ = cls.__qualname__ = f"{'HeadDim' if suffix == 'Attention' else 'Pruned'}{prefix}{suffix}"
+    return PrunedClasses(Config, Model, CausalLM, Attention)

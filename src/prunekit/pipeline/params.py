@@ -250,6 +250,17 @@ class SearchParams(Section):
     cache_mib: int = Field(4096, ge=0)
 
 
+class ExportParams(Section):
+    """``export``: the GGUF file for llama.cpp (types: llama.cpp's, lower or upper case)."""
+
+    # plan: the searched plan's types (its schemes must be llama.cpp's); or one type for every weight.
+    types: str = "plan"
+    embedding: str = "q8_0"  # the token embedding (and a tied output head)
+    output: str | None = None  # an untied output head (null: the embedding's type)
+    unplanned: str = "f16"  # with types: plan, weights the plan does not cover
+    tokenizer_pre: str | None = None  # pre-tokenizer of a tokenizer built from tokenizer.json (null: llama.cpp's)
+
+
 class RuntimeParams(Section):
     """``runtime``: how a stage uses the machine (results repeat bit for bit only at the same thread count)."""
 
@@ -273,6 +284,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     search: SearchParams = SearchParams()
     quantize: QuantizeParams = QuantizeParams()
+    export: ExportParams = ExportParams()
 
 
 _LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "learning_rate", "batch_size", "seq_len")

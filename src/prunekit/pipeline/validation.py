@@ -25,7 +25,7 @@ class _Problems(list[str]):
 def check_choices(params: Params) -> None:
     """Raise :class:`ParamsError` naming the key of any value that no registry knows (every problem at once)."""
     problems = _Problems()
-    for section in (_model_and_data, _score, _prune, _evaluate, _search):
+    for section in (_model_and_data, _score, _prune, _evaluate, _search, _export):
         section(params, problems)
     if problems:
         raise ParamsError("\n".join(problems))
@@ -149,3 +149,15 @@ def _search(params: Params, problems: _Problems) -> None:
         problems.append(
             "params.yaml keys 'search.budget_bits' / 'search.budget_bytes': set exactly one (the other null)"
         )
+
+
+def _export(params: Params, problems: _Problems) -> None:
+    from prunekit.export.gguf import qtype
+
+    e = params.export
+    if e.types != "plan":
+        problems.check("export.types", qtype, e.types, "GGUF type (or plan)")
+    problems.check("export.embedding", qtype, e.embedding)
+    if e.output is not None:
+        problems.check("export.output", qtype, e.output)
+    problems.check("export.unplanned", qtype, e.unplanned)

@@ -84,8 +84,10 @@ def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
             f"quantization plan names modules the model does not have as decoder Linears: {unknown[:5]}"
             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         )
-    for scheme in set(plan.values()):
-        SCHEMES.get(scheme)
+    shapes = {t.name: (t.rows, t.cols) for t in targets}
+    for name, scheme in plan.items():
+        s = SCHEMES.get(scheme)
+        s.impl.check_shape(s, *shapes[name], f"{name} ({scheme})")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class QuantBackend(ABC):
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
         """Bits a (rows x cols) weight takes, codes and their statistics together."""
 
+    def check_shape(self, scheme: Scheme, rows: int, cols: int, what: str) -> None:  # noqa: B027  (optional)
+        """Raise a PrunekitError naming ``what`` if this format cannot hold a (rows x cols) weight (any by default)."""
+
     @abstractmethod
     def fake_quantize(self, w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
         """``w`` after quantize -> dequantize (same dtype and device as ``w``)."""
@@ -86,4 +89,4 @@ def lora_custom_modules() -> dict[type, type]:
     return out
 
 
-from prunekit.quant import bnb, rtn  # noqa: E402, F401  (registration)
+from prunekit.quant import bnb, ggml, rtn  # noqa: E402, F401  (registration)

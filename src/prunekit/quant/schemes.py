@@ -10,6 +10,8 @@ A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. Th
   float16 scale and one float16 zero point per group of ``quantize.group_size`` input weights, codes
   bit-packed (bitsandbytes has no 2- or 3-bit format; ``rtn4`` / ``rtn8`` are the reference and the fast
   path for the search on any device).
+* ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` / ``q8_0`` - llama.cpp's block formats, as a GGUF file stores
+  them: 32 weights per block with a float16 scale (and minimum, ``_1``); the export writes them unchanged.
 * ``fp16`` / ``bf16`` - left unquantized, stored in that 16-bit dtype.
 """
 
@@ -79,6 +81,11 @@ for _s in (
     Scheme("rtn3", 3, "rtn", "round-to-nearest 3-bit, scale and zero per group (pure torch, bit-packed)"),
     Scheme("rtn4", 4, "rtn", "round-to-nearest 4-bit, scale and zero per group (pure torch, bit-packed)"),
     Scheme("rtn8", 8, "rtn", "round-to-nearest 8-bit, scale and zero per group (pure torch)"),
+    Scheme("q4_0", 4, "ggml", "llama.cpp Q4_0: 4-bit codes, a float16 scale per block of 32 (4.5 bits)", "Q4_0"),
+    Scheme("q4_1", 4, "ggml", "llama.cpp Q4_1: 4-bit codes, float16 scale and min per block of 32 (5 bits)", "Q4_1"),
+    Scheme("q5_0", 5, "ggml", "llama.cpp Q5_0: 5-bit codes, a float16 scale per block of 32 (5.5 bits)", "Q5_0"),
+    Scheme("q5_1", 5, "ggml", "llama.cpp Q5_1: 5-bit codes, float16 scale and min per block of 32 (6 bits)", "Q5_1"),
+    Scheme("q8_0", 8, "ggml", "llama.cpp Q8_0: 8-bit codes, a float16 scale per block of 32 (8.5 bits)", "Q8_0"),
     Scheme("fp16", 16, "float", "left unquantized, stored as float16", "float16"),
     Scheme("bf16", 16, "float", "left unquantized, stored as bfloat16", "bfloat16"),
 ):

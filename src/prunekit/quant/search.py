@@ -102,6 +102,9 @@ def build_space(
         SCHEMES.get(c)
     if len(set(choices)) != len(choices):
         raise PrunekitError(f"search.choices {choices} repeats a scheme")
+    for c in choices:  # every choice must hold every weight it may be given, before any trial
+        for t in targets:
+            SCHEMES.get(c).impl.check_shape(SCHEMES.get(c), t.rows, t.cols, f"search.choices '{c}': {t.name}")
     ordered = sorted(choices, key=lambda c: (SCHEMES.get(c).bits, choices.index(c)))
     keyed: dict[str, list[QuantTarget]] = {}
     for t in targets:

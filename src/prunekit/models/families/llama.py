@@ -1,45 +1,15 @@
 """Llama: the reference layout ``model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``.
 
-One module per family: its adapter (where the layers, attention and MLP live), its head-dim attention, its
-per-layer-width config and model classes, and the registration line.
+One module per family: its adapter (the family's transformers modeling module and class-name prefix, where the
+layers, attention and MLP live) and the registration line. The per-layer-width config and model classes and
+the head-dim attention are made from the family's own classes (:func:`prunekit.models.modeling.pruned_classes`).
 """
 
 from __future__ import annotations
 
 from transformers.models.llama import modeling_llama
-from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 from prunekit.models.adapters import ADAPTERS, ModelAdapter
-from prunekit.models.attention import HeadDimAttention
-from prunekit.models.modeling import PerLayerCausalLM, PerLayerModel, check_layer_sizes
-
-
-class HeadDimLlamaAttention(HeadDimAttention, modeling_llama.LlamaAttention):
-    family_module = modeling_llama
-
-
-class PrunedLlamaConfig(LlamaConfig):
-    """LlamaConfig with per-layer sizes (``layer_sizes``); top-level sizes are the dense model's."""
-
-    model_type = "prunekit_llama"
-    layer_sizes: list | None = None
-
-    def validate_architecture(self) -> None:
-        # Stock Llama demands hidden_size % num_attention_heads == 0, which pruned heads need not meet
-        # (head_dim is explicit); check what the pruned architecture needs instead.
-        check_layer_sizes(self)
-
-
-class PrunedLlamaModel(PerLayerModel, LlamaModel):
-    config_class = PrunedLlamaConfig
-    decoder_layer_cls = LlamaDecoderLayer
-    attention_cls = HeadDimLlamaAttention
-
-
-class PrunedLlamaForCausalLM(PerLayerCausalLM, LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
-    base_model_cls = PrunedLlamaModel
 
 
 class LlamaAdapter(ModelAdapter):
@@ -47,9 +17,8 @@ class LlamaAdapter(ModelAdapter):
 
     family = "llama"
     model_types = ("llama",)
-    stock_classes = (LlamaConfig, LlamaForCausalLM)
-    pruned = (PrunedLlamaConfig, PrunedLlamaModel, PrunedLlamaForCausalLM)
-    head_dim_attention = HeadDimLlamaAttention
+    modeling = modeling_llama
+    prefix = "Llama"
     output_bias = True
 
 

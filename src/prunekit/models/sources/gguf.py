@@ -239,6 +239,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prunekit.export.gguf import TOKENIZER_GGUF, write_tokenizer_gguf
     from prunekit.models.provenance import make_reproducible
 
     summary = _check_gguf_file(gguf_path, str(gguf_path))  # header only: refused before any dequantization
@@ -264,6 +265,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     # transformers 5 always writes safetensors (its `safe_serialization` switch is gone); checked below.
     clean.save_pretrained(out_dir, max_shard_size="5GB")
     tokenizer.save_pretrained(out_dir)
+    # The tokenizer exactly as llama.cpp reads it (pre-tokenizer, merges, types), for GGUF exports of this model.
+    write_tokenizer_gguf(gguf_path, out_dir / TOKENIZER_GGUF, summary["architecture"])
     make_reproducible(out_dir)
     _check_written(out_dir, gguf_path)
     _check_reload(model, out_dir)

@@ -8,7 +8,7 @@ of its query heads. Unit ``g * n + i`` is dim (or pair) ``i`` of group ``g``; ``
 KV groups, so the planner keeps the same number in every group: one q/k width and one v width per layer.
 
 Slicing turns the layer's attention into the family's head-dim subclass
-(:mod:`prunekit.models.attention`), which records the widths and each group's kept rotary pairs.
+(:class:`prunekit.models.modeling.HeadDimAttention`), which records the widths and each group's kept rotary pairs.
 ``parent = "attn_kv_group"``: :func:`prunekit.pruning.slicing.apply_plan` applies these units before KV groups
 (every group keeps the same number of dims, so the groups keep their numbering), and the planner knows
 that a removed KV group takes its dims with it.
@@ -21,7 +21,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.models.attention import HeadDimAttention, enable_head_dims
+from prunekit.models.modeling import HeadDimAttention
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 
@@ -96,7 +96,7 @@ class AttnQKDim(UnitType):
         per = _kept_per_group(self.name, attn, keep, kv, pairs)
         if per == pairs and not isinstance(attn, HeadDimAttention):
             return  # nothing removed: the stock attention stays
-        head_attn = enable_head_dims(attn, adapter.family)
+        head_attn = adapter.enable_head_dims(attn)
         super().apply(adapter, layer, keep, mode)
         head_attn.keep_qk_pairs((keep.long() % pairs).view(kv, per))
 
@@ -135,7 +135,7 @@ class AttnVODim(UnitType):
         per = _kept_per_group(self.name, attn, keep, kv, v)
         if per == v and not isinstance(attn, HeadDimAttention):
             return
-        head_attn = enable_head_dims(attn, adapter.family)
+        head_attn = adapter.enable_head_dims(attn)
         super().apply(adapter, layer, keep, mode)
         head_attn.keep_v_dims(per)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
-from prunekit.models.attention import HeadDimAttention
+from prunekit.models.modeling import HeadDimAttention
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 

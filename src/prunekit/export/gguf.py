@@ -1,0 +1,459 @@
+"""GGUF files for llama.cpp, written with llama.cpp's own ``gguf`` package.
+
+Architecture: a model whose decoder layers all keep the same widths is written as its family's llama.cpp
+architecture (``llama`` for Llama and Mistral, ``qwen2`` for Qwen2 while its query heads span the embedding
+width, as llama.cpp's qwen2 graph assumes); one whose layers differ is written as
+``deci``, llama.cpp's Llama variant with per-layer ``feed_forward_length``, ``attention.head_count`` and
+``attention.head_count_kv`` arrays (Nemotron-NAS), which also reads the optional q/k/v, o_proj and down_proj
+biases Qwen2 and bias compensation need. ``llama`` and ``deci`` rotate consecutive pairs of a head's dims, so
+the rows of q_proj and k_proj (and their biases) are permuted from transformers' two halves to pairs; ``qwen2``
+rotates halves, as transformers does.
+
+Tensor types: every 2-D weight gets the type the caller gives it (by module name), else the default; norms
+and biases stay F32. The types are llama.cpp's: ``F32``, ``F16``, ``BF16`` and the block formats ``Q4_0``,
+``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (32 weights per block: a weight's input width must be a multiple of
+32). :func:`fake_quantize` is the same rounding the writer uses (``gguf.quants``), for a search that must
+optimise the loss of the file it writes.
+
+Tokenizer: the ``tokenizer.*`` fields of the GGUF file the model came from (``tokenizer.gguf`` beside the base
+model, written by the download stage), copied as they are; otherwise built from the Hugging Face tokenizer
+(byte-level BPE as ``gpt2``, with its merges, special tokens and chat template; llama.cpp's default
+pre-tokenizer unless ``tokenizer_pre`` names one).
+
+Not exported (a clear error names the cause): pruned head dims (llama.cpp has one key / value width per model,
+equal to the rotary width, and rotates the first frequencies, not kept ones), a sliding window shorter than
+the context, rope scaling other than ``default`` and ``llama3``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ModelAdapter
+from prunekit.models.modeling import HeadDimAttention
+from prunekit.pipeline.files import atomic_file
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_GGUF = "tokenizer.gguf"  # the base GGUF's tokenizer fields, beside a model converted from one
+FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PER_LAYER_ARCH = "deci"
+PAIR_ROPE_ARCHS = ("llama", "deci")  # archs whose rope rotates consecutive dims
+FLOAT_TYPES = ("F32", "F16", "BF16")
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
+
+
+@dataclass(frozen=True)
+class TensorTypes:
+    """Which llama.cpp type each weight gets: ``tensors`` by module name (``model.layers.3.mlp.down_proj``), the
+    token embedding by ``embedding`` and an untied output head by ``output`` (None: the embedding's), every other
+    weight ``default``; norms and biases are F32."""
+
+    default: str = "F16"
+    embedding: str | None = None
+    output: str | None = None
+    tensors: Mapping[str, str] = field(default_factory=dict)
+
+    def kind(self, module: str, role: str = "weight") -> str:
+        """The type of ``module``'s 2-D weight, upper case; ``role``: ``embedding``, ``output`` or ``weight``."""
+        if role == "embedding":
+            return (self.embedding or self.default).upper()
+        if role == "output":
+            return (self.output or self.embedding or self.default).upper()
+        return self.tensors.get(module, self.default).upper()
+
+    def check(self) -> None:
+        for what, name in (("default", self.default), ("embedding", self.embedding), ("output", self.output)):
+            if name is not None:
+                qtype(name, f"GGUF type of {what}")
+        for module, name in self.tensors.items():
+            qtype(name, f"GGUF type of {module}")
+
+
+def qtype(name: str, what: str = "GGUF type") -> Any:
+    """The ``gguf.GGMLQuantizationType`` named ``name`` (case-insensitive), or an error listing the valid ones."""
+    import gguf
+
+    upper = str(name).upper()
+    if upper not in TYPES:
+        raise PrunekitError(f"{what} '{name}' is not one prunekit writes; choose one of {', '.join(TYPES)}")
+    return gguf.GGMLQuantizationType[upper]
+
+
+def block_size(name: str) -> int:
+    """Weights per block of a type (1 for the float types)."""
+    import gguf
+
+    return int(gguf.GGML_QUANT_SIZES[qtype(name)][0])
+
+
+def type_bytes(name: str, rows: int, cols: int) -> int:
+    """Bytes a (rows x cols) weight takes in type ``name`` (``cols`` a multiple of its block)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype(name)]
+    return rows * (cols // block) * size
+
+
+def check_fits(name: str, cols: int, what: str) -> None:
+    """Refuse a block type for a weight whose input width is not a multiple of its block."""
+    block = block_size(name)
+    if cols % block:
+        raise PrunekitError(
+            f"{what} has {cols} input columns, not a multiple of {name.upper()}'s block of {block}: give it a "
+            f"float type, or prune to widths that are multiples of {block} (prune.round_to)"
+        )
+
+
+def encode(w: torch.Tensor, name: str) -> np.ndarray:
+    """The bytes (or float array) of a 2-D weight in type ``name``, as the writer stores them."""
+    import gguf
+
+    t = qtype(name)
+    data = w.detach().to(torch.float32).cpu().numpy()
+    if name.upper() == "F32":
+        return data
+    if name.upper() == "F16":
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, t)
+
+
+def fake_quantize(w: torch.Tensor, name: str) -> torch.Tensor:
+    """``w`` after the writer's rounding to type ``name`` and back (same shape, dtype and device)."""
+    import gguf
+
+    if name.upper() == "F32":
+        return w.clone()
+    if name.upper() == "F16":
+        return w.to(torch.float16).to(w.dtype)
+    back = gguf.quants.dequantize(encode(w, name), qtype(name))
+    return torch.from_numpy(np.ascontiguousarray(back)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
+
+
+def rounded(model: nn.Module, types: TensorTypes) -> nn.Module:
+    """A copy of ``model`` whose 2-D weights are rounded as a file of these types stores them: the float model
+    that computes what the file computes, up to the runtime's own arithmetic."""
+    out = copy.deepcopy(model)
+    embedding, output = out.get_input_embeddings().weight, out.get_output_embeddings().weight
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() != 2 or id(p) in done:
+                continue
+            role = "embedding" if p is embedding else "output" if p is output else "weight"
+            p.copy_(fake_quantize(p, types.kind(name.rsplit(".", 1)[0], role)))
+            done.add(id(p))
+    return out
+
+
+def check_exportable(model: nn.Module, adapter: ModelAdapter) -> str:
+    """The llama.cpp architecture ``model`` is written as, or an error naming what llama.cpp cannot run."""
+    config = model.config
+    layers = adapter.layers(model)
+    if any(isinstance(adapter.attention(layer), HeadDimAttention) for layer in layers):
+        raise PrunekitError(
+            "GGUF export: this model's head dims are pruned (prune.units attn_qk_dim / attn_vo_dim); llama.cpp has "
+            "one key and value width, equal to the rotary width, for the whole model and rotates the first "
+            "frequencies, not the kept ones. Prune heads, KV groups and MLP channels for a llama.cpp export"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise PrunekitError(
+            f"GGUF export: sliding_window {window} is shorter than the context ({config.max_position_embeddings}); "
+            "llama.cpp's llama / qwen2 / deci graphs attend to the whole context, so the file would compute "
+            "something else beyond the window"
+        )
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in ("default", "llama3"):
+        raise PrunekitError(f"GGUF export: rope_type '{rope}' is not exported (default and llama3 are)")
+    sizes = adapter.all_layer_sizes(model)
+    if adapter.family not in FAMILY_ARCH:
+        raise PrunekitError(f"GGUF export: no llama.cpp architecture for the {adapter.family} family")
+    arch = FAMILY_ARCH[adapter.family]
+    uniform = len(set(sizes)) == 1
+    # llama.cpp's qwen2 graph sizes q_proj by the embedding width: fewer heads than that need deci's sizes.
+    if arch == "qwen2" and sizes[0].num_attention_heads * adapter.head_dim(model) != config.hidden_size:
+        uniform = False
+    return arch if uniform else PER_LAYER_ARCH
+
+
+def _pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered from transformers' halves [x_0..x_{d/2-1}, y_0..] to pairs [x_0, y_0, x_1, ..]."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _rope_factors(config: Any) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs`` (a divisor of each dense frequency) for llama3 rope scaling, from transformers'
+    own rope functions; None for unscaled rope."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = config.head_dim
+    base = float(params["rope_theta"])
+    plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return (plain / scaled.float()).to(torch.float32)
+
+
+def copy_tokenizer(source: Path, writer: Any) -> int:
+    """Copy every ``tokenizer.*`` field of the GGUF file ``source`` to ``writer``; returns how many."""
+    import gguf
+
+    copied = 0
+    for name, fld in gguf.GGUFReader(source).fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = fld.types[0]
+        sub = fld.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, fld.contents(), kind, sub_type=sub)
+        copied += 1
+    return copied
+
+
+def write_tokenizer_gguf(source: Path, out: Path, architecture: str) -> int:
+    """A GGUF file of ``source``'s tokenizer fields alone (no tensors): what a later export copies."""
+    import gguf
+
+    writer = gguf.GGUFWriter(out, architecture)
+    copied = copy_tokenizer(source, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return copied
+
+
+def _add_tokenizer(
+    writer: Any, vocab_size: int, tokenizer_gguf: Path | None, hf_dir: Path | None, tokenizer_pre: str | None
+) -> None:
+    """The tokenizer fields: copied from ``tokenizer_gguf`` when given, else built from the HF tokenizer."""
+    import gguf
+
+    if tokenizer_gguf is not None:
+        if not copy_tokenizer(tokenizer_gguf, writer):
+            raise PrunekitError(f"'{tokenizer_gguf}' holds no tokenizer fields; rerun the download stage")
+        return
+    if hf_dir is None or not (hf_dir / "tokenizer.json").is_file():
+        raise PrunekitError(f"no tokenizer to export: '{hf_dir}' has no tokenizer.json")
+    import json
+
+    spec = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise PrunekitError(
+            f"GGUF export: the tokenizer in '{hf_dir}' is {model.get('type')}"
+            f"{' with byte fallback' if model.get('byte_fallback') else ''}; prunekit builds byte-level BPE "
+            "tokenizers (GPT-2 style). Start from the model's GGUF file (model.source) to carry its tokenizer"
+        )
+    vocab = gguf.vocab.BpeVocab(hf_dir)
+    tokens, _, kinds = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
+    if len(tokens) > vocab_size:
+        raise PrunekitError(f"GGUF export: the tokenizer has {len(tokens)} tokens, the model's vocabulary {vocab_size}")
+    # llama.cpp sizes the embedding by the token list: rows without a token get unused placeholders.
+    pad = vocab_size - len(tokens)
+    tokens += [f"[PAD{i}]".encode() for i in range(len(tokens), vocab_size)]
+    kinds += [gguf.TokenType.UNUSED] * pad
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise PrunekitError(f"GGUF export: the tokenizer in '{hf_dir}' has no BPE merges, which llama.cpp needs")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _file_type(kinds: list[str]) -> int:
+    """``general.file_type``: the type most 2-D weights have (llama.cpp's label of the file)."""
+    import gguf
+
+    most = max(set(kinds), key=kinds.count)
+    return int(gguf.LlamaFileType.ALL_F32 if most == "F32" else gguf.LlamaFileType[f"MOSTLY_{most}"])
+
+
+def _write(
+    writer: Any,
+    config: Any,
+    sizes: list[Any],
+    head_dim: int,
+    arch: str,
+    plan: list[tuple[str, torch.Tensor, str]],
+    name: str,
+    tokenizer: tuple[Path | None, Path | None, str | None],
+) -> None:
+    """Metadata, tokenizer (``(tokenizer_gguf, hf_dir, tokenizer_pre)``) and tensors of :func:`write_gguf`'s file."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_block_count(len(sizes))
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    per_layer = arch == PER_LAYER_ARCH
+    for add, values in (
+        (writer.add_feed_forward_length, [s.intermediate_size for s in sizes]),
+        (writer.add_head_count, [s.num_attention_heads for s in sizes]),
+        (writer.add_head_count_kv, [s.num_key_value_heads for s in sizes]),
+    ):
+        add(values if per_layer else values[0])  # arrays where layers differ, scalars where they agree
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    params = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(_file_type([k for _, p, k in plan if p.dim() == 2]))
+    _add_tokenizer(writer, int(config.vocab_size), *tokenizer)
+
+    factors = _rope_factors(config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
+    for gname, p, kind in plan:
+        w = p.detach()
+        if arch in PAIR_ROPE_ARCHS and (".attn_q." in gname or ".attn_k." in gname):
+            size = sizes[int(gname.split(".")[1])]
+            w = _pairs(w, size.num_attention_heads if ".attn_q." in gname else size.num_key_value_heads)
+        data = encode(w, kind) if w.dim() == 2 else w.to(torch.float32).cpu().numpy()
+        writer.add_tensor(gname, data, raw_dtype=None if kind in ("F32", "F16") else qtype(kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+
+
+def write_gguf(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    out: Path,
+    types: TensorTypes,
+    *,
+    name: str,
+    tokenizer_gguf: Path | None = None,
+    hf_dir: Path | None = None,
+    tokenizer_pre: str | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` (float weights, transformers layout) to ``out``; returns a summary (architecture, bytes,
+    tensors per type). Nothing is left at ``out`` unless the whole file was written."""
+    import gguf
+
+    types.check()
+    arch = check_exportable(model, adapter)
+    config = model.config
+    sizes = adapter.all_layer_sizes(model)
+    head_dim = adapter.head_dim(model)
+
+    # Cheap checks first: every type fits its weight, every typed module exists, before a byte is written.
+    plan: list[tuple[str, torch.Tensor, str]] = []  # (gguf name, tensor, type)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(sizes))
+    for pname, p in model.named_parameters():
+        if pname == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        gname = names.get_name(pname, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise PrunekitError(f"GGUF export: no llama.cpp tensor for '{pname}'")
+        role = {"token_embd.weight": "embedding", "output.weight": "output"}.get(gname, "weight")
+        kind = "F32" if p.dim() == 1 else types.kind(pname.rsplit(".", 1)[0], role)
+        if p.dim() == 2:
+            check_fits(kind, p.shape[1], pname)
+        plan.append((gname, p, kind))
+    unknown = sorted(set(types.tensors) - {pname.rsplit(".", 1)[0] for pname, _ in model.named_parameters()})
+    if unknown:
+        raise PrunekitError(
+            f"GGUF export: the types name modules this model does not have ({', '.join(unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}); was the plan searched on another model? Rerun the search"
+        )
+
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            _write(writer, config, sizes, head_dim, arch, plan, name, (tokenizer_gguf, hf_dir, tokenizer_pre))
+        finally:
+            writer.close()
+    counts = Counter(kind for _, _, kind in plan)
+    log.info("wrote %s (%s, %.1f MiB): %s", out, arch, out.stat().st_size / 2**20, counts)
+    return {"architecture": arch, "bytes": out.stat().st_size, "tensor_types": dict(sorted(counts.items()))}
+
+
+def plan_types(plan: Mapping[str, str], default: str, embedding: str | None, output: str | None) -> TensorTypes:
+    """The types of a searched quantization plan (module -> scheme): llama.cpp block schemes as they are,
+    ``fp16`` / ``bf16`` as F16 / BF16; other schemes have no llama.cpp type (an error names them)."""
+    from prunekit.quant.schemes import SCHEMES
+
+    tensors: dict[str, str] = {}
+    for module, name in plan.items():
+        scheme = SCHEMES.get(name)
+        if scheme.backend == "ggml":
+            tensors[module] = scheme.variant
+        elif scheme.backend == "float":
+            tensors[module] = {"float16": "F16", "bfloat16": "BF16"}[scheme.variant]
+        else:
+            raise PrunekitError(
+                f"the quantization plan gives {module} the scheme '{name}', which llama.cpp cannot store; search "
+                "over llama.cpp's types (search.choices from q4_0, q4_1, q5_0, q5_1, q8_0, fp16) or export one type "
+                "for every weight (export.types)"
+            )
+    return TensorTypes(default=default, embedding=embedding, output=output, tensors=tensors)
+
+
+def choose_types(
+    types: str,
+    plan_file: Path | None,
+    *,
+    unplanned: str = "F16",
+    embedding: str | None = None,
+    output: str | None = None,
+) -> TensorTypes:
+    """``types`` "plan": the types of the quantization plan in ``plan_file`` (a plan JSON or a quantized model
+    directory), ``unplanned`` for the weights it does not cover; else the type ``types`` for every weight."""
+    if types != "plan":
+        return TensorTypes(default=types, embedding=embedding, output=output)
+    if plan_file is None:
+        raise PrunekitError(
+            "GGUF export with the plan's types needs the plan: give its file (or a type for every weight)"
+        )
+    from prunekit.quant.apply import read_plan
+
+    if not plan_file.exists():
+        raise PrunekitError(f"quantization plan '{plan_file}' does not exist; run the search stage (dvc repro search)")
+    plan, _, _ = read_plan(plan_file)
+    return plan_types(plan, unplanned, embedding, output)
+
+
+def export_directory(
+    model_dir: Path,
+    out: Path,
+    types: TensorTypes,
+    *,
+    tokenizer_gguf: Path | None = None,
+    tokenizer_pre: str | None = None,
+) -> dict[str, Any]:
+    """Write the GGUF file of a Hugging Face model directory (pruned, recovered or any supported one); the
+    tokenizer from ``tokenizer_gguf`` when given (else ``model_dir``'s ``tokenizer.gguf`` if it has one, else
+    built from its tokenizer.json). Returns :func:`write_gguf`'s summary."""
+    from prunekit.models.loading import load_model
+
+    types.check()
+    if tokenizer_gguf is not None and not tokenizer_gguf.is_file():
+        raise PrunekitError(f"tokenizer GGUF '{tokenizer_gguf}' does not exist")
+    if tokenizer_gguf is None and (model_dir / TOKENIZER_GGUF).is_file():
+        tokenizer_gguf = model_dir / TOKENIZER_GGUF
+    model, _, adapter = load_model(model_dir, "float32", "cpu")
+    name = str(getattr(model.config, "_name_or_path", "") or model_dir.name)
+    return write_gguf(
+        model, adapter, out, types, name=name, tokenizer_gguf=tokenizer_gguf, hf_dir=model_dir,
+        tokenizer_pre=tokenizer_pre,
+    )  # fmt: skip

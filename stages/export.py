@@ -1,0 +1,38 @@
+"""Stage `export`: the GGUF file of the recovered model for llama.cpp, in the searched plan's types."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunekit.pipeline.params import Params
+from prunekit.pipeline.runtime import exit_after, run_stage
+
+
+def export(params: Params, model_dir: Path, base: Path, plan_file: Path, out: Path, metrics: Path) -> None:
+    """Write ``out`` (GGUF) from ``model_dir`` with ``export``'s types: the plan's (``plan_file``) or one for
+    every weight; the tokenizer from ``base``'s ``tokenizer.gguf`` when the model came from a GGUF file."""
+    from prunekit.export.gguf import TOKENIZER_GGUF, choose_types, export_directory
+    from prunekit.pipeline.files import write_json
+
+    e = params.export
+    types = choose_types(e.types, plan_file, unplanned=e.unplanned, embedding=e.embedding, output=e.output)
+    tokenizer = base / TOKENIZER_GGUF
+    summary = export_directory(model_dir, out, types, tokenizer_gguf=tokenizer if tokenizer.is_file() else None,
+                               tokenizer_pre=e.tokenizer_pre)  # fmt: skip
+    write_json(metrics, {"bytes": summary["bytes"], "architecture": summary["architecture"],
+                         "tensor_types": summary["tensor_types"]})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, dest="model_dir", required=True)
+    parser.add_argument("--base", type=Path, required=True, help="the base model directory (its tokenizer.gguf)")
+    parser.add_argument("--plan", type=Path, dest="plan_file", required=True, help="the searched quantization plan")
+    parser.add_argument("--out", type=Path, required=True, help="the GGUF file to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="bytes, architecture, tensors per type (.json)")
+    return run_stage("export", parser, export, argv)
+
+
+if __name__ == "__main__":
+    exit_after(main)

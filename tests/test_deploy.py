@@ -1,0 +1,412 @@
+"""Pruned checkpoints outside prunekit: Hugging Face directories that stock transformers loads with
+``trust_remote_code`` where prunekit cannot be imported."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import llama_cpp
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_families import tiny_family
+from test_head_dims import HEAD_DIM_UNITS, grouped_plan, masked_and_sliced
+from test_pruning import logits
+
+from prunekit.models.adapters import ADAPTERS, adapter_for
+from prunekit.models.modeling import REMOTE_CODE_FILE
+from prunekit.pruning.compensation import add_zero_biases
+from prunekit.pruning.slicing import save_model
+
+# Run in a fresh interpreter that cannot import prunekit (an import hook refuses it, as if it were not
+# installed): load the directory the way a user of stock transformers does, save its logits and greedy tokens.
+WITHOUT_PRUNEKIT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoPrunekit(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "prunekit" or name.startswith("prunekit."):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return None
+
+    sys.meta_path.insert(0, NoPrunekit())
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory, ids_file, out = sys.argv[1:4]
+    ids = torch.tensor([[int(t) for t in open(ids_file).read().split()]])
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert not any(m == "prunekit" or m.startswith("prunekit.") for m in sys.modules), "prunekit was imported"
+    save_file({"logits": logits.contiguous(), "tokens": tokens}, out)
+    print(type(model).__module__, type(model).__name__)
+    """
+)
+
+
+def load_without_prunekit(directory, tmp_path, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
+    (tmp_path / "ids.txt").write_text(" ".join(str(int(t)) for t in ids[0]))
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PRUNEKIT, str(directory), str(tmp_path / "ids.txt"), str(tmp_path / "o.st")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(tmp_path / "o.st"), proc.stdout.strip()
+
+
+@pytest.mark.parametrize("family", ADAPTERS.names())
+def test_pruned_directory_loads_without_prunekit(family: str, tmp_path, tokenizer) -> None:
+    """Per-layer widths, pruned head dims in two layers and o_proj / down_proj biases: the saved directory's
+    own modeling file gives stock transformers the masked dense model's logits and greedy tokens."""
+    dense = tiny_family(family, False, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    add_zero_biases(dense, adapter)
+    with torch.no_grad():
+        for layer in adapter.layers(dense):
+            adapter.attention(layer).o_proj.bias.normal_(0, 0.1)
+            adapter.mlp(layer).down_proj.bias.normal_(0, 0.1)
+    plan = grouped_plan(dense, [*HEAD_DIM_UNITS, "attn_kv_group", "mlp_channel"], seed=7)
+    for unit in HEAD_DIM_UNITS:
+        plan.keep[unit].pop(0)  # layer 0 keeps stock attention
+    masked, sliced = masked_and_sliced(dense, plan)
+    out = tmp_path / "model"
+    save_model(sliced, adapter, tokenizer, out)
+    cfg = json.loads((out / "config.json").read_text())
+    name = f"Pruned{adapter.prefix}"
+    assert cfg["auto_map"] == {
+        "AutoConfig": f"modeling_prunekit.{name}Config",
+        "AutoModel": f"modeling_prunekit.{name}Model",
+        "AutoModelForCausalLM": f"modeling_prunekit.{name}ForCausalLM",
+    }
+    ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
+    got, where = load_without_prunekit(out, tmp_path, ids)
+    assert where.startswith("transformers_modules.") and where.endswith(f"{name}ForCausalLM"), where
+    assert (got["logits"] - logits(masked, ids)).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        expected = masked.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got["tokens"], expected)
+
+
+def test_modeling_file_is_written_again_by_a_remote_save(tmp_path, tokenizer) -> None:
+    """A directory saved by the remote classes (no prunekit) holds the same modeling file and config."""
+    dense = tiny_family("llama", True, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, ["attn_kv_group", "mlp_channel"], seed=3)
+    _, sliced = masked_and_sliced(dense, plan)
+    save_model(sliced, adapter, tokenizer, tmp_path / "a")
+    script = WITHOUT_PRUNEKIT.replace(
+        "save_file(", "model.save_pretrained(sys.argv[4]); save_file("
+    )  # the remote model saves itself
+    (tmp_path / "ids.txt").write_text("1 2 3")
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    args = [str(tmp_path / "a"), str(tmp_path / "ids.txt"), str(tmp_path / "o.st"), str(tmp_path / "b")]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (tmp_path / d / REMOTE_CODE_FILE for d in ("a", "b"))
+    assert second.read_text() == first.read_text()
+    cfg_a, cfg_b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("a", "b"))
+    assert cfg_b["auto_map"] == cfg_a["auto_map"] and cfg_b["layer_sizes"] == cfg_a["layer_sizes"]
+
+
+def lm_eval_samples(directory, tmp_path, tag: str) -> dict[int, list[float]]:
+    """lm-eval's command line (``lm-eval run --model hf``, prunekit not importable) on the auto_mc task in
+    ``tmp_path / "tasks"``: the log-likelihood of every choice, by question."""
+    script = WITHOUT_PRUNEKIT.split("import torch")[0] + textwrap.dedent(
+        """
+        from lm_eval.__main__ import cli_evaluate
+        sys.argv = ["lm-eval", "run", *sys.argv[1:]]
+        cli_evaluate()
+        """
+    )
+    out = tmp_path / f"lm_eval_{tag}"
+    args = ["--model", "hf", "--model_args", f"pretrained={directory},trust_remote_code=True,dtype=float32"]
+    args += ["--tasks", "auto_mc", "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4"]
+    args += ["--output_path", str(out), "--log_samples"]
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples,) = out.rglob("samples_auto_mc_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return {r["doc_id"]: [float(resp[0][0]) for resp in r["resps"]] for r in rows}
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_the_pruned_directory(tmp_path, tokenizer) -> None:
+    """``lm-eval run --model hf --model_args pretrained=DIR,trust_remote_code=True`` without prunekit scores
+    every choice of every question as it scores the masked dense model saved as a stock directory."""
+    from prunekit.evaluation.zeroshot import write_task_yamls
+
+    dense = tiny_family("qwen2", False, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, [*HEAD_DIM_UNITS, "attn_kv_group", "mlp_channel"], seed=11)
+    masked, sliced = masked_and_sliced(dense, plan)
+    save_model(sliced, adapter, tokenizer, tmp_path / "pruned")
+    masked.save_pretrained(tmp_path / "masked")
+    tokenizer.save_pretrained(tmp_path / "masked")
+    words = "the cat sat on a mat while dogs ran over green hills under a blue sky".split()
+    rows = [
+        {
+            "context": " ".join(words[i : i + 6]),
+            "choices": [" ".join(words[j : j + 2]) for j in (i + 6, 1, 3)],
+            "label": 0,
+        }
+        for i in range(5)
+    ]
+    write_task_yamls(tmp_path / "tasks", ["auto_mc"], None, rows)
+    pruned, reference = (
+        lm_eval_samples(tmp_path / "pruned", tmp_path, "pruned"),
+        lm_eval_samples(tmp_path / "masked", tmp_path, "masked"),
+    )
+    assert sorted(pruned) == list(range(5)) and sorted(reference) == list(range(5))
+    for doc, lls in pruned.items():
+        assert lls == pytest.approx(reference[doc], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF files, run by llama.cpp itself (llama-cpp-python)
+
+PROMPT = [5, 7, 9, 11, 3, 40, 50, 60, 70, 80, 90, 100]
+
+
+def gguf_model(family: str, vocab: int, hidden: int = 64):
+    """A random model of ``family`` whose widths are multiples of llama.cpp's block of 32 (head_dim 8, GQA 8:4)."""
+    from test_families import SIZES
+
+    torch.manual_seed(0)
+    config_cls, causal_cls = ADAPTERS.get(family).stock_classes
+    model = causal_cls(config_cls(**SIZES | {"hidden_size": hidden, "intermediate_size": 128, "vocab_size": vocab}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+class LlamaCpp:
+    """A GGUF file in llama.cpp: float32 KV cache (so only the weights' types round), one thread."""
+
+    def __init__(self, path) -> None:
+        self.llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.tensor(self.llm.scores[: len(ids)])
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        out = list(ids)
+        for _ in range(n):
+            out.append(int(self.logits(out)[-1].argmax()))
+        return out[len(ids) :]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def pruned(family: str, tokenizer, seed: int = 5):
+    """A pruned model whose layers keep different KV groups and MLP channels (multiples of 32 channels)."""
+    dense = gguf_model(family, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, ["attn_kv_group", "mlp_channel"], seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    keep = [torch.randperm(4, generator=gen)[:n].sort().values.tolist() for n in (4, 2, 2)]
+    plan.keep["attn_kv_group"] = dict(enumerate(keep))  # o_proj keeps 64, 32, 32 inputs
+    plan.keep["mlp_channel"] = {
+        i: sorted(torch.randperm(128, generator=gen)[: 32 * (i + 1)].tolist()) for i in range(3)
+    }  # 32, 64, 96 of 128 channels
+    return masked_and_sliced(dense, plan), adapter
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    from conftest import tiny_tokenizer
+
+    return tiny_tokenizer(300)  # every byte plus merges: llama.cpp's gpt2 tokenizer needs merges
+
+
+@pytest.mark.parametrize("family", ADAPTERS.names())
+@pytest.mark.parametrize("layout", ["uniform", "per_layer"])
+def test_gguf_f32_and_f16_match_transformers(family: str, layout: str, tmp_path, bpe_tokenizer) -> None:
+    """llama.cpp runs the exported file as transformers runs the model: F32 to 1e-4 and F16 (against the model
+    with float16-rounded weights) to 2e-3 max abs logit difference (llama.cpp's F16 dot products round the
+    activations to float16 too), and the same 16 greedy tokens."""
+    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+
+    if layout == "uniform":
+        model = gguf_model(family, len(bpe_tokenizer))
+        adapter = adapter_for(model.config)
+    else:
+        (_, model), adapter = pruned(family, bpe_tokenizer)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    expected_arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[family] if layout == "uniform" else "deci"
+    for kind, tol in (("F32", 1e-4), ("F16", 2e-3)):
+        summary = write_gguf(model, adapter, tmp_path / f"{kind}.gguf", TensorTypes(default=kind), name="t",
+                             hf_dir=tmp_path / "hf")  # fmt: skip
+        assert summary["architecture"] == expected_arch
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in reference.parameters():
+                if p.dim() == 2:
+                    p.copy_(fake_quantize(p, kind))
+        cpp = LlamaCpp(tmp_path / f"{kind}.gguf")
+        try:
+            diff = (cpp.logits(PROMPT) - logits(reference, torch.tensor([PROMPT]))[0]).abs().max().item()
+            assert diff <= tol, (kind, diff)
+            assert cpp.greedy(PROMPT, 16) == greedy(reference, PROMPT, 16)
+        finally:
+            cpp.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_mixed_block_types_reproduce_the_fake_quantized_model(family: str, tmp_path, bpe_tokenizer) -> None:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 weights, per tensor, embedding and head included: llama.cpp's logits sit
+    within 15% of the quantization's own effect of the fake-quantized model's (the remainder: llama.cpp rounds
+    activations to 8 bits in its block dot products), and at most 0.02 away."""
+    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+
+    (_, model), adapter = pruned(family, bpe_tokenizer, seed=2)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    tensors = {
+        "model.layers.0.mlp.up_proj": "Q4_1",
+        "model.layers.1.mlp.down_proj": "Q4_0",
+        "model.layers.1.self_attn.v_proj": "Q5_0",
+        "model.layers.2.self_attn.q_proj": "Q4_0",
+        "model.layers.2.mlp.gate_proj": "Q5_1",
+    }
+    types = TensorTypes(default="Q8_0", embedding="Q8_0", output="Q4_0", tensors=tensors)
+    summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
+    assert summary["tensor_types"]["Q4_0"] == 3 and summary["tensor_types"]["Q5_1"] == 1
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if p.dim() == 2:
+                module = name.rsplit(".", 1)[0]
+                kind = {"model.embed_tokens": "Q8_0", "lm_head": "Q4_0"}.get(module) or tensors.get(module, "Q8_0")
+                p.copy_(fake_quantize(p, kind))
+    ids = torch.tensor([PROMPT])
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        got = cpp.logits(PROMPT)
+    finally:
+        cpp.close()
+    effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
+    diff = (got - logits(reference, ids)[0]).abs().max().item()
+    assert diff <= min(0.15 * effect, 0.02), (diff, effect)
+
+
+def test_gguf_tokenizer_built_from_tokenizer_json_tokenizes_as_transformers(tmp_path, bpe_tokenizer) -> None:
+    from prunekit.export.gguf import TensorTypes, write_gguf
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    write_gguf(model, adapter, tmp_path / "m.gguf", TensorTypes(default="F16"), name="t", hf_dir=tmp_path / "hf")
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        for text in ("def f(x):\n    return x + 1", "The  quick brown fox, 123 times!", "éàü ünïcode"):
+            assert cpp.llm.tokenize(text.encode(), add_bos=False) == bpe_tokenizer(text)["input_ids"]
+    finally:
+        cpp.close()
+
+
+def test_gguf_tokenizer_fields_are_copied_from_a_tokenizer_gguf(tmp_path, bpe_tokenizer) -> None:
+    """A model converted from a GGUF file carries that file's tokenizer fields (``tokenizer.gguf``); the export
+    copies them unchanged."""
+    import gguf
+
+    from prunekit.export.gguf import TensorTypes, write_gguf, write_tokenizer_gguf
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    write_gguf(model, adapter, tmp_path / "a.gguf", TensorTypes(default="F16"), name="t", hf_dir=tmp_path / "hf")
+    assert write_tokenizer_gguf(tmp_path / "a.gguf", tmp_path / "tokenizer.gguf", "llama") >= 5
+    write_gguf(model, adapter, tmp_path / "b.gguf", TensorTypes(default="F16"), name="t",
+               tokenizer_gguf=tmp_path / "tokenizer.gguf")  # fmt: skip
+
+    def fields(path):
+        reader = gguf.GGUFReader(path)
+        return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+    assert fields(tmp_path / "b.gguf") == fields(tmp_path / "a.gguf")
+    assert fields(tmp_path / "tokenizer.gguf") == fields(tmp_path / "a.gguf")
+
+
+def test_gguf_refusals_leave_no_file(tmp_path, bpe_tokenizer) -> None:
+    from prunekit.errors import PrunekitError
+    from prunekit.export.gguf import TensorTypes, write_gguf
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    out = tmp_path / "out" / "m.gguf"
+
+    def refused(m, types, match: str) -> None:
+        with pytest.raises(PrunekitError, match=match):
+            write_gguf(m, adapter, out, types, name="t", hf_dir=tmp_path / "hf")
+        assert not out.exists() and not any(out.parent.glob(".*tmp*"))
+
+    refused(model, TensorTypes(default="Q3_X"), "GGUF type of default 'Q3_X'.*Q4_0")
+    refused(model, TensorTypes(default="F16", tensors={"model.layers.0.mlp.up_proj": "q9"}), "mlp.up_proj 'q9'")
+    (_, sliced), _ = pruned("llama", bpe_tokenizer)
+    odd = copy.deepcopy(sliced)
+    plan = grouped_plan(odd, ["mlp_channel"], seed=1, per_group={"mlp_channel": [5, 9, 17]})
+    _, odd = masked_and_sliced(odd, plan)
+    refused(odd, TensorTypes(default="Q4_0"), "input columns, not a multiple of Q4_0's block of 32.*prune.round_to")
+    head_dims = grouped_plan(model, HEAD_DIM_UNITS, seed=3)
+    _, with_head_dims = masked_and_sliced(model, head_dims)
+    refused(with_head_dims, TensorTypes(default="F16"), "head dims are pruned.*attn_qk_dim")
+
+
+def test_export_command_line(tmp_path, bpe_tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
+    """``prunekit export DIR --out F [--plan P]``: the plan's llama.cpp types per module, the rest --type; bad
+    inputs exit 2 with one line and leave no file."""
+    from prunekit.cli import main
+    from prunekit.pipeline.files import write_json
+
+    (_, model), adapter = pruned("qwen2", bpe_tokenizer)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    plan = {"model.layers.1.mlp.down_proj": "q4_0", "model.layers.2.self_attn.o_proj": "q5_1"}
+    settings = {"group_size": 128, "double_quant": True, "int8_threshold": 6.0}
+    write_json(tmp_path / "plan.json", {"schemes": plan, "settings": settings})
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "hf"), "--out", str(out), "--plan", str(tmp_path / "plan.json")]) == 0
+    assert "deci" in capsys.readouterr().out
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.1.ffn_down.weight"] == "Q4_0" and types["blk.2.attn_output.weight"] == "Q5_1"
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+    bad = tmp_path / "bad.gguf"
+    write_json(tmp_path / "rtn.json", {"schemes": {"model.layers.1.mlp.down_proj": "rtn3"}, "settings": settings})
+    for args, message in (
+        (["--type", "Q9_0"], "'Q9_0' is not one prunekit writes"),
+        (["--plan", str(tmp_path / "missing.json")], "missing.json' does not exist"),
+        (["--plan", str(tmp_path / "rtn.json")], "scheme 'rtn3', which llama.cpp cannot store"),
+        (["--tokenizer-gguf", str(tmp_path / "none.gguf")], "none.gguf' does not exist"),
+    ):
+        assert main(["export", str(tmp_path / "hf"), "--out", str(bad), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not bad.exists() and not list(tmp_path.glob(".bad.gguf.tmp*"))
