@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,8 @@ def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int
             llm.eval(prompt)
             t1 = time.perf_counter()
             for _ in range(new_tokens):
-                token = int(llm.scores[llm.n_tokens - 1].argmax())
-                llm.eval([token])
+                last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+                llm.eval([int(last.argmax())])
             t2 = time.perf_counter()
             if i:
                 pre.append(t1 - t0)
