@@ -381,3 +381,23 @@ def test_a_new_format_is_one_module(tmp_path: Path, monkeypatch) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, real)
     assert logical_param_count(loaded)[0] == logical_param_count(tiny_model())[0]
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_ggml_dequantization_is_the_gguf_packages_bit_for_bit(kind: str) -> None:
+    """The torch dequantization of the forward pass equals llama.cpp's gguf package on the same blocks (a zero
+    block and rows of different scales included), and stays within half a step of the weight."""
+    import gguf
+    import numpy as np
+
+    from prunekit.export.gguf import encode, qtype
+    from prunekit.quant.ggml import dequantize
+
+    torch.manual_seed(0)
+    w = torch.randn(7, 96) * torch.rand(7, 1) * 3
+    w[0, :32] = 0
+    blocks = encode(w, kind)
+    reference = np.ascontiguousarray(gguf.quants.dequantize(blocks, qtype(kind)), dtype=np.float32)
+    got = dequantize(torch.from_numpy(blocks), kind, 7, 96)
+    assert torch.equal(got, torch.from_numpy(reference).reshape(7, 96))
+    assert torch.equal(got[0, :32], torch.zeros(32))
