@@ -85,8 +85,11 @@ def main() -> None:
     parser.add_argument("data", help="evaluation text: python-docs or a local .txt / .jsonl (its evaluation split)")
     parser.add_argument("--dense", type=Path, default=ROOT / "models/base")
     parser.add_argument("--pruned", type=Path, default=ROOT / "models/recovered")
-    parser.add_argument("--plan", type=Path, default=ROOT / "data/quant_plan.json")
-    parser.add_argument("--embedding", default="Q8_0", help="the embedding type of the searched and single-type files")
+    parser.add_argument("--plan", type=Path, nargs="+", default=[ROOT / "data/quant_plan.json"],
+                        help="searched plans (each a file of the pruned model in its types)")  # fmt: skip
+    parser.add_argument("--embedding", default=None,
+                        help="override the embedding's type (default: the plan's in the searched file, the single "
+                             "type in the others)")  # fmt: skip
     parser.add_argument("--single-types", nargs="*", default=["Q4_0", "Q5_0", "Q8_0"],
                         help="also the pruned model with one of these types for every decoder weight")  # fmt: skip
     parser.add_argument("--tokenizer-gguf", type=Path, default=None)
@@ -107,7 +110,13 @@ def main() -> None:
     files = {
         "dense F16": (args.dense, TensorTypes(default="F16")),
         "pruned F16": (args.pruned, TensorTypes(default="F16")),
-        "pruned searched": (args.pruned, choose_types("plan", args.plan, unplanned="F16", embedding=args.embedding)),
+        **{
+            f"pruned searched {plan.stem}": (
+                args.pruned,
+                choose_types("plan", plan, unplanned="F16", embedding=args.embedding),
+            )
+            for plan in args.plan
+        },
         **{f"pruned {t}": (args.pruned, TensorTypes(default=t, embedding=args.embedding)) for t in args.single_types},
     }
     rows = []
@@ -133,9 +142,18 @@ def main() -> None:
 
     dense = rows[0]
     searched = rows[2]
-    print("\nthe searched plan against single-type plans (same embedding type), held-out perplexity in llama.cpp:")
+    print("\nthe searched plans against single-type files, held-out perplexity in llama.cpp:")
     for r in rows[2:]:
         print(f"  {r['file']}: {r['bytes'] / 2**20:.1f} MiB, ppl {r['ppl_cpp']:.3f}")
+    singles = [r for r in rows if r["file"].startswith("pruned ") and not r["file"].startswith("pruned searched")]
+    for r in rows[2 : 2 + len(args.plan)]:
+        rivals = [s for s in singles if s["file"] != "pruned F16" and s["bytes"] >= r["bytes"]]
+        best = min(rivals, key=lambda s: s["ppl_cpp"], default=None)
+        if best is not None:
+            verdict = "beats" if r["ppl_cpp"] < best["ppl_cpp"] else "does not beat"
+            mine = f"{r['file']} ({r['bytes'] / 2**20:.1f} MiB, ppl {r['ppl_cpp']:.2f})"
+            rival = f"{best['file']} ({best['bytes'] / 2**20:.1f} MiB, ppl {best['ppl_cpp']:.2f})"
+            print(f"  {mine} {verdict} the best single type of the same or larger size, {rival}")
     print(f"\n{args.chunks} chunks of {args.seq_len} tokens of {args.data}; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats}")  # fmt: skip
     print("| file | llama.cpp arch | MiB | x dense F16 bytes | ppl llama.cpp | ppl transformers (same weights) | "

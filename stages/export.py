@@ -9,19 +9,25 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def export(params: Params, model_dir: Path, base: Path, plan_file: Path, out: Path, metrics: Path) -> None:
+def export(
+    params: Params, model_dir: Path, base: Path, plan_file: Path, quantized: Path, out: Path, metrics: Path
+) -> None:
     """Write ``out`` (GGUF) from ``model_dir`` with ``export``'s types: the plan's (``plan_file``) or one for
-    every weight; the tokenizer from ``base``'s ``tokenizer.gguf`` when the model came from a GGUF file."""
-    from prunekit.export.gguf import TOKENIZER_GGUF, choose_types, export_directory
+    every weight; the tokenizer from ``base``'s ``tokenizer.gguf`` when the model came from a GGUF file; with
+    ``export.lora``, the QLoRA adapters of ``quantized`` (when it has them) as llama.cpp's LoRA file beside it."""
+    from prunekit.export.gguf import ADAPTER_GGUF, TOKENIZER_GGUF, choose_types, export_directory
     from prunekit.pipeline.files import write_json
+    from prunekit.quant.apply import ADAPTER_DIR
 
     e = params.export
     types = choose_types(e.types, plan_file, unplanned=e.unplanned, embedding=e.embedding, output=e.output)
     tokenizer = base / TOKENIZER_GGUF
+    lora = quantized / ADAPTER_DIR if e.lora and (quantized / ADAPTER_DIR).is_dir() else None
     summary = export_directory(model_dir, out, types, tokenizer_gguf=tokenizer if tokenizer.is_file() else None,
-                               tokenizer_pre=e.tokenizer_pre)  # fmt: skip
+                               tokenizer_pre=e.tokenizer_pre, lora=lora,
+                               lora_out=out.parent / ADAPTER_GGUF if lora else None)  # fmt: skip
     write_json(metrics, {"bytes": summary["bytes"], "architecture": summary["architecture"],
-                         "tensor_types": summary["tensor_types"]})  # fmt: skip
+                         "tensor_types": summary["tensor_types"], "lora": summary.get("lora")})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, dest="model_dir", required=True)
     parser.add_argument("--base", type=Path, required=True, help="the base model directory (its tokenizer.gguf)")
     parser.add_argument("--plan", type=Path, dest="plan_file", required=True, help="the searched quantization plan")
+    parser.add_argument("--quantized", type=Path, required=True, help="the quantized model (its QLoRA adapters)")
     parser.add_argument("--out", type=Path, required=True, help="the GGUF file to write")
     parser.add_argument("--metrics", type=Path, required=True, help="bytes, architecture, tensors per type (.json)")
     return run_stage("export", parser, export, argv)

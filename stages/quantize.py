@@ -27,7 +27,7 @@ def quantize(
     plan, _, _ = read_plan(plan_file)
     settings = QuantSettings(group_size=q.group_size, double_quant=q.double_quant, int8_threshold=q.int8_threshold)
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
-    check_plan(plan, quant_targets(model, adapter))
+    check_plan(plan, quant_targets(model, adapter, embeddings=True))
     realise(model, plan, settings)
     peft_model, losses = None, []
     if q.lora.steps > 0:

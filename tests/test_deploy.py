@@ -410,3 +410,116 @@ def test_export_command_line(tmp_path, bpe_tokenizer, capsys: pytest.CaptureFixt
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
         assert not bad.exists() and not list(tmp_path.glob(".bad.gguf.tmp*"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_plan_with_the_embedding_exports_the_quantized_models_weights(tmp_path, bpe_tokenizer, tied: bool) -> None:
+    """A searched plan that types the embedding (and an untied head): the file stores them in the plan's types
+    (a tied head is the embedding, written once), and llama.cpp's logits are the quantize stage's realised model's,
+    within llama.cpp's 8-bit activation rounding (0.02); export.embedding, when given, overrides the plan's."""
+    import gguf
+
+    from prunekit.export.gguf import choose_types, export_directory, rounded
+    from prunekit.pipeline.files import write_json
+    from prunekit.quant.apply import quant_targets, realise
+    from prunekit.quant.schemes import QuantSettings
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    cycle = ["q4_0", "q5_1", "q8_0", "q4_1", "q5_0"]
+    targets = quant_targets(model, adapter, embeddings=True)
+    plan = {t.name: cycle[i % len(cycle)] for i, t in enumerate(targets)}
+    assert plan["model.embed_tokens"] == "q4_0" and (plan.get("lm_head") == "q8_0") is not tied
+    write_json(tmp_path / "plan.json", {"schemes": plan, "settings": {"group_size": 128}, "dtype": "float32"})
+    types = choose_types("plan", tmp_path / "plan.json", unplanned="F16")
+    export_directory(tmp_path / "hf", tmp_path / "m.gguf", types)
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert stored["token_embd.weight"] == "Q4_0" and ("output.weight" in stored) is not tied
+    assert tied or stored["output.weight"] == "Q8_0"
+    quantized = realise(copy.deepcopy(model), plan, QuantSettings())
+    ids = torch.tensor([PROMPT])
+    expected = logits(quantized, ids)[0]
+    torch.testing.assert_close(logits(rounded(model, types), ids)[0], expected, rtol=0, atol=1e-5)
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        diff = (cpp.logits(PROMPT) - expected).abs().max().item()
+    finally:
+        cpp.close()
+    assert diff <= 0.02, diff
+    override = choose_types("plan", tmp_path / "plan.json", unplanned="F16", embedding="Q8_0")
+    assert override.kind("model.embed_tokens", "embedding") == "Q8_0"
+    assert override.kind("lm_head", "output") == ("Q8_0" if tied else plan["lm_head"].upper())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_qlora_adapters_run_in_llama_cpp_as_a_lora_file(family: str, tmp_path, bpe_tokenizer) -> None:
+    """QLoRA adapters trained on the plan's types (every weight, the embedding included), exported as llama.cpp's
+    LoRA file beside the model file (``prunekit export --lora``): llama.cpp runs the pair as prunekit runs the
+    quantized model with its adapters (0.02 max abs logits, llama.cpp's 8-bit activation rounding), while the
+    adapters alone move the logits by more than ten times that."""
+    from prunekit.cli import main
+    from prunekit.quant.apply import load_quantized, lora_custom_modules, quant_targets, realise, save_quantized
+    from prunekit.quant.schemes import QuantSettings
+    from prunekit.training.lora import LoraSettings, train_lora
+
+    (_, model), adapter = pruned(family, bpe_tokenizer)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    targets = quant_targets(model, adapter, embeddings=True)
+    plan = {t.name: ("q8_0" if i % 2 else "q5_0") for i, t in enumerate(targets)}
+    quantized = realise(copy.deepcopy(model), plan, QuantSettings())
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=modules, learning_rate=3e-2, batch_size=2,
+                       steps=4, warmup_steps=0, weight_decay=0.0, seed=0)  # fmt: skip
+    blocks = torch.randint(0, len(bpe_tokenizer), (8, 16), generator=torch.Generator().manual_seed(1))
+    peft_model, _ = train_lora(quantized, blocks, cfg, merge=False, custom_modules=lora_custom_modules())
+    save_quantized(quantized, bpe_tokenizer, plan, QuantSettings(), "float32", tmp_path / "q", peft_model=peft_model)
+    out, lora = tmp_path / "m.gguf", tmp_path / "m.lora.gguf"
+    assert main(["export", str(tmp_path / "hf"), "--out", str(out), "--plan", str(tmp_path / "q"),
+                 "--lora", str(tmp_path / "q")]) == 0  # fmt: skip
+    loaded, _, _ = load_quantized(tmp_path / "q")
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        expected = loaded(input_ids=ids).logits[0]
+        with loaded.disable_adapter():
+            without = loaded(input_ids=ids).logits[0]
+    llm = llama_cpp.Llama(str(out), lora_path=str(lora), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=0, type_v=0)  # fmt: skip
+    try:
+        llm.eval(PROMPT)
+        got = torch.tensor(llm.scores[: len(PROMPT)])
+    finally:
+        llm.close()
+    diff, effect = (got - expected).abs().max().item(), (expected - without).abs().max().item()
+    print(f"{family}: llama.cpp with the LoRA file vs prunekit with adapters {diff:.4f}; adapters' effect {effect:.3f}")
+    assert diff <= 0.02 and effect > 0.2, (diff, effect)
+
+
+def test_lora_file_refusals_leave_no_file(tmp_path, bpe_tokenizer) -> None:
+    """Adapters of another model, DoRA, or a directory that is not an adapter: one clear error, no file."""
+    from prunekit.errors import PrunekitError
+    from prunekit.export.gguf import TensorTypes, export_directory, read_lora
+    from prunekit.training.lora import LoraSettings, attach_lora
+
+    (_, model), adapter = pruned("llama", bpe_tokenizer)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    other = gguf_model("llama", len(bpe_tokenizer))  # dense widths: its adapters do not fit the pruned weights
+    cfg = LoraSettings(rank=2, alpha=4, dropout=0.0, target_modules=["up_proj"], learning_rate=1e-3, batch_size=1,
+                       steps=0, warmup_steps=0, weight_decay=0.0, seed=0)  # fmt: skip
+    attach_lora(other, cfg).save_pretrained(tmp_path / "other")
+    out, lora = tmp_path / "out" / "m.gguf", tmp_path / "out" / "a.gguf"
+
+    def refused(directory, match: str) -> None:
+        with pytest.raises(PrunekitError, match=match):
+            export_directory(tmp_path / "hf", out, TensorTypes(), lora=directory, lora_out=lora)
+        assert not out.exists() and not lora.exists()
+
+    refused(tmp_path / "other", "adapter of 'model.layers.0.mlp.up_proj' .* does not fit the model's weights")
+    refused(tmp_path / "hf", "has no adapter_config.json: not a LoRA adapter directory")
+    config = json.loads((tmp_path / "other" / "adapter_config.json").read_text())
+    (tmp_path / "other" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(PrunekitError, match="no DoRA"):
+        read_lora(tmp_path / "other")

@@ -180,6 +180,98 @@ def test_search_records_every_trial_within_budget() -> None:
     assert best.loss == pytest.approx(loss_of(space.plan(best.index)))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme", ["q4_0", "rtn4", "fp16"])
+def test_embedding_and_output_head_quantized(tied: bool, scheme: str, tmp_path: Path) -> None:
+    """The token embedding (and an untied head) in a plan: the realised model computes what the fake-quantized
+    one does; a tied head is the embedding's own module, saved once; it reloads with the same logits and its
+    stored bytes are the plan's cost plus the float weights."""
+    from safetensors import safe_open
+
+    from prunekit.evaluation.efficiency import efficiency
+
+    model = tiny_model(hidden_size=64, tie_word_embeddings=tied)
+    targets = quant_targets(model, adapter_for(model.config), embeddings=True)
+    assert targets[0].name == "model.embed_tokens" and (targets[0].rows, targets[0].cols) == (128, 64)
+    assert (targets[-1].name == "lm_head") is not tied  # a tied head follows the embedding
+    plan = {t.name: scheme for t in targets if t.kind in ("embedding", "output")}
+    plan["model.layers.1.mlp.up_proj"] = "q8_0"
+    planned = sum(t.numel for t in targets if t.name in plan)
+    floats = quantized_weight_bytes(model) - 4 * planned  # the rest, float32 as it was (buffers included)
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+        with fake_quantized(model, plan, SETTINGS):
+            expected = model(ids).logits
+        realise(model, plan, SETTINGS)
+        got = model(ids).logits
+    assert (expected - dense).abs().max() > 1e-3 or scheme == "fp16"
+    # Same weights; fp16 modules also compute in float16.
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3 if scheme == "fp16" else 1e-5)
+    assert (model.get_output_embeddings() is model.get_input_embeddings().linear) is tied
+    dense_model = tiny_model(hidden_size=64, tie_word_embeddings=tied)
+    assert efficiency(model, adapter_for(model.config), [8]) == efficiency(dense_model, adapter_for(model.config), [8])
+    model.tie_weights()  # as lm-eval does: nothing to tie, the head stays the embedding's module
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, got)
+    assert quantized_weight_bytes(model) == floats + plan_cost(plan, targets, SETTINGS).quantized_bytes
+    assert logical_param_count(model)[0] == logical_param_count(tiny_model(hidden_size=64, tie_word_embeddings=tied))[0]
+    save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("lm_head.") for k in f.keys()) is not tied
+    loaded, _, _ = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+    assert (loaded.get_output_embeddings() is loaded.get_input_embeddings().linear) is tied
+
+
+def test_embedding_refused_by_formats_that_cannot_look_up() -> None:
+    from prunekit.errors import ParamsError
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
+    from prunekit.quant.apply import check_plan
+
+    model = tiny_model(hidden_size=64)
+    targets = quant_targets(model, adapter_for(model.config), embeddings=True)
+    with pytest.raises(PrunekitError, match="scheme 'nf4' cannot hold the token embedding model.embed_tokens"):
+        check_plan({"model.embed_tokens": "nf4"}, targets)
+    check_plan({"lm_head": "nf4"}, targets)  # an untied head is a Linear: every format holds it
+    with pytest.raises(PrunekitError, match="search.embeddings: false"):
+        realise(model, {"model.embed_tokens": "int8"}, SETTINGS)
+    with pytest.raises(ParamsError, match="'search.choices\\[1\\]': scheme 'nf4' cannot hold the token embedding"):
+        check_choices(parse_params({"search": {"choices": ["q4_0", "nf4"], "embeddings": True}}))
+    check_choices(parse_params({"search": {"choices": ["q4_0", "nf4"], "embeddings": False}}))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_search_gives_the_embedding_a_scheme_within_the_budget(tied: bool) -> None:
+    """search.embeddings: the embedding (and an untied head) are groups of their own, their bytes count in the
+    budget (the tied head once), and the plan names them."""
+    from prunekit.pipeline.params import SearchParams
+    from prunekit.quant.search import search_model
+
+    model = tiny_model(hidden_size=64, tie_word_embeddings=tied)
+    adapter = adapter_for(model.config)
+    targets = quant_targets(model, adapter, embeddings=True)
+    space = build_space(targets, "layer", ["q4_0", "q8_0"], SETTINGS)
+    assert space.labels[0] == "embedding" and (space.labels[-1] == "output") is not tied
+    budget = space.cost([0] * len(space.groups))[1] + (128 * 64 * 9 // 16)  # room for about half the embedding
+    cfg = SearchParams(choices=["q4_0", "q8_0"], embeddings=True, budget_bits=None, budget_bytes=budget, trials=2,
+                       random_starts=1, importance_spreads=[0.5], samples=2, seq_len=12, batch_size=2)  # fmt: skip
+    held = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    out = search_model(model, adapter, held, cfg, SETTINGS, seed=0)
+    assert "model.embed_tokens" in out.plan and ("lm_head" in out.plan) is not tied
+    assert plan_cost(out.plan, targets, SETTINGS).quantized_bytes == out.metrics["best"]["bytes"] <= budget
+    assert all(r["quantized_bytes"] <= budget and "embedding" in r["plan"] for r in out.trials)
+    # Sensitivity per group, the embedding's measured like a layer's: the narrowest choice on it alone.
+    with torch.no_grad():
+        base = float(model(input_ids=held, labels=held).loss)
+        with fake_quantized(model, {"model.embed_tokens": "q4_0"}, SETTINGS):
+            alone = float(model(input_ids=held, labels=held).loss)
+    assert out.sensitivity[0]["group"] == "embedding"
+    assert out.sensitivity[0]["loss_increase"] == pytest.approx(max(alone - base, 1e-9), abs=2e-6)
+
+
 def test_lora_gradients_flow_after_an_eval_forward() -> None:
     """bitsandbytes repacks Linear4bit weights in place on the first eval forward on AVX512-BF16 CPUs,
     after which gradients through them silently vanish; realise() turns that path off. The LoRA

@@ -108,10 +108,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,
                          unplanned=args.type, embedding=args.embedding, output=args.output)  # fmt: skip
     tokenizer = Path(args.tokenizer_gguf) if args.tokenizer_gguf else None
+    lora = Path(args.lora) if args.lora else None
+    if lora is not None and (lora / "adapter").is_dir():  # a quantized model directory: its adapters
+        lora = lora / "adapter"
+    lora_out = Path(args.lora_out) if args.lora_out else (Path(args.out).with_suffix(".lora.gguf") if lora else None)
     summary = export_directory(Path(args.model_dir), Path(args.out), types, tokenizer_gguf=tokenizer,
-                               tokenizer_pre=args.tokenizer_pre)  # fmt: skip
+                               tokenizer_pre=args.tokenizer_pre, lora=lora, lora_out=lora_out)  # fmt: skip
     kinds = ", ".join(f"{n} {k}" for k, n in summary["tensor_types"].items())
     print(f"wrote {args.out}: {summary['architecture']}, {summary['bytes']:,} bytes ({kinds})")
+    if "lora" in summary:
+        s = summary["lora"]
+        print(f"wrote {lora_out}: LoRA on {s['adapted_weights']} weights, rank {s['rank']}, {s['bytes']:,} bytes")
 
 
 REPORT = "reports/experiments.md"  # the experiment comparison: written here only (`prunekit report`, the flow)
@@ -145,10 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the .gguf file to write")
     export.add_argument("--plan", help="a quantization plan (data/quant_plan.json or a quantized model directory)")
     export.add_argument("--type", default="F16", help="every weight's type, or those the plan leaves out (F16)")
-    export.add_argument("--embedding", help="the token embedding's type (default: --type)")
-    export.add_argument("--output", help="an untied output head's type (default: the embedding's)")
+    export.add_argument("--embedding", help="the token embedding's type (default: the plan's, else --type)")
+    export.add_argument("--output", help="an untied output head's type (default: the plan's, else the embedding's)")
     export.add_argument("--tokenizer-gguf", help="a GGUF file whose tokenizer fields to copy (default: built)")
     export.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name for a built tokenizer")
+    export.add_argument("--lora", help="peft LoRA adapters (a directory, or a quantized model directory's adapter/) "
+                        "to write as llama.cpp's LoRA file")  # fmt: skip
+    export.add_argument("--lora-out", help="the LoRA file to write (default: OUT with .lora.gguf)")
     server = sub.add_parser("server", help="the shared local Prefect server the stages report to")
     server.add_argument("action", choices=["status", "stop"])
     args = parser.parse_args(argv)

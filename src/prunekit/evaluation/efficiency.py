@@ -59,7 +59,8 @@ def efficiency(model: nn.Module, adapter: ModelAdapter, seq_lens: list[int]) -> 
     head = emb.embedding_dim * emb.num_embeddings  # the LM head: h x vocab
     linear = sum(c.linear for c in costs) + head
     attention = sum(c.attention_per_context for c in costs)
-    kv_element = torch.empty((), dtype=emb.weight.dtype).element_size()
+    # The KV cache holds the hidden states' dtype: the embedding's output (a quantized embedding's ``dtype``).
+    kv_element = torch.empty((), dtype=emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype).element_size()
     out: dict[str, int | float] = {
         "layers": len(costs),
         "linear_macs_per_token": linear,

@@ -20,6 +20,11 @@ model, written by the download stage), copied as they are; otherwise built from 
 (byte-level BPE as ``gpt2``, with its merges, special tokens and chat template; llama.cpp's default
 pre-tokenizer unless ``tokenizer_pre`` names one).
 
+QLoRA adapters: :func:`write_lora_gguf` writes peft's LoRA adapters (the ``quantize`` stage's, trained on the
+base in the plan's types) as llama.cpp's LoRA adapter file (``general.type`` adapter, ``adapter.lora.alpha``, a
+``.lora_a`` / ``.lora_b`` pair per adapted weight, q/k ``B`` rows permuted as their weights are), which llama.cpp
+applies at run time beside the model file (``--lora``); nothing is merged, so the base keeps its quantized blocks.
+
 Not exported (a clear error names the cause): pruned head dims (llama.cpp has one key / value width per model,
 equal to the rotary width, and rotates the first frequencies, not kept ones), a sliding window shorter than
 the context, rope scaling other than ``default`` and ``llama3``.
@@ -57,9 +62,10 @@ TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
 
 @dataclass(frozen=True)
 class TensorTypes:
-    """Which llama.cpp type each weight gets: ``tensors`` by module name (``model.layers.3.mlp.down_proj``), the
-    token embedding by ``embedding`` and an untied output head by ``output`` (None: the embedding's), every other
-    weight ``default``; norms and biases are F32."""
+    """Which llama.cpp type each weight gets: ``tensors`` by module name (``model.layers.3.mlp.down_proj``,
+    ``model.embed_tokens``, ``lm_head``), every other weight ``default``; ``embedding`` and ``output``, where given,
+    override the token embedding's and an untied output head's (an output head the others leave open takes the
+    embedding's type); norms and biases are F32."""
 
     default: str = "F16"
     embedding: str | None = None
@@ -69,9 +75,9 @@ class TensorTypes:
     def kind(self, module: str, role: str = "weight") -> str:
         """The type of ``module``'s 2-D weight, upper case; ``role``: ``embedding``, ``output`` or ``weight``."""
         if role == "embedding":
-            return (self.embedding or self.default).upper()
+            return (self.embedding or self.tensors.get(module) or self.default).upper()
         if role == "output":
-            return (self.output or self.embedding or self.default).upper()
+            return (self.output or self.tensors.get(module) or self.embedding or self.default).upper()
         return self.tensors.get(module, self.default).upper()
 
     def check(self) -> None:
@@ -388,6 +394,109 @@ def write_gguf(
     return {"architecture": arch, "bytes": out.stat().st_size, "tensor_types": dict(sorted(counts.items()))}
 
 
+ADAPTER_GGUF = "adapter.gguf"  # the QLoRA adapters, beside model.gguf
+
+
+def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """peft's LoRA adapters in ``adapter_dir`` (adapter_config.json, adapter_model.safetensors): module name ->
+    (A (rank x in), B (out x rank)), and llama.cpp's alpha (its scale is alpha / rank: peft's alpha, times
+    sqrt(rank) for rsLoRA). Adapters llama.cpp cannot apply as a plain LoRA are refused."""
+    import json
+    import math
+    import re
+
+    from safetensors.torch import load_file
+
+    config_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise PrunekitError(f"'{adapter_dir}' has no {f.name}: not a LoRA adapter directory (peft's save)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        state = load_file(str(weights))
+    except Exception as e:  # json's and safetensors' own error types for truncated or corrupt files
+        raise PrunekitError(f"LoRA adapter in '{adapter_dir}' cannot be read (corrupt?): {e}") from e
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise PrunekitError(
+            f"the adapter in '{adapter_dir}' is {config.get('peft_type')} with {unsupported or 'no options'}; "
+            "llama.cpp's LoRA files hold plain LoRA (one rank and alpha, no DoRA): merge it into the weights instead"
+        )
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(rank)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            raise PrunekitError(f"the adapter in '{adapter_dir}' holds '{key}', not a LoRA A/B weight of a Linear")
+        pairs.setdefault(m[1], {})[m[2]] = tensor
+    if not pairs or any(len(ab) != 2 for ab in pairs.values()):
+        raise PrunekitError(f"the adapter in '{adapter_dir}' holds no complete LoRA A/B pairs")
+    return {module: (ab["A"], ab["B"]) for module, ab in sorted(pairs.items())}, alpha
+
+
+@dataclass(frozen=True)
+class LoraTensors:
+    """A LoRA adapter checked against its model, in llama.cpp's names and row order: (name, A, B) per weight."""
+
+    arch: str
+    alpha: float
+    tensors: list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+def lora_tensors(model: nn.Module, adapter: ModelAdapter, adapter_dir: Path) -> LoraTensors:
+    """The peft adapters in ``adapter_dir``, trained on ``model``, named and permuted as :func:`write_gguf` names
+    and permutes the weights (a PrunekitError if an adapter does not fit its weight)."""
+    import gguf
+
+    pairs, alpha = read_lora(adapter_dir)
+    arch = check_exportable(model, adapter)
+    sizes = adapter.all_layer_sizes(model)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(sizes))
+    tensors = []
+    for module, (a, b) in pairs.items():
+        gname = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        try:
+            shape = tuple(model.get_submodule(module).weight.shape)
+        except AttributeError:
+            shape = None
+        if gname is None or shape != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
+            raise PrunekitError(
+                f"the adapter of '{module}' ({b.shape[0]} x {a.shape[1]}, rank {a.shape[0]}) does not fit the model's "
+                "weights: was it trained on another model? Rerun the quantize stage"
+            )
+        if arch in PAIR_ROPE_ARCHS and (".attn_q." in gname or ".attn_k." in gname):
+            size = sizes[int(gname.split(".")[1])]
+            b = _pairs(b, size.num_attention_heads if ".attn_q." in gname else size.num_key_value_heads)
+        tensors.append((gname, a, b))
+    return LoraTensors(arch, alpha, tensors)
+
+
+def write_lora_gguf(lora: LoraTensors, out: Path) -> dict[str, Any]:
+    """llama.cpp's LoRA adapter file of :func:`lora_tensors`' adapters (float32). Returns a summary (adapted
+    weights, rank, alpha, bytes). Nothing is left at ``out`` unless the whole file was written."""
+    import gguf
+
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, lora.arch)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.alpha)
+            for gname, a, b in lora.tensors:
+                writer.add_tensor(gname + ".lora_a", a.detach().to(torch.float32).contiguous().numpy())
+                writer.add_tensor(gname + ".lora_b", b.detach().to(torch.float32).contiguous().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    rank = int(lora.tensors[0][1].shape[0])
+    log.info("wrote %s: LoRA on %d weights, rank %d, alpha %g", out, len(lora.tensors), rank, lora.alpha)
+    return {"adapted_weights": len(lora.tensors), "rank": rank, "alpha": lora.alpha, "bytes": out.stat().st_size}
+
+
 def plan_types(plan: Mapping[str, str], default: str, embedding: str | None, output: str | None) -> TensorTypes:
     """The types of a searched quantization plan (module -> scheme): llama.cpp block schemes as they are,
     ``fp16`` / ``bf16`` as F16 / BF16; other schemes have no llama.cpp type (an error names them)."""
@@ -440,20 +549,31 @@ def export_directory(
     *,
     tokenizer_gguf: Path | None = None,
     tokenizer_pre: str | None = None,
+    lora: Path | None = None,
+    lora_out: Path | None = None,
 ) -> dict[str, Any]:
     """Write the GGUF file of a Hugging Face model directory (pruned, recovered or any supported one); the
     tokenizer from ``tokenizer_gguf`` when given (else ``model_dir``'s ``tokenizer.gguf`` if it has one, else
-    built from its tokenizer.json). Returns :func:`write_gguf`'s summary."""
+    built from its tokenizer.json); with ``lora`` (a peft adapter directory), its LoRA file at ``lora_out`` too.
+    Returns :func:`write_gguf`'s summary (and ``lora``: :func:`write_lora_gguf`'s)."""
     from prunekit.models.loading import load_model
 
     types.check()
     if tokenizer_gguf is not None and not tokenizer_gguf.is_file():
         raise PrunekitError(f"tokenizer GGUF '{tokenizer_gguf}' does not exist")
+    if (lora is None) != (lora_out is None):
+        raise PrunekitError("a LoRA adapter export needs both the adapter directory and the file to write")
+    if lora is not None:
+        read_lora(lora)  # before loading the model
     if tokenizer_gguf is None and (model_dir / TOKENIZER_GGUF).is_file():
         tokenizer_gguf = model_dir / TOKENIZER_GGUF
     model, _, adapter = load_model(model_dir, "float32", "cpu")
     name = str(getattr(model.config, "_name_or_path", "") or model_dir.name)
-    return write_gguf(
+    prepared = lora_tensors(model, adapter, lora) if lora is not None else None  # every check before any file
+    summary = write_gguf(
         model, adapter, out, types, name=name, tokenizer_gguf=tokenizer_gguf, hf_dir=model_dir,
         tokenizer_pre=tokenizer_pre,
     )  # fmt: skip
+    if prepared is not None and lora_out is not None:
+        summary["lora"] = write_lora_gguf(prepared, lora_out)
+    return summary

@@ -238,6 +238,8 @@ class SearchParams(Section):
     # that it mostly widens the region of useless candidates.
     choices: list[str] = ["rtn3", "nf4", "int8"]
     granularity: Literal["layer", "layer_module"] = "layer"
+    # The token embedding and an untied output head: a group each, in the budget (QPruner: layers only).
+    embeddings: bool = False
     budget_bits: float | None = Field(4.5, gt=0.0, le=16.0)
     budget_bytes: int | None = Field(None, ge=1)
     trials: int = Field(20, ge=0)  # gp_minimize calls after the initial points
@@ -255,10 +257,12 @@ class ExportParams(Section):
 
     # plan: the searched plan's types (its schemes must be llama.cpp's); or one type for every weight.
     types: str = "plan"
-    embedding: str = "q8_0"  # the token embedding (and a tied output head)
-    output: str | None = None  # an untied output head (null: the embedding's type)
+    # The token embedding (and a tied output head); null: the plan's (search.embeddings), else the other weights'.
+    embedding: str | None = None
+    output: str | None = None  # an untied output head (null: the plan's, else the embedding's type)
     unplanned: str = "f16"  # with types: plan, weights the plan does not cover
     tokenizer_pre: str | None = None  # pre-tokenizer of a tokenizer built from tokenizer.json (null: llama.cpp's)
+    lora: bool = True  # the quantize stage's QLoRA adapters as llama.cpp's LoRA file (adapter.gguf), when trained
 
 
 class RuntimeParams(Section):

@@ -145,6 +145,12 @@ def _search(params: Params, problems: _Problems) -> None:
         )
     if len(s.choices) < 2:
         problems.key("search.choices", "list at least two schemes to choose between")
+    if s.embeddings:
+        from prunekit.quant.apply import check_embedding_scheme
+
+        for i, c in enumerate(s.choices):
+            if c in SCHEMES:
+                problems.check(f"search.choices[{i}]", check_embedding_scheme, SCHEMES.get(c), "the token embedding")
     if (s.budget_bits is None) == (s.budget_bytes is None):
         problems.append(
             "params.yaml keys 'search.budget_bits' / 'search.budget_bytes': set exactly one (the other null)"
@@ -157,7 +163,8 @@ def _export(params: Params, problems: _Problems) -> None:
     e = params.export
     if e.types != "plan":
         problems.check("export.types", qtype, e.types, "GGUF type (or plan)")
-    problems.check("export.embedding", qtype, e.embedding)
+    if e.embedding is not None:
+        problems.check("export.embedding", qtype, e.embedding)
     if e.output is not None:
         problems.check("export.output", qtype, e.output)
     problems.check("export.unplanned", qtype, e.unplanned)

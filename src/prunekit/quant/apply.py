@@ -1,8 +1,12 @@
 """Quantization plans: which scheme each decoder Linear gets, what that costs, and realising it.
 
 A plan maps module names (as in ``model.named_modules()`` of the causal LM, e.g.
-``model.layers.3.mlp.down_proj``) to scheme names. Only the Linear modules inside decoder layers are
-quantized (QPruner's layer-wise setting); embeddings, norms and the LM head stay as they are.
+``model.layers.3.mlp.down_proj``) to scheme names: the Linear modules inside decoder layers (QPruner's
+layer-wise setting) and, where the search includes them, the token embedding (``model.embed_tokens``) and an
+untied output head (``lm_head``); norms and biases stay as they are. An embedding is held as its backend's
+quantized Linear of the same (vocab x hidden) matrix inside a :class:`QuantizedEmbedding` (so only backends whose
+modules give back their dequantized weight can hold one: :attr:`QuantBackend.holds_embeddings`); a tied output
+head is that same module.
 
 * :func:`fake_quantized` swaps each planned weight for its quantize -> dequantize image for the length of
   a ``with`` block (the search's objective; no module changes).
@@ -43,7 +47,8 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass(frozen=True)
 class QuantTarget:
-    """A quantizable Linear: its name, decoder layer, kind (``attn`` / ``mlp``) and weight shape."""
+    """A quantizable weight: its module's name, decoder layer (-1 for the embedding, the layer count for the output
+    head), kind (``attn`` / ``mlp`` / ``embedding`` / ``output``) and (rows, cols) shape (embedding: vocab x hidden)."""
 
     name: str
     layer: int
@@ -56,8 +61,49 @@ class QuantTarget:
         return self.rows * self.cols
 
 
-def quant_targets(model: nn.Module, adapter: ModelAdapter) -> list[QuantTarget]:
-    """Every Linear of every decoder layer, in model order."""
+class QuantizedEmbedding(nn.Module):
+    """A token embedding stored as a quantized module of its (vocab x hidden) matrix (``linear``: any backend's
+    module with ``dequantized_weight()``); looking tokens up dequantizes the rows they need (``dequantize_rows``
+    where the module has it, else the whole matrix). A tied output head is ``linear`` itself."""
+
+    def __init__(self, linear: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear, self.dtype = linear, dtype  # dtype: of the vectors it gives (the model's)
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = getattr(self.linear, "dequantize_rows", None)
+        if rows is not None:
+            out = rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        else:
+            out = nn.functional.embedding(ids, self.linear.dequantized_weight())
+        return out.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(embedding, QuantizedEmbedding):
+        return head is embedding.linear
+    return head is not None and head.weight is embedding.weight
+
+
+def _head_name(model: nn.Module) -> str:
+    """The output head's name (``lm_head``), also where it is the quantized embedding's own module."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    inside = _module_names(model)[id(embedding)] + "."
+    return next(n for n, m in model.named_modules(remove_duplicate=False) if m is head and not n.startswith(inside))
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def quant_targets(model: nn.Module, adapter: ModelAdapter, embeddings: bool = False) -> list[QuantTarget]:
+    """Every Linear of every decoder layer, in model order; with ``embeddings``, the token embedding first and an
+    untied output head last (a tied head is the embedding's matrix: it follows the embedding's scheme)."""
     names = {id(layer): i for i, layer in enumerate(adapter.layers(model))}
     prefix = {}
     for name, module in model.named_modules():
@@ -72,7 +118,24 @@ def quant_targets(model: nn.Module, adapter: ModelAdapter) -> list[QuantTarget]:
                 out.append(QuantTarget(f"{prefix[idx]}.{sub}", idx, kind, rows, cols))
     if not out:
         raise PrunekitError("the model has no Linear modules in its decoder layers to quantize")
+    if embeddings:
+        where = _module_names(model)
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        vocab, hidden = _shape(embedding)
+        out.insert(0, QuantTarget(where[id(embedding)], -1, "embedding", vocab, hidden))
+        if head is not None and not _is_tied(model):
+            rows, cols = _shape(head)
+            out.append(QuantTarget(where[id(head)], len(adapter.layers(model)), "output", rows, cols))
     return out
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of a Linear's, an embedding's or a quantized module's weight."""
+    if isinstance(module, QuantizedEmbedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
 
 
 def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
@@ -81,13 +144,25 @@ def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
     unknown = sorted(set(plan) - known)
     if unknown:
         raise PrunekitError(
-            f"quantization plan names modules the model does not have as decoder Linears: {unknown[:5]}"
+            f"quantization plan names modules the model does not have as decoder Linears or embeddings: {unknown[:5]}"
             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         )
-    shapes = {t.name: (t.rows, t.cols) for t in targets}
+    by_name = {t.name: t for t in targets}
     for name, scheme in plan.items():
-        s = SCHEMES.get(scheme)
-        s.impl.check_shape(s, *shapes[name], f"{name} ({scheme})")
+        s, t = SCHEMES.get(scheme), by_name[name]
+        if t.kind == "embedding":
+            check_embedding_scheme(s, f"the token embedding {name}")
+        s.impl.check_shape(s, t.rows, t.cols, f"{name} ({scheme})")
+
+
+def check_embedding_scheme(scheme: Scheme, what: str) -> None:
+    """A PrunekitError unless ``scheme``'s backend can hold a token embedding."""
+    if not scheme.impl.holds_embeddings:
+        able = [n for n, s in SCHEMES.items() if s.impl.holds_embeddings]
+        raise PrunekitError(
+            f"scheme '{scheme.name}' cannot hold {what} (its modules do not give back their weight to look tokens "
+            f"up in); choose from {able} or leave the embedding out of the search (search.embeddings: false)"
+        )
 
 
 @dataclass(frozen=True)
@@ -151,16 +226,40 @@ def fake_quantized(
 
 def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) -> nn.Module:
     """Replace each planned Linear by its quantized module (in place); returns ``model``."""
+    tied = _is_tied(model)
     for name, scheme_name in plan.items():
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise PrunekitError(f"module '{name}' is {type(linear).__name__}, not a Linear: already quantized?")
-        parent, _, attr = name.rpartition(".")
         scheme = SCHEMES.get(scheme_name)
-        module = scheme.impl.realise(linear, scheme, settings)
+        if isinstance(linear, nn.Embedding):
+            check_embedding_scheme(scheme, f"the token embedding {name}")
+            module = QuantizedEmbedding(scheme.impl.realise(_as_linear(linear), scheme, settings), linear.weight.dtype)
+        elif isinstance(linear, nn.Linear):
+            module = scheme.impl.realise(linear, scheme, settings)
+        else:
+            raise PrunekitError(f"module '{name}' is {type(linear).__name__}, not a Linear: already quantized?")
         module.train(linear.training)  # bitsandbytes' int8 matmul takes another path in training mode
-        setattr(model.get_submodule(parent), attr, module)
+        _replace(model, name, module, tied)
     return model
+
+
+def _as_linear(embedding: nn.Embedding) -> nn.Linear:
+    """A Linear whose weight is ``embedding``'s matrix (shared, not copied)."""
+    rows, cols = embedding.weight.shape
+    linear = nn.Linear(cols, rows, bias=False, device="meta")
+    linear.weight = embedding.weight
+    return linear
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module, tied: bool) -> None:
+    """Put ``module`` at ``name``; a quantized embedding of a tied model is its output head too."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+    if tied and isinstance(module, QuantizedEmbedding):
+        model.set_output_embeddings(module.linear)
+        # The tie is now the shared module; transformers' tie_weights() (lm-eval calls it) would look for the
+        # embedding's float parameter: this model has no parameter ties left for it to make.
+        model._tied_weights_keys = None
+        model.all_tied_weights_keys = {}
 
 
 def logical_param_count(model: nn.Module) -> tuple[int, int]:
@@ -192,8 +291,8 @@ def plan_cost_of_model(model: nn.Module, plan: Mapping[str, str]) -> float:
     """Mean nominal bits per planned weight of a realised (or plain) model, from module shapes."""
     bits = weights = 0
     for name, scheme in plan.items():
-        module = model.get_submodule(name)
-        n = module.in_features * module.out_features
+        rows, cols = _shape(model.get_submodule(name))
+        n = rows * cols
         bits += SCHEMES.get(scheme).bits * n
         weights += n
     return bits / weights if weights else 0.0
@@ -237,8 +336,9 @@ def save_quantized(
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         state = base_state(model) if peft_model is not None else model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # the embedding, tied back at load time
+        if _is_tied(model):  # the embedding's matrix, tied back at load time
+            head = _head_name(model)
+            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         write_json(tmp / PLAN_FILE, {"schemes": dict(plan), "settings": asdict(settings), "dtype": dtype})
         if peft_model is not None:
@@ -290,7 +390,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).to(device)
     from prunekit.models.adapters import adapter_for
 
-    check_plan(plan, quant_targets(model, adapter_for(config)))
+    tied = _is_tied(model)
+    check_plan(plan, quant_targets(model, adapter_for(config), embeddings=True))
     planned = {name: {} for name in plan}
     for key in list(state):
         owner = key.rsplit(".", 1)[0]
@@ -306,13 +407,17 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         raise PrunekitError(
             f"'{p / WEIGHTS_FILE}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for name, scheme_name in plan.items():
-        scheme = SCHEMES.get(scheme_name)
-        module = scheme.impl.load(model.get_submodule(name), scheme, settings, planned[name], device)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
+    for name, scheme_name in plan.items():
+        scheme, skeleton = SCHEMES.get(scheme_name), model.get_submodule(name)
+        if isinstance(skeleton, nn.Embedding):
+            sub = {k.removeprefix("linear."): v for k, v in planned[name].items()}
+            loaded = scheme.impl.load(_as_linear(skeleton), scheme, settings, sub, device)
+            module = QuantizedEmbedding(loaded, skeleton.weight.dtype)
+        else:
+            module = scheme.impl.load(skeleton, scheme, settings, planned[name], device)
+        _replace(model, name, module, tied)
     model.eval()
     if (p / ADAPTER_DIR).is_dir():
         from peft import LoraConfig, PeftModel

@@ -25,6 +25,9 @@ class QuantBackend(ABC):
     """A storage format: what a weight costs, its image, and the module that holds it."""
 
     name = ""
+    # Whether its modules give back their weight (``dequantized_weight()``), so that a token embedding can be held
+    # as one (prunekit.quant.apply.QuantizedEmbedding); bitsandbytes' modules only multiply.
+    holds_embeddings = False
 
     @abstractmethod
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:

@@ -76,6 +76,10 @@ class GGMLLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.qweight, self.kind, self.out_features, self.in_features).to(self.compute_dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight's ``rows`` (a token embedding's lookup), without the others."""
+        return dequantize(self.qweight[rows], self.kind, rows.numel(), self.in_features).to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight()
         return F.linear(x.to(w.dtype), w, self.bias)
@@ -88,6 +92,7 @@ class GGMLBackend(QuantBackend):
     """llama.cpp's block format ``scheme.variant`` (``Q4_0`` ...): 32 weights per block with their scale."""
 
     name = "ggml"
+    holds_embeddings = True
 
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
         from prunekit.export.gguf import type_bytes

@@ -158,6 +158,9 @@ class Float16Linear(nn.Module):
             out.bias.data.copy_(linear.bias.detach())
         return out
 
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
@@ -166,6 +169,7 @@ class RTNBackend(QuantBackend):
     """Round-to-nearest with ``scheme.bits`` codes, a float16 scale and zero per group of ``group_size`` inputs."""
 
     name = "rtn"
+    holds_embeddings = True
 
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
         groups = rows * -(-cols // settings.group_size)
@@ -197,6 +201,7 @@ class FloatBackend(QuantBackend):
     """Left unquantized, stored in the 16-bit dtype ``scheme.variant`` (float16 or bfloat16)."""
 
     name = "float"
+    holds_embeddings = True
 
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
         return 16 * rows * cols

@@ -1,7 +1,9 @@
 """Bayesian search for a mixed-precision plan under a memory budget (QPruner).
 
 The search space gives one scheme per group of Linear modules: a decoder layer (``search.granularity:
-layer``) or a layer's attention / MLP modules (``layer_module``). Each group's choice is an integer index
+layer``) or a layer's attention / MLP modules (``layer_module``); with ``search.embeddings`` the token embedding
+and an untied output head are a group each (a tied head is the embedding's matrix), so their bytes count in the
+budget and the plan gives them a scheme. Each group's choice is an integer index
 into ``search.choices`` sorted by width, so the Gaussian process sees an ordered axis (more bits ->
 usually lower loss) rather than unrelated categories.
 
@@ -43,7 +45,7 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.params import SearchParams
-from prunekit.quant.apply import QuantTarget, plan_cost
+from prunekit.quant.apply import QuantTarget, check_embedding_scheme, plan_cost
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -104,11 +106,16 @@ def build_space(
         raise PrunekitError(f"search.choices {choices} repeats a scheme")
     for c in choices:  # every choice must hold every weight it may be given, before any trial
         for t in targets:
+            if t.kind == "embedding":
+                check_embedding_scheme(SCHEMES.get(c), f"the token embedding (search.choices '{c}')")
             SCHEMES.get(c).impl.check_shape(SCHEMES.get(c), t.rows, t.cols, f"search.choices '{c}': {t.name}")
     ordered = sorted(choices, key=lambda c: (SCHEMES.get(c).bits, choices.index(c)))
     keyed: dict[str, list[QuantTarget]] = {}
     for t in targets:
-        label = f"layer{t.layer}" if granularity == "layer" else f"layer{t.layer}.{t.kind}"
+        if t.kind in ("embedding", "output"):
+            label = t.kind
+        else:
+            label = f"layer{t.layer}" if granularity == "layer" else f"layer{t.layer}.{t.kind}"
         keyed.setdefault(label, []).append(t)
     return SearchSpace(list(keyed.values()), list(keyed), ordered, targets, settings)
 
@@ -300,7 +307,7 @@ def search_model(
 
     budget = Budget(bits=cfg.budget_bits, bytes=cfg.budget_bytes)
     device = next(model.parameters()).device
-    targets = quant_targets(model, adapter)
+    targets = quant_targets(model, adapter, embeddings=cfg.embeddings)
     dtype_bytes = next(model.parameters()).element_size()
     cache_need = sum(t.numel for t in targets) * len(cfg.choices) * dtype_bytes / 2**20
     cache: dict | None = {} if cache_need <= cfg.cache_mib else None

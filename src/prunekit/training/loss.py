@@ -50,7 +50,7 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int | None 
     labels = input_ids[:, 1:].reshape(-1)
     head = lm.get_output_embeddings()
     if chunk_tokens is None:
-        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)  # vocabulary (quantized heads too)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
@@ -108,7 +108,7 @@ def kd_loss_from(
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     head = lm.get_output_embeddings()
     if chunk_tokens is None:
-        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)  # vocabulary (quantized heads too)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
