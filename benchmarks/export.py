@@ -147,13 +147,14 @@ def main() -> None:
         print(f"  {r['file']}: {r['bytes'] / 2**20:.1f} MiB, ppl {r['ppl_cpp']:.3f}")
     singles = [r for r in rows if r["file"].startswith("pruned ") and not r["file"].startswith("pruned searched")]
     for r in rows[2 : 2 + len(args.plan)]:
+        # The rival: the smallest single-type file (of --single-types) at least as large as the searched one.
         rivals = [s for s in singles if s["file"] != "pruned F16" and s["bytes"] >= r["bytes"]]
-        best = min(rivals, key=lambda s: s["ppl_cpp"], default=None)
-        if best is not None:
-            verdict = "beats" if r["ppl_cpp"] < best["ppl_cpp"] else "does not beat"
+        nearest = min(rivals, key=lambda s: s["bytes"], default=None)
+        if nearest is not None:
+            verdict = "beats" if r["ppl_cpp"] < nearest["ppl_cpp"] else "does not beat"
             mine = f"{r['file']} ({r['bytes'] / 2**20:.1f} MiB, ppl {r['ppl_cpp']:.2f})"
-            rival = f"{best['file']} ({best['bytes'] / 2**20:.1f} MiB, ppl {best['ppl_cpp']:.2f})"
-            print(f"  {mine} {verdict} the best single type of the same or larger size, {rival}")
+            rival = f"{nearest['file']} ({nearest['bytes'] / 2**20:.1f} MiB, ppl {nearest['ppl_cpp']:.2f})"
+            print(f"  {mine} {verdict} the smallest single-type file of the same or larger size, {rival}")
     print(f"\n{args.chunks} chunks of {args.seq_len} tokens of {args.data}; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats}")  # fmt: skip
     print("| file | llama.cpp arch | MiB | x dense F16 bytes | ppl llama.cpp | ppl transformers (same weights) | "
