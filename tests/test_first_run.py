@@ -376,5 +376,31 @@ def test_a_configured_api_url_is_used_as_it_is(monkeypatch: pytest.MonkeyPatch) 
     assert configured_api_url() == "http://example.invalid:4200/api"
 
 
+def test_stage_flows_send_no_heartbeats_unless_configured(fresh_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's flow runs without Prefect's heartbeat thread (joined at the end of every run: about 1 s), unless
+    the user set a heartbeat frequency, which is kept."""
+    import argparse
+
+    from prunekit.pipeline.prefect_server import stop_server
+    from prunekit.pipeline.runtime import run_stage
+
+    seen: list[object] = []
+
+    def body(params, **_: object) -> None:
+        from prefect.settings import get_current_settings
+
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+
+    params = fresh_home.parent / "params.yaml"
+    params.write_text("seed: 0\n")
+    try:
+        assert run_stage("probe", argparse.ArgumentParser(), body, ["--params", str(params)]) == 0
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+        assert run_stage("probe", argparse.ArgumentParser(), body, ["--params", str(params)]) == 0
+    finally:
+        stop_server()
+    assert seen == [None, 60]
+
+
 # The tiny tokenizer is used by the summary-free tests above through the conftest fixture.
 assert tiny_tokenizer is not None

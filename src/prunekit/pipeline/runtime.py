@@ -80,6 +80,27 @@ def quiet_bad_input() -> None:
             logger.addFilter(_NoTracebackForBadInput())
 
 
+HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+def heartbeat_settings() -> dict[Any, Any]:
+    """Prefect settings for a stage's flow run: no heartbeats, unless the user configured them.
+
+    A flow run's heartbeat thread sleeps in one-second steps and is joined when the run ends: about 1 s of every
+    stage's 2-3 s of Prefect time. Heartbeats only feed an automation that marks silent runs Crashed, which a user
+    who wants one sets up (and then sets ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, in the environment or the profile:
+    kept as it is). The default (180 s, not set by anyone) is switched off.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
+    from prefect.settings.models.flows import FlowsSettings
+
+    configured = any(os.environ.get(name) for name in HEARTBEAT_ENV)
+    default = FlowsSettings.model_fields["heartbeat_frequency"].default
+    if configured or get_current_settings().flows.heartbeat_frequency != default:
+        return {}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+
+
 def set_threads(threads: int | None) -> None:
     """``runtime.threads``: torch's intra-op threads for this process (None: torch's default)."""
     if threads:
@@ -133,7 +154,7 @@ def run_stage(
         url = configured_api_url()
         if not url:
             url, registration = shared_api_url()
-        with temporary_settings({PREFECT_API_URL: url}):
+        with temporary_settings({PREFECT_API_URL: url, **heartbeat_settings()}):
             stage_flow(params, {k: v for k, v in vars(args).items() if k != "params"})
     except PrunekitError as e:
         return _refuse(f"{name} failed: {e}")
