@@ -398,6 +398,12 @@ def test_stage_flows_send_no_heartbeats_unless_configured(fresh_home: Path, monk
         monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
         assert run_stage("probe", argparse.ArgumentParser(), body, ["--params", str(params)]) == 0
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        # Send this process's flow-run logs and events while the server still listens, then stop it.
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
         stop_server()
     assert seen == [None, 60]
 
