@@ -104,13 +104,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from prunekit.export.gguf import choose_types, export_directory
+    from prunekit.quant.apply import ADAPTER_DIR
 
     types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,
                          unplanned=args.type, embedding=args.embedding, output=args.output)  # fmt: skip
     tokenizer = Path(args.tokenizer_gguf) if args.tokenizer_gguf else None
     lora = Path(args.lora) if args.lora else None
-    if lora is not None and (lora / "adapter").is_dir():  # a quantized model directory: its adapters
-        lora = lora / "adapter"
+    if lora is not None and (lora / ADAPTER_DIR).is_dir():  # a quantized model directory: its adapters
+        lora = lora / ADAPTER_DIR
     lora_out = Path(args.lora_out) if args.lora_out else (Path(args.out).with_suffix(".lora.gguf") if lora else None)
     summary = export_directory(Path(args.model_dir), Path(args.out), types, tokenizer_gguf=tokenizer,
                                tokenizer_pre=args.tokenizer_pre, lora=lora, lora_out=lora_out)  # fmt: skip

@@ -445,12 +445,14 @@ class LoraTensors:
     tensors: list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
-def lora_tensors(model: nn.Module, adapter: ModelAdapter, adapter_dir: Path) -> LoraTensors:
-    """The peft adapters in ``adapter_dir``, trained on ``model``, named and permuted as :func:`write_gguf` names
-    and permutes the weights (a PrunekitError if an adapter does not fit its weight)."""
+def lora_tensors(
+    model: nn.Module, adapter: ModelAdapter, lora: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]
+) -> LoraTensors:
+    """:func:`read_lora`'s adapters, trained on ``model``, named and permuted as :func:`write_gguf` names and
+    permutes the weights (a PrunekitError if an adapter does not fit its weight)."""
     import gguf
 
-    pairs, alpha = read_lora(adapter_dir)
+    pairs, alpha = lora
     arch = check_exportable(model, adapter)
     sizes = adapter.all_layer_sizes(model)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(sizes))
@@ -563,13 +565,12 @@ def export_directory(
         raise PrunekitError(f"tokenizer GGUF '{tokenizer_gguf}' does not exist")
     if (lora is None) != (lora_out is None):
         raise PrunekitError("a LoRA adapter export needs both the adapter directory and the file to write")
-    if lora is not None:
-        read_lora(lora)  # before loading the model
+    adapters = read_lora(lora) if lora is not None else None  # before loading the model
     if tokenizer_gguf is None and (model_dir / TOKENIZER_GGUF).is_file():
         tokenizer_gguf = model_dir / TOKENIZER_GGUF
     model, _, adapter = load_model(model_dir, "float32", "cpu")
     name = str(getattr(model.config, "_name_or_path", "") or model_dir.name)
-    prepared = lora_tensors(model, adapter, lora) if lora is not None else None  # every check before any file
+    prepared = lora_tensors(model, adapter, adapters) if adapters is not None else None  # every check before a file
     summary = write_gguf(
         model, adapter, out, types, name=name, tokenizer_gguf=tokenizer_gguf, hf_dir=model_dir,
         tokenizer_pre=tokenizer_pre,

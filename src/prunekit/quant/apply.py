@@ -131,9 +131,7 @@ def quant_targets(model: nn.Module, adapter: ModelAdapter, embeddings: bool = Fa
 
 def _shape(module: nn.Module) -> tuple[int, int]:
     """(rows, cols) of a Linear's, an embedding's or a quantized module's weight."""
-    if isinstance(module, QuantizedEmbedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (QuantizedEmbedding, nn.Embedding)):
         return module.num_embeddings, module.embedding_dim
     return module.out_features, module.in_features
 
