@@ -6,6 +6,8 @@ On a model directory (``--model``: e.g. a copy of ``models/base``) or, with no n
 random weights of a published shape (the config fields of SmolLM2-135M or Qwen2.5-0.5B), it measures:
 
 * ``param_first`` scoring on 10 x 64 tokens: seconds and CUDA max allocated (weights included);
+* ``bip`` scoring with the whole model on the GPU and one layer at a time (``model.offload: layerwise``): CUDA max
+  allocated and seconds of each;
 * a 20% plan (KV groups + MLP channels, uniform, layers 3..n-3) sliced: dense vs pruned prefill / decode tokens/s
   at batch 1 and 16 in bfloat16 (median of 3 after a warm-up), and their ratio;
 * bitsandbytes' CUDA kernels: the pruned model realised in ``nf4`` and in ``int8`` everywhere (float16 base),
@@ -90,6 +92,36 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**20
     rows += [("model", f"{args.model or args.shape}: {count_params(model):,} parameters")]
     rows += [("param_first scoring, 10x64 tokens", f"{seconds:.2f} s; peak {peak:.0f} MiB (weights {weights:.0f})")]
+
+    # 1b. Forward-only scoring (bip) with the whole model on the GPU vs one layer at a time (model.offload).
+    import tempfile
+
+    from prunekit.models.layerwise import LayerwiseModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        peaks = {}
+        for mode in ("in memory", "layerwise"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            if mode == "in memory":
+                CRITERIA.get("bip").score(model, adapter, req)
+                peaks[mode] = torch.cuda.max_memory_allocated(device) / 2**20  # the model was already resident
+            else:
+                model.to("cpu")
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                lw = LayerwiseModel(tmp, "float32", str(device))
+                CRITERIA.get("bip").score_layerwise(lw, lw.adapter, req)
+                peaks[mode] = torch.cuda.max_memory_allocated(device) / 2**20
+                model.to(device)
+            torch.cuda.synchronize(device)
+            peaks[mode + " s"] = time.perf_counter() - start
+    whole, layered = peaks["in memory"], peaks["layerwise"]
+    rows += [("bip scoring, whole model vs layerwise",
+              f"peak {whole:.0f} vs {layered:.0f} MiB ({layered / whole:.3f}x); "
+              f"{peaks['in memory s']:.2f} vs {peaks['layerwise s']:.2f} s")]  # fmt: skip
 
     # 2. Slice 20% and compare speed in bfloat16.
     plan = make_plan(

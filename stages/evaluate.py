@@ -13,9 +13,10 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     """Perplexity protocols, zero-shot accuracy, size, cost and speed of ``model_dir`` (plain or quantized),
     written to ``out``; ``dense_metrics`` (optional) gives a quantized model its size ratio to the dense one."""
     from prunekit.data.sources import data_name
-    from prunekit.evaluation.run import evaluate_model
+    from prunekit.evaluation.run import evaluate_layerwise, evaluate_model
     from prunekit.models.adapters import adapter_for
-    from prunekit.models.loading import load_model
+    from prunekit.models.layerwise import LayerwiseModel
+    from prunekit.models.loading import load_model, load_tokenizer
     from prunekit.models.provenance import library_versions
     from prunekit.pipeline.files import read_json, write_json
     from prunekit.pipeline.stageio import read_documents
@@ -30,12 +31,23 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
 
     m = params.model
     quantized = is_quantized_dir(model_dir)
+    rows = read_documents(text, "evaluation")
+    if m.offload == "layerwise" and not quantized:
+        # One decoder layer in memory at a time: perplexity and size (zero-shot is refused by validation).
+        lw = LayerwiseModel(model_dir, m.dtype, m.device)
+        metrics = {"params": count_params(lw.model), "weight_bytes": weight_bytes(lw.model), "offload": "layerwise"}
+        metrics |= evaluate_layerwise(
+            lw, load_tokenizer(model_dir), params.evaluate, rows, data_name(params.data.evaluation),
+            m.offload_activations_mib,
+        )  # fmt: skip
+        metrics["versions"] = library_versions()
+        write_json(out, metrics)
+        return
     if quantized:
         model, tokenizer, plan = load_quantized(model_dir, m.device)
         adapter = adapter_for(model.config)
     else:
         model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
-    rows = read_documents(text, "evaluation")
     metrics: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
     if quantized:
         n_params, n_adapter = logical_param_count(model)

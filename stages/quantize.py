@@ -25,7 +25,7 @@ def quantize(
 
     q, m = params.quantize, params.model
     plan, _, _ = read_plan(plan_file)
-    settings = QuantSettings(group_size=q.group_size, double_quant=q.double_quant, int8_threshold=q.int8_threshold)
+    settings = QuantSettings.from_params(q)
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
     check_plan(plan, quant_targets(model, adapter, embeddings=True))
     realise(model, plan, settings)

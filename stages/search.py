@@ -28,7 +28,7 @@ def search(
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
     held = random_windows(token_stream(tokenizer, read_documents(text, "calibration")), s.samples,
                           s.seq_len, params.seed)  # fmt: skip
-    settings = QuantSettings(group_size=q.group_size, double_quant=q.double_quant, int8_threshold=q.int8_threshold)
+    settings = QuantSettings.from_params(q)
     out = search_model(model, adapter, held, s, settings, params.seed)
     write_json(plan, {"schemes": out.plan, "settings": asdict(settings), "dtype": m.dtype})
     write_json(trials, out.trials)

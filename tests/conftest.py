@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prunekit  # noqa: F401  (registers the pruned Auto classes)
@@ -89,4 +98,111 @@ def block_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_model(vocab_size=len(tok), hidden_size=64, intermediate_size=128)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+# ---- the pipeline on the tiny model, through real dvc and a Prefect server (test_pipeline, test_sweeps) ----
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One Prefect server for the session: each flow run then costs ~1 s instead of a temporary server."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect_home")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
+    log = open(tmp_path_factory.mktemp("prefect_log") / "server.log", "w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--no-services",
+            "--analytics-off",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"Prefect server did not start; see {log.name}") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def tiny_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["source"] = str(model_dir)
+    params["calibrate"].update(samples=4, seq_len=16)
+    params["score"]["batch_size"] = 2
+    # 8 MLP channels of 2 layers hold 2.6% of the tiny model: its achievable fractions are coarse.
+    params["prune"].update(skip_first=1, skip_last=1, tolerance=0.02)
+    # The tiny model's widths are too few for llama.cpp's 32-wide blocks at fine pruning steps: fine widths,
+    # pure-torch schemes for the search, and an F16 export (its per-layer widths, metadata and tokenizer).
+    params["prune"]["round_to"].update(attn_kv_group=1, mlp_channel=8)
+    params["search"]["choices"] = ["rtn3", "rtn4", "rtn8"]
+    params["export"].update(types="f16", embedding="f16")
+    params["recover"]["lora"].update(steps=2, batch_size=2, seq_len=32, warmup_steps=1)
+    params["evaluate"].update(seq_lens=[16, 32], max_chunks=8)
+    params["evaluate"]["zero_shot"].update(auto_mc_questions=4, auto_mc_context_words=12, auto_mc_continuation_words=4)
+    params["evaluate"]["speed"].update(batch_sizes=[1, 2], prompt_len=8, new_tokens=2, repeats=1)
+    params["search"].update(trials=3, random_starts=1, samples=2, seq_len=16, batch_size=2, budget_bits=5.0)
+    params["quantize"].update(group_size=16)
+    params["quantize"]["lora"].update(steps=2, batch_size=2, seq_len=32)
+    return params
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, block_model_dir: Path, prefect_env: dict[str, str]) -> Path:
+    """A git + DVC repository with the project's dvc.yaml and stages, on the tiny model."""
+    path = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    for name in ("stages", "flows"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(block_model_dir), sort_keys=False))
+    env = prefect_env
+    run(["git", "init", "-q"], path, env)
+    run(["git", "config", "user.email", "test@example.com"], path, env)
+    run(["git", "config", "user.name", "test"], path, env)
+    run(["dvc", "init", "-q"], path, env)
+    run(["dvc", "config", "core.analytics", "false"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-q", "-m", "init"], path, env)
     return path

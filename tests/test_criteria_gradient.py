@@ -329,3 +329,100 @@ def test_lora_requires_every_pruned_module_as_target() -> None:
     with pytest.raises(PrunekitError, match=r"miss \['mlp.down_proj', 'self_attn.o_proj'\]"):
         CRITERIA.get("lora").score(model, adapter_for(model.config), req)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "q4_0", "rtn4"])
+def test_every_backend_gives_back_the_weight_it_computes_with(scheme: str) -> None:
+    """dequantize(realised module) is the scheme's fake-quantized image of the float weight (what the search and
+    the lora criterion on a quantized base read)."""
+    from prunekit.quant.backend import backend_of
+    from prunekit.quant.schemes import SCHEMES, QuantSettings
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    s, settings = SCHEMES.get(scheme), QuantSettings(group_size=32)
+    module = s.impl.realise(linear, s, settings)
+    got = backend_of(module).dequantize(module)
+    expected = s.impl.fake_quantize(linear.weight.detach(), s, settings)
+    assert got.shape == (32, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=2e-3 * float(linear.weight.detach().abs().max()))
+    assert (got - linear.weight).abs().max() > 0  # a quantized image, not the float weight
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "rtn4"])
+def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(scheme: str) -> None:
+    """score.base_quant: LoRAPrune on a frozen quantized base gives the scores of the float criterion on a model
+    whose target weights are their dequantized images (same adapters, same steps), and leaves the base quantized."""
+    from prunekit.quant.apply import quantize_linears
+    from prunekit.quant.backend import is_quantized
+    from prunekit.quant.schemes import SCHEMES, QuantSettings
+
+    s, settings = SCHEMES.get(scheme), QuantSettings(group_size=16)
+    quantized = tiny_model()
+    for layer in quantized.model.layers:
+        quantize_linears(layer, TARGETS, s, settings)
+    image = tiny_model()
+    with torch.no_grad():
+        for name, module in image.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                module.weight.copy_(s.impl.fake_quantize(module.weight, s, settings))
+    req = _lora_request(quantized)
+    got = CRITERIA.get("lora").score(quantized, adapter_for(quantized.config), req)
+    ref = CRITERIA.get("lora").score(image, adapter_for(image.config), req)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-5 * float(ref[key].abs().max()))
+    assert all(is_quantized(quantized.model.layers[0].get_submodule(f"self_attn.{p}")) for p in ("q_proj", "o_proj"))
+
+
+def test_the_score_stage_quantizes_each_layer_as_it_reads_it(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A quantized-base run never holds two float decoder layers: each is quantized before the next is read."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.models.layerwise import LayerwiseModel
+    from prunekit.pipeline.params import parse_params
+    from prunekit.quant.backend import is_quantized
+
+    float_layers_seen = []
+    materialize = LayerwiseModel._materialize
+
+    def spy(self, module, prefix):  # noqa: ANN001
+        materialize(self, module, prefix)
+        float_layers_seen.append(
+            sum(isinstance(m, torch.nn.Linear) and m.weight.device.type != "meta" for m in self.model.modules())
+        )
+
+    monkeypatch.setattr(LayerwiseModel, "_materialize", spy)
+    spec = importlib.util.spec_from_file_location("stage_score", Path(__file__).parents[1] / "stages" / "score.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    params = parse_params({"score": {"criterion": "lora", "base_quant": "rtn4", "lora": LORA}})
+    save_file({"input_ids": torch.randint(0, 100, (6, 16), generator=torch.Generator().manual_seed(1))},
+              str(tmp_path / "calib.safetensors"))  # fmt: skip
+    stage.score(params, tiny_model_dir, tmp_path / "calib.safetensors", tmp_path / "scores.safetensors")
+    scores = load_file(str(tmp_path / "scores.safetensors"))
+    assert {"attn_kv_group.0", "mlp_channel.3"} <= set(scores) and all(v.isfinite().all() for v in scores.values())
+    # At most one layer's 7 target Linears (plus an untied head) are float at any time.
+    assert max(float_layers_seen) <= len(TARGETS) + 1
+    model = stage.quantized_base(LayerwiseModel(tiny_model_dir), params)
+    assert sum(is_quantized(m) for m in model.modules()) == len(TARGETS) * len(model.model.layers)
+
+
+@pytest.mark.parametrize(
+    ("score", "model", "match"),
+    [
+        ({"criterion": "lora", "base_quant": "q9_9"}, {}, r"'score.base_quant'.*q9_9"),
+        ({"criterion": "param_first", "base_quant": "nf4"}, {}, r"'score.base_quant'.*only the lora criterion"),
+        ({"criterion": "lora", "base_quant": "nf4"}, {"device_map": "auto"}, r"'score.base_quant'.*device_map"),
+    ],
+)
+def test_a_quantized_base_is_refused_where_it_cannot_work(score, model, match) -> None:
+    from prunekit.errors import ParamsError
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
+
+    with pytest.raises(ParamsError, match=match):
+        check_choices(parse_params({"score": score, "model": model}))

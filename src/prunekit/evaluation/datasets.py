@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from prunekit.data.tokens import JOIN, chunks, token_stream
 from prunekit.errors import PrunekitError
 from prunekit.registry import suggest
@@ -144,15 +142,20 @@ class PplText:
 
 
 def perplexity_table(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: Any,
     texts: list[PplText],
     seq_lens: list[int],
     batch_size: int,
     max_chunks: int | None = None,
+    activations_mib: int = 2048,
 ) -> dict[str, dict[str, float]]:
-    """``{metric name: {ppl, nll, tokens}}`` for every text at every length (each text tokenized once)."""
+    """``{metric name: {ppl, nll, tokens}}`` for every text at every length (each text tokenized once).
+
+    ``model``: a model in memory, or a :class:`prunekit.models.layerwise.LayerwiseModel` (one layer at a time,
+    hidden states in memory up to ``activations_mib``)."""
     from prunekit.evaluation.perplexity import perplexity
+    from prunekit.models.layerwise import LayerwiseModel, perplexity_layerwise
 
     out = {}
     for text in texts:
@@ -161,5 +164,9 @@ def perplexity_table(
             chunked = chunks(stream, seq_len, f"perplexity dataset '{text.name}'")
             if max_chunks:
                 chunked = chunked[:max_chunks]
-            out[metric_name(text.name, text.split, seq_len, text.join)] = perplexity(model, chunked, batch_size)
+            if isinstance(model, LayerwiseModel):
+                result = perplexity_layerwise(model, chunked, batch_size, activations_mib)
+            else:
+                result = perplexity(model, chunked, batch_size)
+            out[metric_name(text.name, text.split, seq_len, text.join)] = result
     return out

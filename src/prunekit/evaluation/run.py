@@ -43,8 +43,32 @@ def evaluate_model(
     return out
 
 
+def evaluate_layerwise(
+    lw: object,
+    tokenizer: object,
+    settings: EvaluateParams,
+    default_rows: list[str],
+    default_name: str,
+    activations_mib: int,
+) -> dict[str, object]:
+    """The perplexity protocols of a :class:`prunekit.models.layerwise.LayerwiseModel`, one decoder layer in
+    memory at a time (zero-shot accuracy and speed need the whole model: not measured)."""
+    t0 = time.perf_counter()
+    table = _perplexities(lw, tokenizer, settings, default_rows, default_name, activations_mib)
+    return {
+        "ppl": {k: round(v["ppl"], 4) for k, v in table.items()},
+        "ppl_tokens": {k: v["tokens"] for k, v in table.items()},
+        "seconds": {"perplexity": round(time.perf_counter() - t0, 1)},
+    }  # fmt: skip
+
+
 def _perplexities(
-    model: nn.Module, tokenizer: object, e: EvaluateParams, default_rows: list[str], default_name: str
+    model: object,
+    tokenizer: object,
+    e: EvaluateParams,
+    default_rows: list[str],
+    default_name: str,
+    activations_mib: int = 2048,
 ) -> dict[str, dict[str, float]]:
     from prunekit.evaluation.datasets import DEFAULT, PPL_DATASETS, PplText, perplexity_table, protocol_rows
 
@@ -55,7 +79,7 @@ def _perplexities(
         else:
             join = e.ptb_join if name == "ptb" else "\n\n"
             texts.append(PplText(name, PPL_DATASETS[name].split, protocol_rows(name, e.local_files), join))
-    return perplexity_table(model, tokenizer, texts, list(e.seq_lens), e.batch_size, e.max_chunks)
+    return perplexity_table(model, tokenizer, texts, list(e.seq_lens), e.batch_size, e.max_chunks, activations_mib)
 
 
 def _zero_shot(

@@ -74,7 +74,7 @@ def load_model(
 
     ``device_map="auto"`` lets accelerate spread a model larger than one device over all of them.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import prunekit  # noqa: F401  (registers the pruned Auto classes)
 
@@ -89,13 +89,26 @@ def load_model(
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PrunekitError(
             f"model at '{path}' cannot be loaded, it is corrupt or incomplete ({str(e).splitlines()[0]}); "
             f"restore it with `dvc checkout {path}` or rerun the stage that writes it (`dvc repro --force` on it)"
         ) from e
+    tokenizer = load_tokenizer(path)
     if not device_map:
         model = model.to(device)
     log.info("loaded %s (%s) from %s", type(model).__name__, dtype, path)
     return model.eval(), tokenizer, adapter
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model directory, or an error naming the broken directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PrunekitError(
+            f"tokenizer at '{path}' cannot be loaded ({str(e).splitlines()[0]}); restore it with `dvc checkout "
+            f"{path}` or rerun the stage that writes it"
+        ) from e

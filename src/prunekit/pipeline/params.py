@@ -30,6 +30,11 @@ class ModelParams(Section):
     device: str = "cpu"
     # "auto" spreads a model larger than one GPU over the visible devices (accelerate).
     device_map: Literal["auto"] | None = None
+    # layerwise: the score stage (forward-only criteria) and the evaluation's perplexity read one decoder layer
+    # at a time from the safetensors files (prunekit.models.layerwise); the other stages load the whole model.
+    offload: Literal["none", "layerwise"] = "none"
+    # layerwise: hidden states carried between layers stay in memory up to this many MiB, the rest on disk.
+    offload_activations_mib: int = Field(2048, ge=0)
 
 
 class DataParams(Section):
@@ -109,6 +114,9 @@ class ScoreParams(Section):
     # gradient of the base weights (``lora`` and the forward-only ones): LoRAPrune scores on a frozen
     # half-precision (or 8-bit) base, adapters stay float32. The gradient criteria refuse it.
     base_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # lora: its frozen base's Linears in this quantization scheme (nf4, int8, q4_0, rtn4, ...; settings from the
+    # quantize section), quantized one decoder layer at a time as the model is read (LoRAPrune on a QLoRA base).
+    base_quant: str | None = None
 
 
 class AllocationSearchParams(Section):

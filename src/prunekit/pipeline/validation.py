@@ -38,8 +38,28 @@ def _model_and_data(params: Params, problems: _Problems) -> None:
 
     problems.check("model.source", validate_source, params.model.source)
     problems.check("model.device", check_device, params.model.device)
+    if params.model.offload == "layerwise" and params.model.device_map:
+        problems.key(
+            "model.device_map",
+            "model.offload: layerwise holds one layer at a time on model.device; set device_map: null "
+            "(or offload: none to spread the whole model over the GPUs)",
+        )
     for role in ("calibration", "training", "evaluation"):
         problems.check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
+
+
+def layerwise_ok(criterion: object) -> bool:
+    """Whether a criterion scores with one decoder layer in memory at a time (``model.offload: layerwise``):
+    the per-layer criteria, and those that read only the layers' shapes (``random``)."""
+    from prunekit.pruning.criteria.base import LayerCriterion
+
+    return isinstance(criterion, LayerCriterion) or getattr(criterion, "shapes_only", False)
+
+
+def layerwise_criteria() -> list[str]:
+    from prunekit.pruning.criteria import CRITERIA
+
+    return sorted(n for n, c in CRITERIA.items() if layerwise_ok(c))
 
 
 def _score(params: Params, problems: _Problems) -> None:
@@ -57,6 +77,34 @@ def _score(params: Params, problems: _Problems) -> None:
             "score.base_dtype",
             f"criterion '{s.criterion}' differentiates the base weights, which must stay in model.dtype; set "
             "score.base_dtype: null (or use lora or a forward-only criterion)",
+        )
+    if s.base_quant is not None:
+        from prunekit.quant.schemes import SCHEMES
+
+        problems.check("score.base_quant", SCHEMES.get, s.base_quant)
+        if params.model.device_map:
+            problems.key(
+                "score.base_quant",
+                "a quantized base is built layer by layer on model.device; set model.device_map: null",
+            )
+        if s.criterion != "lora":
+            problems.key(
+                "score.base_quant",
+                f"only the lora criterion scores on a quantized frozen base ('{s.criterion}' reads the float "
+                "weights or their gradients); set score.base_quant: null or score.criterion: lora",
+            )
+    if params.model.offload == "layerwise" and criterion is not None and not layerwise_ok(criterion):
+        problems.key(
+            "score.criterion",
+            f"'{s.criterion}' needs the loss gradient of the whole network, which model.offload: layerwise cannot "
+            f"give; use one of {', '.join(layerwise_criteria())} or set model.offload: none",
+        )
+    wide = [u for u in params.prune.units if u in UNITS and UNITS.get(u).model_wide]
+    if params.model.offload == "layerwise" and wide:
+        problems.key(
+            "prune.units",
+            f"'{wide[0]}' spans every layer, model.offload: layerwise scores one layer at a time; drop it or set "
+            "model.offload: none",
         )
     if "seq_len" in s.lora.model_fields_set:
         problems.key(
@@ -124,6 +172,12 @@ def _evaluate(params: Params, problems: _Problems) -> None:
         problems.check(f"evaluate.local_files.{name}", check_local_file, name, path or None)
     for i, task in enumerate(e.zero_shot.tasks):
         problems.check(f"evaluate.zero_shot.tasks[{i}]", check_task, task)
+    if e.zero_shot.tasks and params.model.offload == "layerwise":
+        problems.key(
+            "evaluate.zero_shot.tasks",
+            "lm-eval runs the whole model, which model.offload: layerwise does not hold; set tasks: [] "
+            "(perplexity is measured a layer at a time) or model.offload: none",
+        )
     if e.zero_shot.local_dir:
         problems.check("evaluate.zero_shot.local_dir", check_local_dir, e.zero_shot.local_dir, e.zero_shot.tasks)
     if not e.speed.batch_sizes or any(b < 1 for b in e.speed.batch_sizes):

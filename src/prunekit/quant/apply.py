@@ -22,7 +22,7 @@ Each scheme's backend (:mod:`prunekit.quant.backend`) does the format's work; no
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -238,6 +238,15 @@ def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) 
         module.train(linear.training)  # bitsandbytes' int8 matmul takes another path in training mode
         _replace(model, name, module, tied)
     return model
+
+
+def quantize_linears(layer: nn.Module, names: Sequence[str], scheme: Scheme, settings: QuantSettings) -> None:
+    """Replace (in place) every Linear of ``layer`` whose own name is in ``names`` by ``scheme``'s module."""
+    for path, module in list(layer.named_modules()):
+        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in names:
+            quantized = scheme.impl.realise(module, scheme, settings)
+            quantized.train(module.training)
+            _replace(layer, path, quantized, tied=False)
 
 
 def _as_linear(embedding: nn.Embedding) -> nn.Linear:

@@ -48,6 +48,10 @@ class QuantBackend(ABC):
     def holds(self, module: nn.Module) -> bool:
         """Whether ``module`` is one this backend realised (it counts as a Linear of in x out weights)."""
 
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The (out x in) weight ``module`` computes with, in float32 (what its codes and statistics encode)."""
+        return module.dequantized_weight().float()
+
     def lora_layers(self) -> dict[type, type]:
         """peft's LoRA layer for each module type this backend realises that peft does not know."""
         return {}
@@ -82,6 +86,14 @@ def load_state(module: nn.Module, scheme: Scheme, state: dict[str, torch.Tensor]
 def is_quantized(module: nn.Module) -> bool:
     """Whether some backend realised ``module``."""
     return any(b.holds(module) for _, b in BACKENDS.items())
+
+
+def backend_of(module: nn.Module) -> QuantBackend:
+    """The backend that realised ``module``."""
+    for _, backend in BACKENDS.items():
+        if backend.holds(module):
+            return backend
+    raise ValueError(f"{type(module).__name__} is not a quantized module")
 
 
 def lora_custom_modules() -> dict[type, type]:

@@ -49,6 +49,11 @@ class BnbInt8(_Bnb):
         codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().half().contiguous())
         return bnbf.int8_vectorwise_dequant(codes, stats).to(w.dtype)
 
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
+
     def _empty(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
         import bitsandbytes as bnb
 
@@ -92,6 +97,11 @@ class Bnb4bit(_Bnb):
             quant_type=scheme.variant,
         )
         return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
 
     def _empty(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
         import bitsandbytes as bnb

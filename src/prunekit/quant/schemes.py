@@ -18,7 +18,7 @@ A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. Th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prunekit.registry import Registry
 
@@ -36,6 +36,11 @@ class QuantSettings:
     group_size: int = 128
     double_quant: bool = True
     int8_threshold: float = 6.0
+
+    @classmethod
+    def from_params(cls, section: Any) -> QuantSettings:
+        """From the ``quantize`` section of the params (anything with these three attributes)."""
+        return cls(section.group_size, section.double_quant, section.int8_threshold)
 
 
 @dataclass(frozen=True)

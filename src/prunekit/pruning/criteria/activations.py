@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import Criterion, ScoreRequest, Scores
+from prunekit.pruning.criteria.base import LayerCriterion, ScoreRequest, Scores
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import CONSUMERS, DOWN_PROJ, O_PROJ
 
@@ -192,7 +192,7 @@ def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, i
     return projection(adapter, layer, O_PROJ).in_features // heads, heads, kv
 
 
-class ActivationCriterion(Criterion):
+class ActivationCriterion(LayerCriterion):
     """A criterion computed from one forward pass of o_proj / down_proj input statistics.
 
     Subclasses define :meth:`channel_scores` (one score per input channel of a projection) and may replace
@@ -216,34 +216,54 @@ class ActivationCriterion(Criterion):
                     f"criterion '{self.name}' does not support unit type '{unit}' (supported: {', '.join(supported)})"
                 )
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        return self.score_with_aux(model, adapter, req)[0]
-
-    def score_with_aux(
-        self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest
-    ) -> tuple[Scores, dict[str, torch.Tensor]]:
-        """(scores, aux): aux holds the input channel means, ``aux.mean.<o_proj|down_proj>.<layer>`` (float64)."""
+    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
         self.check_units(req.units)
-        stats = collect_input_stats(model, adapter, req.layers, req.calibration, req.batch_size)
-        layers = adapter.layers(model)
+
+    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _StatsProbe:
+        return _StatsProbe(self, adapter, idx, layer, list(req.units))
+
+    def layer_scores(
+        self, adapter: ModelAdapter, idx: int, layer: nn.Module, units: list[str], stats: dict[str, ChannelStats]
+    ) -> tuple[Scores, dict[str, torch.Tensor]]:
+        """(scores, channel means) of layer ``idx`` from its projections' input statistics (``stats[role]``)."""
+        hd, heads, kv = layer_geometry(adapter, layer)
         scores: Scores = {}
         aux: dict[str, torch.Tensor] = {}
-        for idx in req.layers:
-            layer = layers[idx]
-            hd, heads, kv = layer_geometry(adapter, layer)
-            per_role = {}
-            for role in ROLES:
-                w = projection(adapter, layer, role).weight.detach().to("cpu", torch.float64)
-                per_role[role] = self.channel_scores(stats[(role, idx)], w)
-                aux[mean_key(role, idx)] = stats[(role, idx)].mean
-            ch = LayerChannels(per_role[O_PROJ], per_role[DOWN_PROJ], hd, heads, kv)
-            for unit in req.units:
-                ut = UNITS.get(unit)
-                s = self.unit_scores(ch, ut.input_of, ut.input_width(adapter, layer)).to(torch.float64)
-                expected = UNITS.get(unit).count(adapter, layer)
-                if s.shape != (expected,):
-                    raise RuntimeError(
-                        f"{self.name}: {unit} of layer {idx} got {tuple(s.shape)} scores, not {expected}"
-                    )
-                scores[f"{unit}.{idx}"] = s
+        per_role = {}
+        for role in ROLES:
+            w = projection(adapter, layer, role).weight.detach().to("cpu", torch.float64)
+            per_role[role] = self.channel_scores(stats[role], w)
+            aux[mean_key(role, idx)] = stats[role].mean
+        ch = LayerChannels(per_role[O_PROJ], per_role[DOWN_PROJ], hd, heads, kv)
+        for unit in units:
+            ut = UNITS.get(unit)
+            s = self.unit_scores(ch, ut.input_of, ut.input_width(adapter, layer)).to(torch.float64)
+            expected = ut.count(adapter, layer)
+            if s.shape != (expected,):
+                raise RuntimeError(f"{self.name}: {unit} of layer {idx} got {tuple(s.shape)} scores, not {expected}")
+            scores[f"{unit}.{idx}"] = s
         return scores, aux
+
+
+class _StatsProbe:
+    """Input statistics of one layer's o_proj and down_proj, turned into its scores at the end."""
+
+    def __init__(
+        self, criterion: ActivationCriterion, adapter: ModelAdapter, idx: int, layer: nn.Module, units: list[str]
+    ) -> None:
+        self.criterion, self.adapter, self.idx, self.layer, self.units = criterion, adapter, idx, layer, units
+        self.stats = {role: ChannelStats() for role in ROLES}
+        self.handles = [
+            projection(adapter, layer, role).register_forward_pre_hook(
+                lambda _m, args, acc=self.stats[role]: acc.update(args[0])
+            )
+            for role in ROLES
+        ]
+
+    def finish(self) -> tuple[Scores, dict[str, torch.Tensor]]:
+        stats = {role: s.to_cpu() for role, s in self.stats.items()}
+        return self.criterion.layer_scores(self.adapter, self.idx, self.layer, self.units, stats)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -60,11 +60,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
+from prunekit.pruning.criteria.base import CRITERIA, LayerCriterion, ScoreRequest, Scores, forward_decoder
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import DOWN_PROJ, O_PROJ
 
@@ -243,9 +242,13 @@ class _LayerRecorder:
         consts: _LayerConstants,
         units: list[str],
         bound: str,
-        sink: Sink,
+        sink: Sink | None = None,
+        n_tokens: int = 1,
     ) -> None:
-        self.idx, self.c, self.units, self.bound, self.sink = idx, consts, units, bound, sink
+        self.n_tokens = n_tokens
+        self.idx, self.c, self.units, self.bound = idx, consts, units, bound
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sink = sink or self._add
         self.cache: dict[str, torch.Tensor] = {}
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         # A unit is read through the block of o_proj / down_proj input columns it owns (UnitType.input_of).
@@ -298,34 +301,28 @@ class _LayerRecorder:
         ball = rho if self.bound == "strict" else torch.zeros_like(rho)
         return dnorm + rho * _mlp_lipschitz(self.c, z, v, s, ball)
 
+    def _add(self, key: str, bounds: torch.Tensor) -> None:
+        part = bounds.sum(dim=0).double().cpu()
+        self.sums[key] = self.sums[key] + part if key in self.sums else part
+
+    def finish(self) -> tuple[Scores, dict[str, torch.Tensor]]:
+        """Mean per-token bound of each unit (the sums of the default sink over ``n_tokens``)."""
+        return {key: total / self.n_tokens for key, total in self.sums.items()}, {}
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-class BIPCriterion(Criterion):
+class BIPCriterion(LayerCriterion):
     """Bound on the change of the block output when the unit is removed, from one forward pass (LLM-BIP)."""
 
     name = "bip"
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        sums: dict[str, torch.Tensor] = {}
+    def __init__(self) -> None:
+        self.lip_cache: dict[str, float] = {}  # sup |act'| per activation function (deterministic)
 
-        def add(key: str, bounds: torch.Tensor) -> None:
-            part = bounds.sum(dim=0).double().cpu()
-            sums[key] = sums[key] + part if key in sums else part
-
-        n_tokens = self.run(model, adapter, req, add)
-        return {key: total / n_tokens for key, total in sums.items()}
-
-    def token_bounds(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        """Per-token bounds, ``"<unit>.<layer>" -> (N * T, count)`` in calibration order (for checks)."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        self.run(model, adapter, req, lambda key, b: parts.setdefault(key, []).append(b.double().cpu()))
-        return {key: torch.cat(p) for key, p in parts.items()}
-
-    def run(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest, sink: Sink) -> int:
-        """One forward pass of the decoder over the calibration data, feeding per-token bounds to ``sink``."""
+    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
         layers = adapter.layers(model)
         for unit in req.units:
             ut = UNITS.get(unit)
@@ -333,35 +330,38 @@ class BIPCriterion(Criterion):
             if not ut.input_of or mlp_block:
                 supported = ", ".join(sorted(n for n, u in UNITS.items() if u.input_of))
                 raise PrunekitError(f"criterion 'bip' does not support unit type '{unit}'; it scores {supported}.")
+        self._bound(req)
+
+    @staticmethod
+    def _bound(req: ScoreRequest) -> str:
         bound = str(req.options.get("bip_bound", "strict"))
         if bound not in BOUNDS:
             raise ParamsError(f"score.bip_bound: '{bound}' is not one of {', '.join(BOUNDS)}.")
-        lip_cache: dict[str, float] = {}
+        return bound
+
+    @torch.no_grad()
+    def probe(
+        self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest, sink: Sink | None = None
+    ) -> _LayerRecorder:
+        consts = _layer_constants(adapter, layer, self.lip_cache)
+        units, bound = list(req.units), self._bound(req)
+        return _LayerRecorder(idx, layer, adapter, consts, units, bound, sink, int(req.calibration.numel()))
+
+    def token_bounds(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+        """Per-token bounds, ``"<unit>.<layer>" -> (N * T, count)`` in calibration order (for checks)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        self.check(model, adapter, req)
+        layers = adapter.layers(model)
         recorders = []
         try:
-            with torch.no_grad():
-                for idx in tqdm(req.layers, desc="bip: weight norms", unit="layer"):
-                    consts = _layer_constants(adapter, layers[idx], lip_cache)
-                    recorders.append(_LayerRecorder(idx, layers[idx], adapter, consts, list(req.units), bound, sink))
-                return self._forward(model, req)
+            for idx in req.layers:
+                sink: Sink = lambda key, b: parts.setdefault(key, []).append(b.double().cpu())  # noqa: E731
+                recorders.append(self.probe(adapter, idx, layers[idx], req, sink))
+            forward_decoder(model, req.calibration, req.batch_size)
         finally:
             for r in recorders:
                 r.remove()
-
-    @staticmethod
-    def _forward(model: nn.Module, req: ScoreRequest) -> int:
-        # The decoder alone: block outputs are all that is needed, so the LM head (vocab x hidden) is skipped.
-        decoder = model.get_decoder()
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            n = req.calibration.shape[0]
-            for start in tqdm(range(0, n, req.batch_size), desc="bip: forward", unit="batch"):
-                decoder(input_ids=req.calibration[start : start + req.batch_size].to(device), use_cache=False)
-        finally:
-            model.train(was_training)
-        return int(req.calibration.numel())
+        return {key: torch.cat(p) for key, p in parts.items()}
 
 
 CRITERIA.register(BIPCriterion.name)(BIPCriterion())

@@ -52,7 +52,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, score_settings
 from prunekit.pruning.criteria.taylor import accumulate_lm_gradients, gradient_scope
 from prunekit.pruning.units import UNITS
 from prunekit.rng import seeded
@@ -89,8 +89,10 @@ def attached_lora(model: nn.Module, lc: LoraSettings) -> Iterator[nn.Module]:
     On exit the adapters are unloaded without merging and every ``requires_grad`` flag is restored
     (peft freezes the base model when it attaches adapters).
     """
+    from prunekit.quant.backend import lora_custom_modules
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    peft_model = attach_lora(model, lc)
+    peft_model = attach_lora(model, lc, lora_custom_modules())
     try:
         yield peft_model
     finally:
@@ -110,8 +112,9 @@ class LoraFactors:
     scaling: float
 
 
-def collect_factors(model: nn.Module) -> dict[nn.Parameter, LoraFactors]:
-    """The adapters of every peft LoRA Linear in ``model``, keyed by the base weight they adapt.
+def collect_factors(model: nn.Module) -> dict[nn.Module, LoraFactors]:
+    """The adapters of every peft LoRA layer in ``model``, keyed by the base module they adapt (a Linear or a
+    quantized module of a frozen quantized base).
 
     The factors are small (r * (in + out) each): keeping them lets the adapters go before the
     weight-sized importances are built, one layer at a time.
@@ -120,10 +123,15 @@ def collect_factors(model: nn.Module) -> dict[nn.Parameter, LoraFactors]:
     for module in model.modules():
         if ADAPTER in getattr(module, "lora_A", {}):
             a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-            out[module.get_base_layer().weight] = LoraFactors(
-                a.detach(), b.detach(), a.grad, b.grad, module.scaling[ADAPTER]
-            )
+            out[module.get_base_layer()] = LoraFactors(a.detach(), b.detach(), a.grad, b.grad, module.scaling[ADAPTER])
     return out
+
+
+def frozen_weight(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight a base module computes with: a Linear's own, a quantized module's dequantized."""
+    from prunekit.quant.backend import backend_of, is_quantized
+
+    return backend_of(module).dequantize(module) if is_quantized(module) else module.weight.detach()
 
 
 def element_importance(w: torch.Tensor, f: LoraFactors, lr: float) -> torch.Tensor:
@@ -166,16 +174,32 @@ class LoraCriterion(Criterion):
         finally:
             model.train(was_training)
 
-        def importance(p: nn.Parameter) -> torch.Tensor:
-            if p in factors:
-                return element_importance(p, factors[p], lc.learning_rate)
-            if p.dim() == 1:  # a bias member: LoRA has no bias factor (see module doc)
-                return torch.zeros_like(p, dtype=torch.float32)
-            raise RuntimeError(f"lora: a {tuple(p.shape)} weight member got no adapter")  # missing_targets let it by
-
-        # On the restored model, one layer at a time (the member paths are the plain modules' again).
+        # On the restored model, one layer at a time (the member paths are the base modules' again).
         with torch.no_grad():
-            return reduce_elementwise(model, adapter, req, importance)
+            return {
+                f"{unit}.{idx}": unit_importance(adapter, layers[idx], unit, factors, lc.learning_rate)
+                for unit in req.units
+                for idx in UNITS.get(unit).score_layers(req.layers)
+            }
+
+
+def unit_importance(
+    adapter: ModelAdapter, layer: nn.Module, unit: str, factors: dict[nn.Module, LoraFactors], lr: float
+) -> torch.Tensor:
+    """The scores of ``unit``'s units in ``layer``: each member read through its module (a quantized base module
+    has no float weight parameter, only its codes)."""
+    ut = UNITS.get(unit)
+    values = {}
+    for m in ut.members(adapter, layer):
+        module_path, _, attr = m.path.rpartition(".")
+        module = layer.get_submodule(module_path)
+        if attr == "bias":  # LoRA has no bias factor (see module doc)
+            values[m.path] = torch.zeros(module.out_features, dtype=torch.float32)
+        elif module in factors:
+            values[m.path] = element_importance(frozen_weight(module), factors[module], lr)
+        else:  # missing_targets let it by
+            raise RuntimeError(f"lora: the weight of {module_path} got no adapter")
+    return ut.reduce(adapter, layer, values)
 
 
 CRITERIA.register(LoraCriterion.name)(LoraCriterion())

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, LayerCriterion, ScoreRequest, Scores, reduce_layer
 from prunekit.pruning.units import UNITS
 
 
@@ -14,6 +14,7 @@ class RandomCriterion(Criterion):
     """Uniform random scores from a generator seeded by ``seed`` (a baseline; LLM-Pruner ``random``)."""
 
     name = "random"
+    shapes_only = True  # reads the unit counts only: scores a model whose weights are still on disk
 
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         gen = torch.Generator().manual_seed(req.seed)
@@ -25,24 +26,46 @@ class RandomCriterion(Criterion):
         }
 
 
-class L1Criterion(Criterion):
+class _WeightProbe:
+    """Scores of one layer from its weights alone, computed while they are loaded."""
+
+    def __init__(self, scores: Scores) -> None:
+        self.scores = scores
+
+    def finish(self) -> tuple[Scores, dict[str, torch.Tensor]]:
+        return self.scores, {}
+
+    def remove(self) -> None:
+        pass
+
+
+class MagnitudeCriterion(LayerCriterion):
+    """Sum over the unit's weights of ``elementwise(w)``; reads the weights only (no forward pass)."""
+
+    needs_forward = False
+
+    @staticmethod
+    def elementwise(w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _WeightProbe:
+        units = [u for u in req.units if idx in UNITS.get(u).score_layers(req.layers)]
+        return _WeightProbe(reduce_layer(adapter, idx, layer, units, lambda p: self.elementwise(p.detach())))
+
+
+class L1Criterion(MagnitudeCriterion):
     """Sum over the unit's weights of |w| (LLM-Pruner ``l1``)."""
 
     name = "l1"
-
-    @torch.no_grad()
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        return reduce_elementwise(model, adapter, req, lambda p: p.detach().abs())
+    elementwise = staticmethod(torch.abs)
 
 
-class L2Criterion(Criterion):
+class L2Criterion(MagnitudeCriterion):
     """Sum over the unit's weights of w^2: the squared L2 norm (LLM-Pruner ``l2``; same ranking as the norm)."""
 
     name = "l2"
-
-    @torch.no_grad()
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        return reduce_elementwise(model, adapter, req, lambda p: p.detach().pow(2))
+    elementwise = staticmethod(torch.square)
 
 
 for _c in (RandomCriterion(), L1Criterion(), L2Criterion()):
