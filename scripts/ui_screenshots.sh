@@ -5,7 +5,7 @@
 # prunekit-metrics / prunekit-report / prunekit-sweep artifacts. The PNGs go to docs/ui/.
 #   bash scripts/ui_screenshots.sh [KEY=V1,V2 ...]      (default grid: prune.target=0.2,0.25)
 # Runs from the repository root with .venv set up (scripts/setup.sh) and `dvc repro` done once (the sweep points
-# reuse its cached stages). The sweep's experiments (ui-0, ui-1) stay in `dvc exp show`; `dvc exp remove ui-0 ui-1`.
+# reuse its cached stages). The sweep's experiments (ui-0, ui-1) stay in `dvc exp show` (`dvc exp remove ui-0 ui-1`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -35,6 +35,7 @@ for w in worker-0 worker-1; do
 done
 args=()
 for axis in "${grid[@]}"; do args+=(-G "$axis"); done
+dvc exp remove ui-0 ui-1 > /dev/null 2>&1 || true  # a second run of this script replaces its experiments
 python flows/pipeline.py sweep "${args[@]}" -G runtime.threads=1 --prefix ui
 
 shoot() {  # name url
@@ -45,6 +46,17 @@ shoot() {  # name url
 ui=$PREFECT_UI_URL
 shoot deployment "$ui/deployments/deployment/$deployment"
 shoot flow-runs "$ui/runs"
-shoot metrics-artifact "$ui/artifacts/key/prunekit-metrics"
-shoot report-artifact "$ui/artifacts/key/prunekit-report"
-shoot sweep-artifact "$ui/artifacts/key/prunekit-sweep"
+for key in prunekit-metrics prunekit-report prunekit-sweep; do  # the newest version of each, as it reads
+  id=$(python - "$key" <<'PY'
+import asyncio, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[sys.argv[1]])))
+        print(max(found, key=lambda a: a.created).id)
+asyncio.run(main())
+PY
+)
+  shoot "${key#prunekit-}-artifact" "$ui/artifacts/artifact/$id"
+done
