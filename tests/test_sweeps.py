@@ -182,3 +182,30 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_pushed_run_lands_in_another_clones_experiment_table(
+    repo: Path, prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Several machines: a run with `--push origin` (a Git remote, the outputs in the DVC default remote) is in
+    the experiment table of any other clone after `dvc exp pull`, outputs included."""
+    env = prefect_env
+    origin, store, other = tmp_path / "origin.git", tmp_path / "dvc-store", tmp_path / "other"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run(["git", "remote", "add", "origin", str(origin)], repo, env)
+    run(["dvc", "remote", "add", "-d", "store", str(store)], repo, env)
+    run(["git", "add", ".dvc/config"], repo, env)
+    run(["git", "commit", "-q", "-m", "remotes"], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD:main"], repo, env)
+    run([sys.executable, "flows/pipeline.py", "run", "--temp", "--push", "origin", "-n", "pushed",
+         "-S", "prune.target=0.25", "-S", "runtime.threads=1"], repo, env)  # fmt: skip
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(other)], tmp_path, env)
+    assert "pushed" not in experiments(other, env)
+    run(["dvc", "exp", "pull", "origin", "pushed"], other, env)
+    found = experiments(other, env)["pushed"]
+    assert found["params"]["prune"]["target"] == 0.25 and pruned_ppl(found) > 1.0
+    run(["dvc", "exp", "apply", "pushed"], other, env)
+    run(["dvc", "checkout", "models/pruned"], other, env)
+    config = json.loads((other / "models/pruned/config.json").read_text())
+    assert config["model_type"]
