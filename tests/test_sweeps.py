@@ -7,7 +7,7 @@ What Prefect (3.8) does when a worker dies mid-run (tested below): the flow-run 
 connected to its worker by a control channel; when the worker is gone it ends itself and reports the run Crashed
 ("Execution was aborted by Python system exit call."), taking its `dvc exp run` with it. Nothing retries it by
 itself: `prefect flow-run retry <id>` schedules it again, another worker picks it up, and DVC's run cache restores
-every stage that had finished (in this run or an earlier one with the same inputs), so only the rest runs again.
+the stages whose outputs are all cached (download, calibrate, score) from any earlier run with the same inputs.
 """
 
 from __future__ import annotations
@@ -171,8 +171,7 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
         assert current()["state"] == "Completed", current()
         survivor = next(n for n in workers if n != killed)
         retried = logs[survivor].read_text().split(f"submitting flow run '{pk}'", 1)[-1]
-        # Stages that finished before the kill (or in an earlier run with the same inputs) come back from DVC's
-        # run cache instead of running again.
+        # Stages whose outputs are all cached come back from DVC's run cache instead of running again.
         assert re.search(r"Stage 'calibrate' is cached|Restored stage 'calibrate'|Stage 'calibrate' didn't change",
                          retried), retried[-3000:]  # fmt: skip
         found = experiments(repo, env)["pk"]
