@@ -15,8 +15,7 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     from prunekit.data.sources import data_name
     from prunekit.evaluation.run import evaluate_layerwise, evaluate_model
     from prunekit.models.adapters import adapter_for
-    from prunekit.models.layerwise import LayerwiseModel
-    from prunekit.models.loading import load_model, load_tokenizer
+    from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
     from prunekit.pipeline.files import read_json, write_json
     from prunekit.pipeline.stageio import read_documents
@@ -32,35 +31,29 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     m = params.model
     quantized = is_quantized_dir(model_dir)
     rows = read_documents(text, "evaluation")
+    name = data_name(params.data.evaluation)
     if m.offload == "layerwise" and not quantized:
         # One decoder layer in memory at a time: perplexity and size (zero-shot is refused by validation).
-        lw = LayerwiseModel(model_dir, m.dtype, m.device)
-        metrics = {"params": count_params(lw.model), "weight_bytes": weight_bytes(lw.model), "offload": "layerwise"}
-        metrics |= evaluate_layerwise(
-            lw, load_tokenizer(model_dir), params.evaluate, rows, data_name(params.data.evaluation),
-            m.offload_activations_mib,
-        )  # fmt: skip
-        metrics["versions"] = library_versions()
-        write_json(out, metrics)
-        return
-    if quantized:
-        model, tokenizer, plan = load_quantized(model_dir, m.device)
-        adapter = adapter_for(model.config)
+        metrics = evaluate_layerwise(
+            model_dir, m.dtype, m.device, m.offload_activations_mib, params.evaluate, rows, name
+        )
     else:
-        model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
-    metrics: dict[str, object] = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
-    if quantized:
-        n_params, n_adapter = logical_param_count(model)
-        base = model.get_base_model() if n_adapter else model
-        metrics["params"], metrics["adapter_params"] = n_params, n_adapter
-        metrics["weight_bytes"] = quantized_weight_bytes(base)
-        metrics["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
-        if dense_metrics:
-            dense = read_json(dense_metrics, "dense model metrics")
-            metrics["bytes_vs_dense_16bit"] = round(metrics["weight_bytes"] / (2 * dense["params"]), 4)
-    metrics |= evaluate_model(
-        model, tokenizer, adapter, params.evaluate, params.seed, rows, data_name(params.data.evaluation)
-    )
+        if quantized:
+            model, tokenizer, plan = load_quantized(model_dir, m.device)
+            adapter = adapter_for(model.config)
+        else:
+            model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
+        metrics = {"params": count_params(model), "weight_bytes": weight_bytes(model)}
+        if quantized:
+            n_params, n_adapter = logical_param_count(model)
+            base = model.get_base_model() if n_adapter else model
+            metrics["params"], metrics["adapter_params"] = n_params, n_adapter
+            metrics["weight_bytes"] = quantized_weight_bytes(base)
+            metrics["avg_bits"] = round(plan_cost_of_model(base, plan), 4)
+            if dense_metrics:
+                dense = read_json(dense_metrics, "dense model metrics")
+                metrics["bytes_vs_dense_16bit"] = round(metrics["weight_bytes"] / (2 * dense["params"]), 4)
+        metrics |= evaluate_model(model, tokenizer, adapter, params.evaluate, params.seed, rows, name)
     metrics["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
     write_json(out, metrics)
 

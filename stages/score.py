@@ -14,62 +14,24 @@ def score(params: Params, model_dir: Path, calibration_file: Path, out: Path) ->
     windows in ``calibration_file``; the scores (and side data such as channel means) go to ``out`` (.safetensors)."""
     from safetensors.torch import save_file
 
-    from prunekit.models.layerwise import LayerwiseModel
-    from prunekit.models.loading import load_model
     from prunekit.pipeline.files import atomic_file
     from prunekit.pipeline.stageio import read_tensors
-    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-    from prunekit.pruning.criteria.base import LayerCriterion
+    from prunekit.pruning.scoring import ModelSource, QuantizedBase, score_directory
+    from prunekit.quant.schemes import QuantSettings
 
-    m = params.model
-    criterion = CRITERIA.get(params.score.criterion)
+    m, s = params.model, params.score
     calibration = read_tensors(calibration_file, "calibration tokens")["input_ids"]
     # A criterion without base-weight gradients may score on a lower-precision frozen base (score.base_dtype).
-    dtype = params.score.base_dtype or m.dtype
-    layerwise = None
-    if params.score.base_quant:
-        # A frozen quantized base (lora): each layer is quantized as it is read, the float model is never whole.
-        lw = LayerwiseModel(model_dir, dtype, m.device)
-        model, adapter = quantized_base(lw, params), lw.adapter
-    elif m.offload == "layerwise":
-        layerwise = LayerwiseModel(model_dir, dtype, m.device)
-        model, adapter = layerwise.model, layerwise.adapter  # weights on the meta device until a layer runs
-    else:
-        model, _, adapter = load_model(model_dir, dtype, m.device, m.device_map)
-    req = ScoreRequest(
-        units=list(params.prune.units),
-        layers=list(range(len(adapter.layers(model)))),
-        calibration=calibration,
-        batch_size=params.score.batch_size,
-        seed=params.seed,
-        options=params.score.model_dump(),
+    source = ModelSource(
+        model_dir, s.base_dtype or m.dtype, m.device, m.device_map, m.offload, m.offload_activations_mib
     )
-    if isinstance(criterion, LayerCriterion):
-        # Side data rides along: the channel means for FLAP bias compensation at prune time (aux.mean.* keys).
-        if layerwise is not None:
-            scores, aux = criterion.score_layerwise(layerwise, adapter, req, m.offload_activations_mib)
-        else:
-            scores, aux = criterion.score_with_aux(model, adapter, req)
-        scores = {**scores, **aux}
-    else:  # validation admits only shape-only criteria (random) with model.offload: layerwise
-        scores = criterion.score(model, adapter, req)
+    base = None
+    if s.base_quant:
+        base = QuantizedBase(s.base_quant, QuantSettings.from_params(params.quantize), tuple(s.lora.target_modules))
+    scores = score_directory(source, s.criterion, list(params.prune.units), calibration, s.batch_size, params.seed,
+                             s.model_dump(), base)  # fmt: skip
     with atomic_file(out) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in scores.items()},
-            str(tmp),
-            metadata={"criterion": params.score.criterion},
-        )
-
-
-def quantized_base(lw: object, params: Params) -> object:
-    """The model of ``lw`` (a LayerwiseModel) with the lora targets of every layer in ``score.base_quant``."""
-    from prunekit.quant.apply import quantize_linears
-    from prunekit.quant.schemes import SCHEMES, QuantSettings
-
-    settings = QuantSettings.from_params(params.quantize)
-    scheme = SCHEMES.get(params.score.base_quant)
-    targets = list(params.score.lora.target_modules)
-    return lw.whole(lambda _idx, layer: quantize_linears(layer, targets, scheme, settings))
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": s.criterion})
 
 
 def main(argv: list[str] | None = None) -> int:

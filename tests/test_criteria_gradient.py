@@ -384,7 +384,9 @@ def test_the_score_stage_quantizes_each_layer_as_it_reads_it(tiny_model_dir, tmp
 
     from prunekit.models.layerwise import LayerwiseModel
     from prunekit.pipeline.params import parse_params
+    from prunekit.pruning.scoring import ModelSource, QuantizedBase, load_quantized_base
     from prunekit.quant.backend import is_quantized
+    from prunekit.quant.schemes import QuantSettings
 
     float_layers_seen = []
     materialize = LayerwiseModel._materialize
@@ -407,7 +409,8 @@ def test_the_score_stage_quantizes_each_layer_as_it_reads_it(tiny_model_dir, tmp
     assert {"attn_kv_group.0", "mlp_channel.3"} <= set(scores) and all(v.isfinite().all() for v in scores.values())
     # At most one layer's 7 target Linears (plus an untied head) are float at any time.
     assert max(float_layers_seen) <= len(TARGETS) + 1
-    model = stage.quantized_base(LayerwiseModel(tiny_model_dir), params)
+    base = QuantizedBase("rtn4", QuantSettings.from_params(params.quantize), tuple(TARGETS))
+    model = load_quantized_base(ModelSource(tiny_model_dir), base)
     assert sum(is_quantized(m) for m in model.modules()) == len(TARGETS) * len(model.model.layers)
 
 

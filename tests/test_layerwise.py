@@ -188,3 +188,25 @@ def test_a_model_missing_a_layer_tensor_is_refused_before_any_work(tmp_path, tok
     save_file(weights, str(path / "model.safetensors"))
     with pytest.raises(PrunekitError, match=r"lacks 1 weight.*model.layers.2.mlp.up_proj.weight"):
         LayerwiseModel(path)
+
+
+def test_evaluate_stage_measures_the_same_perplexity_in_both_modes(tiny_model_dir, tmp_path) -> None:
+    import json
+
+    text = tmp_path / "text"
+    text.mkdir()
+    rows = [f"line {i} of some evaluation text with words and more words" for i in range(60)]
+    (text / "evaluation.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    got = {}
+    for offload in ("none", "layerwise"):
+        params = parse_params({
+            "model": {"offload": offload},
+            "evaluate": {"seq_lens": [16], "max_chunks": 6, "zero_shot": {"tasks": []},
+                         "speed": {"batch_sizes": [1], "prompt_len": 4, "new_tokens": 2, "repeats": 1}},
+        })  # fmt: skip
+        load_stage("evaluate").evaluate(params, model_dir=tiny_model_dir, text=text, out=tmp_path / f"{offload}.json")
+        got[offload] = json.loads((tmp_path / f"{offload}.json").read_text())
+    assert got["layerwise"]["offload"] == "layerwise" and got["layerwise"]["params"] == got["none"]["params"]
+    assert got["layerwise"]["ppl"].keys() == got["none"]["ppl"].keys()
+    for key, value in got["none"]["ppl"].items():
+        assert got["layerwise"]["ppl"][key] == pytest.approx(value, rel=1e-5)

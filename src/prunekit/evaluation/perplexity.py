@@ -18,9 +18,19 @@ def perplexity(model: nn.Module, chunked: torch.Tensor, batch_size: int) -> dict
     total, count = 0.0, 0
     for start in tqdm(range(0, chunked.shape[0], batch_size), desc="perplexity", unit="batch"):
         batch = chunked[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        count += batch[:, 1:].numel()
+        nll, n = next_token_nll(model(input_ids=batch).logits, batch)
+        total, count = total + nll, count + n
+    return ppl_of(total, count)
+
+
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """(sum of the NLL of every next token of ``batch`` (B, T) under ``logits`` (B, T, V), how many tokens)."""
+    logits = logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+    return float(nll), batch[:, 1:].numel()
+
+
+def ppl_of(total: float, count: int) -> dict[str, float]:
+    """{ppl, nll (mean), tokens} from a summed NLL over ``count`` tokens."""
     mean = total / count
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count}

@@ -44,18 +44,27 @@ def evaluate_model(
 
 
 def evaluate_layerwise(
-    lw: object,
-    tokenizer: object,
+    model_dir: object,
+    dtype: str,
+    device: str,
+    activations_mib: int,
     settings: EvaluateParams,
     default_rows: list[str],
     default_name: str,
-    activations_mib: int,
 ) -> dict[str, object]:
-    """The perplexity protocols of a :class:`prunekit.models.layerwise.LayerwiseModel`, one decoder layer in
-    memory at a time (zero-shot accuracy and speed need the whole model: not measured)."""
+    """Size and the perplexity protocols of the model in ``model_dir`` with one decoder layer in memory at a time
+    (:class:`prunekit.models.layerwise.LayerwiseModel`); zero-shot accuracy and speed need the whole model."""
+    from prunekit.models.layerwise import LayerwiseModel
+    from prunekit.models.loading import load_tokenizer
+    from prunekit.pruning.slicing import count_params, weight_bytes
+
+    lw = LayerwiseModel(model_dir, dtype, device)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    table = _perplexities(lw, tokenizer, settings, default_rows, default_name, activations_mib)
+    table = _perplexities(lw, load_tokenizer(model_dir), settings, default_rows, default_name, activations_mib)  # type: ignore[arg-type]
     return {
+        "params": count_params(lw.model),
+        "weight_bytes": weight_bytes(lw.model),
+        "offload": "layerwise",
         "ppl": {k: round(v["ppl"], 4) for k, v in table.items()},
         "ppl_tokens": {k: v["tokens"] for k, v in table.items()},
         "seconds": {"perplexity": round(time.perf_counter() - t0, 1)},

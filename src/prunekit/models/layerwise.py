@@ -312,9 +312,7 @@ def perplexity_layerwise(
     lw: LayerwiseModel, chunked: torch.Tensor, batch_size: int, activations_mib: int = 2048
 ) -> dict[str, float]:
     """:func:`prunekit.evaluation.perplexity.perplexity` of the model with one decoder layer in memory at a time."""
-    import math
-
-    import torch.nn.functional as F
+    from prunekit.evaluation.perplexity import next_token_nll, ppl_of
 
     hidden = lw.run(chunked, batch_size, activations_mib=activations_mib)
     total, count = 0.0, 0
@@ -322,11 +320,8 @@ def perplexity_layerwise(
         with lw.head() as (norm, head):
             for b, start in enumerate(range(0, chunked.shape[0], batch_size)):
                 batch = chunked[start : start + batch_size].to(lw.device)
-                logits = head(norm(hidden.get(b).to(lw.device)))[:, :-1].float()
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-                total += float(nll)
-                count += batch[:, 1:].numel()
+                nll, n = next_token_nll(head(norm(hidden.get(b).to(lw.device))), batch)
+                total, count = total + nll, count + n
     finally:
         hidden.close()
-    mean = total / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+    return ppl_of(total, count)
