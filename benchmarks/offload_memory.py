@@ -1,10 +1,15 @@
-"""Peak memory of the score stage with the whole model in memory and layer by layer (`model.offload`).
+"""Peak memory of the score and prune stages with the whole model in memory and layer by layer (`model.offload`).
 
-Each (model, criterion, mode) runs `stages/score.py`'s scoring in its own fresh process, so peaks do not mix;
-the rows are printed side by side with the layerwise / in-memory ratios, and the two modes' score files are
-compared (largest relative difference over every unit).
+Each (model, stage, mode) runs the stage's function (`stages/score.py`, `stages/prune.py`) in its own fresh
+process, so peaks do not mix; the rows are printed side by side with the layerwise / in-memory ratios, and the
+two modes' outputs are compared (score files: largest relative difference over every unit; pruned models:
+largest absolute weight difference over every tensor).
 
     python benchmarks/offload_memory.py [--model models/base] [--shape qwen2.5-0.5b] [--criteria activation bip]
+        [--prune none least_squares]
+
+`--prune` cuts each model with the params' `prune` section (`prune.reconstruct` set to each value given) from the
+first criterion's scores.
 
 `--shape` adds a model of a published shape with random weights (seeded), written once to a temporary folder
 in bfloat16 like the published checkpoints and scored in `model.dtype` (float32 by default). Calibration: the
@@ -40,22 +45,40 @@ def _status_mib(key: str) -> float:
 
 
 def child(job: dict) -> dict:
-    """Score once in this process; return the memory numbers (MiB) and seconds."""
+    """Run the stage once in this process; return the memory numbers (MiB) and seconds."""
     import torch
 
     from prunekit.pipeline.params import load_params, parse_params
 
-    spec = importlib.util.spec_from_file_location("stage_score", ROOT / "stages" / "score.py")
+    name = job.get("stage", "score")
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     raw = load_params(job["params"]).model_dump()
     raw["model"] |= {"offload": job["mode"], "device": job["device"]}
     raw["score"]["criterion"] = job["criterion"]
+    raw["prune"]["reconstruct"] = job.get("reconstruct", "none")
     params = parse_params(raw)
     cuda = job["device"].startswith("cuda")
     runtime = 0.0 if cuda else _status_mib("VmRSS")
     start = time.perf_counter()
-    stage.score(params, Path(job["model"]), Path(job["calibration"]), Path(job["out"]))
+    if name == "score":
+        stage.score(params, Path(job["model"]), Path(job["calibration"]), Path(job["out"]))
+    else:
+        out, text = Path(job["out"]), Path(job["out"] + "-text")
+        text.mkdir()
+        stage.prune(
+            params,
+            Path(job["model"]),
+            Path(job["scores"]),
+            out / "model",
+            out / "plan.json",
+            out / "metrics.json",
+            out / "trials.json",
+            text,
+            Path(job["calibration"]),
+            out / "state",
+        )
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
     return {"runtime_mib": runtime, "peak_mib": peak, "stage_mib": peak - runtime, "seconds": seconds}
@@ -82,7 +105,7 @@ def run_child(job: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(job)], env=env, capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        raise SystemExit(f"{job['mode']} {job['criterion']} on {job['model']} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{job.get('stage', 'score')} {job['mode']} on {job['model']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -95,6 +118,16 @@ def largest_difference(a: Path, b: Path) -> float:
     return max(float(((x[k] - y[k]).abs() / x[k].abs().clamp_min(1e-30)).max()) for k in x)
 
 
+def largest_weight_difference(a: Path, b: Path) -> float:
+    """Largest absolute difference between the two model directories' tensors (sharded differently)."""
+    from safetensors.torch import load_file
+
+    x, y = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for d in (a, b))
+    if x.keys() != y.keys():
+        raise SystemExit(f"the modes wrote different tensors: {sorted(x.keys() ^ y.keys())[:4]}")
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x if x[k].is_floating_point())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -103,6 +136,8 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", default=["activation", "bip"])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prune", nargs="*", default=[], choices=["none", "least_squares"],
+                        help="also the prune stage, with these prune.reconstruct values")  # fmt: skip
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -119,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="offload-memory-") as tmp:
         work = Path(tmp)
         models += [random_model(shape, work) for shape in args.shape]
-        rows = []
+        rows, prune_rows = [], []
         for model in models:
             cfg = load_config(model)
             gen = torch.Generator().manual_seed(params.seed)
@@ -147,6 +182,21 @@ def main() -> None:
                     work / f"{model.name}-{criterion}-layerwise.safetensors",
                 )
                 rows.append((model.name, n_params, criterion, result, diff))
+            for reconstruct in args.prune:
+                result = {}
+                for mode in ("none", "layerwise"):
+                    out = work / f"{model.name}-prune-{reconstruct}-{mode}"
+                    job = dict(stage="prune", model=str(model), criterion=args.criteria[0], mode=mode,
+                               device=args.device, calibration=str(calibration), out=str(out), params=args.params,
+                               scores=str(work / f"{model.name}-{args.criteria[0]}-none.safetensors"),
+                               reconstruct=reconstruct)  # fmt: skip
+                    result[mode] = run_child(job)
+                    print(f"{model.name} prune {reconstruct} {mode}: {result[mode]}", file=sys.stderr)
+                diff = largest_weight_difference(
+                    work / f"{model.name}-prune-{reconstruct}-none" / "model",
+                    work / f"{model.name}-prune-{reconstruct}-layerwise" / "model",
+                )
+                prune_rows.append((model.name, n_params, reconstruct, result, diff))
 
     print(f"\nscore stage, {params.calibrate.samples} x {params.calibrate.seq_len} calibration tokens, "
           f"model.dtype {params.model.dtype}, device {args.device}, threads {torch.get_num_threads()}\n")  # fmt: skip
@@ -160,6 +210,20 @@ def main() -> None:
             f"{b['peak_mib']:.0f} ({b['stage_mib']:.0f}) | {b['peak_mib'] / a['peak_mib']:.3f} | "
             f"{b['stage_mib'] / a['stage_mib']:.3f} | {a['seconds']:.1f} / {b['seconds']:.1f} | {diff:.1e} |"
         )
+    if prune_rows:
+        p = params.prune
+        print(f"\nprune stage: prune.target {p.target}, units {', '.join(p.units)}, {p.allocation}, skip "
+              f"{p.skip_first} + {p.skip_last}, scores of {args.criteria[0]}\n")  # fmt: skip
+        print("| model | params | reconstruct | in memory: peak MiB (stage) | layerwise: peak MiB (stage) | "
+              "peak ratio | stage ratio | seconds in memory / layerwise | max abs. weight diff |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, n, reconstruct, r, diff in prune_rows:
+            a, b = r["none"], r["layerwise"]
+            print(
+                f"| {name} | {n / 1e6:.0f}M | {reconstruct} | {a['peak_mib']:.0f} ({a['stage_mib']:.0f}) | "
+                f"{b['peak_mib']:.0f} ({b['stage_mib']:.0f}) | {b['peak_mib'] / a['peak_mib']:.3f} | "
+                f"{b['stage_mib'] / a['stage_mib']:.3f} | {a['seconds']:.1f} / {b['seconds']:.1f} | {diff:.1e} |"
+            )
 
 
 def _numel(handle, key: str) -> int:  # noqa: ANN001

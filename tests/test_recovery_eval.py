@@ -203,7 +203,11 @@ def test_full_fine_tuning_takes_adamw_steps_on_every_weight() -> None:
     for name, p in trained.named_parameters():
         g = grads[name]
         expected = before[name] - 1e-3 * g / (g.abs() + 1e-8)
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+        # Where |g| is near eps, g / (|g| + eps) turns float rounding of g (two computations of it, the CPU's kernels)
+        # into a visible step difference: there the step is checked to be at most lr.
+        clear = g.abs() > 1e-6
+        torch.testing.assert_close(p.detach()[clear], expected[clear], rtol=0, atol=1e-6, msg=name)
+        assert float((p.detach() - before[name]).abs().max()) <= 1e-3 + 1e-6, name
     assert not model.model.embed_tokens.weight.requires_grad and model.model.norm.weight.requires_grad
     assert not trained.training
 

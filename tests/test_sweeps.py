@@ -95,6 +95,21 @@ asyncio.run(main())
                                      check=True).stdout)  # fmt: skip
 
 
+def online_workers(env: dict[str, str], pool: str) -> set[str]:
+    """Names of the pool's workers whose heartbeat the API has (status ONLINE)."""
+    code = f"""
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as c:
+        workers = await c.read_workers_for_work_pool({pool!r})
+        print(json.dumps([w.name for w in workers if str(getattr(w.status, "value", w.status)) == "ONLINE"]))
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out))
+
+
 def wait_for(predicate, what: str, timeout: float = WAIT_S):  # noqa: ANN001, ANN201
     deadline = time.time() + timeout
     while not (value := predicate()):
@@ -127,6 +142,14 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
     try:
         for name in ("w0", "w1"):
             start_worker(name)
+
+        # Both workers polling before the sweep submits: a worker still starting would leave both runs to the other.
+        def both_online() -> bool:
+            for name, proc in workers.items():
+                assert proc.poll() is None, f"worker {name} exited:\n{logs[name].read_text()[-3000:]}"
+            return online_workers(env, "sweep-pool") >= {"w0", "w1"}
+
+        wait_for(both_online, "both workers to be online", 180)
         # The sweep: two grid points, one flow run each, both at once (one per worker).
         out = run([sys.executable, "flows/pipeline.py", "sweep", "-G", "prune.target=0.25,0.3", "-G",
                    "runtime.threads=1", "--deployment", deployment, "--prefix", "ps"], repo, env)  # fmt: skip
@@ -134,7 +157,7 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
         assert sorted(r["state"] for r in runs.values()) == ["Completed", "Completed"], runs
         for name in ("w0", "w1"):  # each worker ran one
             submitted = [r for r in runs.values() if f"submitting flow run '{r['id']}'" in logs[name].read_text()]
-            assert len(submitted) == 1, logs[name].read_text()[-3000:]
+            assert len(submitted) == 1, "\n".join(f"{n}:\n{log.read_text()[-2000:]}" for n, log in logs.items())
         found = experiments(repo, env)
         assert found["ps-0"]["params"]["prune"]["target"] == 0.25 and found["ps-1"]["params"]["prune"]["target"] == 0.3
         assert pruned_ppl(found["ps-0"]) != pruned_ppl(found["ps-1"])

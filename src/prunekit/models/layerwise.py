@@ -61,18 +61,27 @@ class _Recorder(nn.Module):
 
 class HiddenStates:
     """Per-batch hidden states carried between layers: in memory up to a byte budget, then in a temporary
-    folder (one safetensors file per batch)."""
+    folder (one safetensors file per batch). Iterating gives batches 0, 1, ... on ``device``."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, device: torch.device | str = "cpu") -> None:
         self.limit = limit_bytes
+        self.device = torch.device(device)
         self.memory: dict[int, torch.Tensor] = {}
         self.used = 0
+        self.count = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self.get(i) for i in range(self.count))
 
     def put(self, i: int, t: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
         t = t.detach().to("cpu").contiguous()
+        self.count = max(self.count, i + 1)
         old = self.memory.pop(i, None)
         self.used -= old.numel() * old.element_size() if old is not None else 0
         size = t.numel() * t.element_size()
@@ -89,10 +98,10 @@ class HiddenStates:
         from safetensors.torch import load_file
 
         if i in self.memory:
-            return self.memory[i]
+            return self.memory[i].to(self.device)
         if self._dir is None:
             raise KeyError(i)
-        return load_file(str(Path(self._dir.name) / f"{i}.safetensors"))["h"]
+        return load_file(str(Path(self._dir.name) / f"{i}.safetensors"), device=str(self.device))["h"]
 
     def close(self) -> None:
         self.memory.clear()
@@ -273,26 +282,39 @@ class LayerwiseModel:
         """
         n_layers = len(self.layers)
         last = n_layers - 1 if last is None else last
-        starts = list(range(0, input_ids.shape[0], batch_size))
-        hidden = HiddenStates(activations_mib * MIB)
-        arguments: list[list[dict[str, Any]]] = []
+        hidden, arguments = (
+            self.inputs(input_ids, batch_size, activations_mib) if forward else (HiddenStates(0, self.device), [])
+        )
         try:
-            if forward:
-                for b, start in enumerate(starts):
-                    embeds = self.embed(input_ids[start : start + batch_size])
-                    arguments.append(self.layer_arguments(embeds))
-                    hidden.put(b, embeds)
             for idx in range(last + 1):
                 with self.loaded(idx) as layer, around(idx, layer) if around else nullcontext():
                     if not forward:
                         continue
-                    for b in range(len(starts)):
-                        out = layer(hidden.get(b).to(self.device), **arguments[b][idx])
+                    for b, h in enumerate(hidden):
+                        out = layer(h, **arguments[b][idx])
                         hidden.put(b, out[0] if isinstance(out, tuple) else out)
         except BaseException:
             hidden.close()
             raise
         return hidden
+
+    @torch.no_grad()
+    def inputs(
+        self, input_ids: torch.Tensor, batch_size: int, activations_mib: int = 2048
+    ) -> tuple[HiddenStates, list[list[dict[str, Any]]]]:
+        """Layer 0's input per batch of the windows ``input_ids`` (N, T), and per batch the keyword arguments of
+        every layer (``arguments[batch][layer]``)."""
+        hidden = HiddenStates(activations_mib * MIB, self.device)
+        arguments: list[list[dict[str, Any]]] = []
+        try:
+            for b, start in enumerate(range(0, input_ids.shape[0], batch_size)):
+                embeds = self.embed(input_ids[start : start + batch_size])
+                arguments.append(self.layer_arguments(embeds))
+                hidden.put(b, embeds)
+        except BaseException:
+            hidden.close()
+            raise
+        return hidden, arguments
 
 
 def _raise_stop(_module: nn.Module, _args: tuple[Any, ...]) -> None:
@@ -320,7 +342,7 @@ def perplexity_layerwise(
         with lw.head() as (norm, head):
             for b, start in enumerate(range(0, chunked.shape[0], batch_size)):
                 batch = chunked[start : start + batch_size].to(lw.device)
-                nll, n = next_token_nll(head(norm(hidden.get(b).to(lw.device))), batch)
+                nll, n = next_token_nll(head(norm(hidden.get(b))), batch)
                 total, count = total + nll, count + n
     finally:
         hidden.close()

@@ -30,8 +30,9 @@ class ModelParams(Section):
     device: str = "cpu"
     # "auto" spreads a model larger than one GPU over the visible devices (accelerate).
     device_map: Literal["auto"] | None = None
-    # layerwise: the score stage (forward-only criteria) and the evaluation's perplexity read one decoder layer
-    # at a time from the safetensors files (prunekit.models.layerwise); the other stages load the whole model.
+    # layerwise: the score stage (forward-only criteria), the prune stage (one-shot cuts) and the evaluation's
+    # perplexity read one decoder layer at a time from the safetensors files (prunekit.models.layerwise); the
+    # recover, search, quantize and export stages load the whole model.
     offload: Literal["none", "layerwise"] = "none"
     # layerwise: hidden states carried between layers stay in memory up to this many MiB, the rest on disk.
     offload_activations_mib: int = Field(2048, ge=0)

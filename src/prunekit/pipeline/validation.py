@@ -143,6 +143,18 @@ def _prune(params: Params, problems: _Problems) -> None:
         )
     if p.allocation == "search" and "hidden_channel" in units:
         problems.key("prune.allocation", "'search' allocates per layer; hidden_channel spans the whole model")
+    if params.model.offload == "layerwise" and p.schedule != "oneshot":
+        problems.key(
+            "prune.schedule",
+            f"'{p.schedule}' trains or rescores the whole model between cuts, which model.offload: layerwise does "
+            "not hold; use schedule: oneshot (a layer at a time) or model.offload: none",
+        )
+    if params.model.offload == "layerwise" and p.allocation == "search":
+        problems.key(
+            "prune.allocation",
+            "'search' evaluates every candidate on the whole model, which model.offload: layerwise does not hold; "
+            "use a rule allocation (uniform, global, ...) or model.offload: none",
+        )
     if p.reconstruct != "none" and p.bias_compensation:
         problems.key("prune.reconstruct", "refits the biases too; set prune.bias_compensation: false with it")
     if p.reconstruct != "none" and "hidden_channel" in units:

@@ -66,20 +66,78 @@ def add_zero_biases(model: nn.Module, adapter: ModelAdapter) -> int:
     """Give o_proj and down_proj a bias (zeros where they had none), and what else the family's config needs to
     say so: with a stock switch (Llama) every q/k/v/o and gate/up/down projection; else ``output_bias`` in the
     config, which the pruned classes read. Returns how many biases were added."""
+    added = sum(add_layer_biases(adapter, layer) for layer in adapter.layers(model))
+    mark_biases(model.config, adapter)
+    return added
+
+
+def add_layer_biases(adapter: ModelAdapter, layer: nn.Module) -> int:
+    """:func:`add_zero_biases` for one decoder layer (its config left as it is): how many biases were added."""
     stock = adapter.output_bias
-    added = 0
-    for layer in adapter.layers(model):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        attn_names = (adapter.q, adapter.k, adapter.v, adapter.o) if stock else (adapter.o,)
-        mlp_names = (adapter.gate, adapter.up, adapter.down) if stock else (adapter.down,)
-        for owner, names in ((attn, attn_names), (mlp, mlp_names)):
-            added += sum(add_bias(getattr(owner, name)) for name in names)
-    # The model classes build these biases from the config: keep it saying so, for save and reload.
-    if stock:
-        model.config.attention_bias = True
-        model.config.mlp_bias = True
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    attn_names = (adapter.q, adapter.k, adapter.v, adapter.o) if stock else (adapter.o,)
+    mlp_names = (adapter.gate, adapter.up, adapter.down) if stock else (adapter.down,)
+    return sum(
+        add_bias(getattr(owner, name)) for owner, names in ((attn, attn_names), (mlp, mlp_names)) for name in names
+    )
+
+
+def mark_biases(config: object, adapter: ModelAdapter) -> None:
+    """Say in ``config`` that every layer has the biases :func:`add_layer_biases` adds (the model classes build
+    them from it: save and reload)."""
+    if adapter.output_bias:
+        config.attention_bias = True
+        config.mlp_bias = True
     else:
-        setattr(model.config, OUTPUT_BIAS, True)
+        setattr(config, OUTPUT_BIAS, True)
+
+
+def checked_columns(
+    model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]
+) -> dict[tuple[str, int], torch.Tensor]:
+    """:func:`removed_columns`, after checking that ``means`` has every mean they need, in the right shape (reads
+    only shapes: the model's weights may still be on disk, ``meta``)."""
+    layers = adapter.layers(model)
+    columns = removed_columns(model, adapter, plan)
+    for role, idx in columns:
+        key = mean_key(role, idx)
+        if key not in means:
+            raise PrunekitError(
+                f"prune.bias_compensation needs the mean activations of the o_proj / down_proj inputs, but the "
+                f"scores lack '{key}': rescore with an activation-based criterion (activation, flap, wanda_sp)"
+            )
+        proj = projection(adapter, layers[idx], role)
+        if means[key].shape != (proj.in_features,):
+            raise PrunekitError(
+                f"'{key}' has shape {tuple(means[key].shape)}, but {role} of layer {idx} has {proj.in_features} "
+                "inputs; rerun the score stage for this model"
+            )
+    return columns
+
+
+@torch.no_grad()
+def compensate_layer(
+    adapter: ModelAdapter,
+    layer: nn.Module,
+    idx: int,
+    columns: Mapping[tuple[str, int], torch.Tensor],
+    means: Mapping[str, torch.Tensor],
+) -> int:
+    """Decoder layer ``idx`` (its weights loaded, not yet sliced) gets its zero biases and, on the projections with
+    removed ``columns`` (from :func:`checked_columns`), b += W[:, removed] @ mean[removed]. Returns the biases added."""
+    deltas = {}
+    for role in CONSUMERS:
+        cols = columns.get((role, idx))
+        if cols is None:
+            continue
+        proj = projection(adapter, layer, role)
+        mean = means[mean_key(role, idx)].to(proj.weight.device, torch.float64)
+        cols = cols.to(proj.weight.device)
+        deltas[role] = proj.weight.detach().to(torch.float64)[:, cols] @ mean[cols]
+    added = add_layer_biases(adapter, layer)
+    for role, delta in deltas.items():
+        bias = projection(adapter, layer, role).bias
+        bias += delta.to(bias.dtype)
     return added
 
 
@@ -90,27 +148,9 @@ def compensate(model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mappi
     Call before slicing (the removed columns are still there). ``means`` maps ``aux.mean.<proj>.<layer>``
     to the (in_features,) input channel means, as the score stage saves them; extra keys are ignored.
     """
-    layers = adapter.layers(model)
-    deltas: dict[tuple[str, int], torch.Tensor] = {}
     # Everything is checked before the model changes, so an error leaves it untouched.
-    for (role, idx), cols in removed_columns(model, adapter, plan).items():
-        key = mean_key(role, idx)
-        if key not in means:
-            raise PrunekitError(
-                f"prune.bias_compensation needs the mean activations of the o_proj / down_proj inputs, but the "
-                f"scores lack '{key}': rescore with an activation-based criterion (activation, flap, wanda_sp)"
-            )
-        proj = projection(adapter, layers[idx], role)
-        mean = means[key].to(proj.weight.device, torch.float64)
-        if mean.shape != (proj.in_features,):
-            raise PrunekitError(
-                f"'{key}' has shape {tuple(mean.shape)}, but {role} of layer {idx} has {proj.in_features} inputs; "
-                "rerun the score stage for this model"
-            )
-        cols = cols.to(proj.weight.device)
-        deltas[(role, idx)] = proj.weight.detach().to(torch.float64)[:, cols] @ mean[cols]
-    add_zero_biases(model, adapter)
-    for (role, idx), delta in deltas.items():
-        bias = projection(adapter, layers[idx], role).bias
-        bias += delta.to(bias.dtype)
-    log.info("bias compensation: folded removed-channel means into %d o_proj / down_proj biases", len(deltas))
+    columns = checked_columns(model, adapter, plan, means)
+    for idx, layer in enumerate(adapter.layers(model)):
+        compensate_layer(adapter, layer, idx, columns, means)
+    mark_biases(model.config, adapter)
+    log.info("bias compensation: folded removed-channel means into %d o_proj / down_proj biases", len(columns))

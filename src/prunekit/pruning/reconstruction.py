@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -137,25 +137,46 @@ def reconstruct(
     model.eval()
     masked = apply_plan(copy.deepcopy(model), adapter, plan, mode="mask")
     dense_layers, masked_layers = adapter.layers(model), adapter.layers(masked)
-    removed_layers = {i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k}
-    # Every layer the plan prunes gets both projections refit: down_proj also makes up for what the cut
-    # attention changed, and a projection with nothing removed is refit over all its inputs.
-    planned = {i for u, per in plan.keep.items() if not UNITS.get(u).whole_layer for i in per} - removed_layers
+    planned = planned_layers(plan)
     fits: list[ProjectionFit] = []
     try:
         hidden, kwargs = _layer_inputs(model, adapter, calibration, batch_size)
         for idx in tqdm(range(len(dense_layers)), desc="reconstruction", unit="layer"):
             dense_l, masked_l = dense_layers[idx], masked_layers[idx]
             if idx in planned:
-                reference = copy.deepcopy(dense_l)  # the dense layer's targets, while the model's layer is refit
-                for role in CONSUMERS:
-                    cols = removed_inputs(adapter, dense_l, plan, idx, role)
-                    fit = _refit(adapter, reference, masked_l, idx, role, cols, hidden, kwargs[idx], ridge)
-                    _copy_kept(adapter, masked_l, dense_l, role, cols)
-                    fits.append(fit)
-            hidden = [_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
+                fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], ridge)
+            hidden = [layer_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
     finally:
         model.train(was_training)
+    return fits
+
+
+def planned_layers(plan: Plan) -> set[int]:
+    """The layers whose projections are refit: every layer the plan prunes (and keeps). down_proj also makes up
+    for what the cut attention changed, and a projection with nothing removed is refit over all its inputs."""
+    removed = {i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k}
+    return {i for u, per in plan.keep.items() if not UNITS.get(u).whole_layer for i in per} - removed
+
+
+def reconstruct_layer(
+    adapter: ModelAdapter,
+    dense_l: nn.Module,
+    masked_l: nn.Module,
+    idx: int,
+    plan: Plan,
+    hidden: Iterable[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    ridge: float,
+) -> list[ProjectionFit]:
+    """Refit o_proj, then down_proj, of decoder layer ``idx`` on its inputs ``hidden`` (one tensor per batch, an
+    iterable that can be read twice) with their keyword arguments: into ``masked_l`` (the plan applied as masks,
+    whose output feeds the next layer) and into the kept columns of ``dense_l`` (sliced afterwards)."""
+    reference = copy.deepcopy(dense_l)  # the dense layer's targets, while the model's layer is refit
+    fits = []
+    for role in CONSUMERS:
+        cols = removed_inputs(adapter, dense_l, plan, idx, role)
+        fits.append(_refit(adapter, reference, masked_l, idx, role, cols, hidden, kwargs, ridge))
+        _copy_kept(adapter, masked_l, dense_l, role, cols)
     return fits
 
 
@@ -166,7 +187,7 @@ def _refit(
     idx: int,
     role: str,
     removed: torch.Tensor,
-    hidden: list[torch.Tensor],
+    hidden: Iterable[torch.Tensor],
     kwargs: list[dict[str, Any]],
     ridge: float,
 ) -> ProjectionFit:
@@ -251,7 +272,8 @@ def _capture(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _output(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (some families return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -100,6 +100,33 @@ def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = 
     return model
 
 
+def check_plan_fits(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> None:
+    """PrunekitError unless every unit and layer the plan names exists in ``model`` (reads only shapes)."""
+    for unit in plan.keep:
+        _check_keep(model, adapter, unit, plan.keep[unit])
+
+
+@torch.no_grad()
+def apply_plan_to_layer(adapter: ModelAdapter, layer: nn.Module, plan: Plan, idx: int, mode: str) -> nn.Module:
+    """What :func:`apply_plan` does to decoder layer ``idx`` (dense numbering), for a model held one layer at a
+    time. A layer the plan removes is zeroed in ``mode="mask"`` (the identity) and left as it is in ``"slice"``:
+    the caller drops it (:func:`prunekit.pruning.units.layers.remove_layers` on the whole model)."""
+    for unit in sorted(plan.keep, key=lambda u: (UNITS.get(u).order, u)):
+        ut, per_layer = UNITS.get(unit), plan.keep[unit]
+        if idx not in per_layer:
+            continue
+        if ut.model_wide:
+            raise PrunekitError(f"unit type '{unit}' spans the whole model and cannot be applied one layer at a time")
+        if ut.whole_layer:
+            if mode == "mask" and not per_layer[idx]:
+                ut.apply(adapter, layer, torch.zeros(0, dtype=torch.long), mode)
+            continue
+        ut.apply(adapter, layer, torch.tensor(sorted(per_layer[idx]), dtype=torch.long), mode)
+        if mode == "slice":
+            adapter.refresh_layer(layer)
+    return layer
+
+
 def _check_keep(model: nn.Module, adapter: ModelAdapter, unit: str, per_layer: dict[int, list[int]]) -> None:
     """PrunekitError unless ``per_layer`` names existing layers and units and keeps equal counts per group."""
     ut = UNITS.get(unit)

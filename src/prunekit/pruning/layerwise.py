@@ -1,0 +1,178 @@
+"""Prune a model one decoder layer at a time (``model.offload: layerwise``): never the whole model in memory.
+
+The plan comes from the scores and the layers' shapes alone (the model built on the ``meta`` device). Then, for
+decoder layer 0, 1, ...: the layer is read from the safetensors files, compensated (FLAP's biases) or refit
+(least squares on the calibration activations, which are carried from layer to layer as the pruned layers
+produce them: :mod:`prunekit.pruning.reconstruction`), sliced, and written as its own safetensors shard under its
+new index before the next layer is read. Embedding, final norm and output head are copied; the config,
+generation config, tokenizer and the shard index complete a directory that ``from_pretrained`` (or another
+layerwise stage) reads like the one the in-memory path writes: same tensors, same config, sharded differently.
+
+Only the one-shot cut (``prune.schedule: oneshot``) with a rule allocation runs this way: schedules that train
+or rescore between cuts and the allocation search evaluate the whole model (params refuse them).
+
+Peak memory: one decoder layer (two with reconstruction, which also keeps a masked copy and three n x n float64
+Gram matrices of one projection), the calibration hidden states (in memory up to ``activations_mib``, on disk
+beyond), the embedding rows of the calibration tokens; the embedding and output head once, at the end, to copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prunekit.errors import PrunekitError
+from prunekit.models.layerwise import LAYERS_PREFIX, LayerwiseModel
+from prunekit.pruning.schedules.base import PruneJob, PruneResult
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def shard_name(i: int, n: int) -> str:
+    """Shard ``i`` (1-based) of ``n``, as transformers names them."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+@torch.no_grad()
+def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activations_mib: int = 2048) -> PruneResult:
+    """Cut the model of ``lw`` to ``job.cut.target`` in one shot and write the pruned model to ``out_dir`` (an
+    empty folder), one decoder layer in memory at a time; the result's model is ``lw``'s (on ``meta``, with the
+    pruned shapes). Everything that can be checked from shapes is checked before the first layer is read."""
+    from safetensors.torch import save_file
+
+    from prunekit.models.provenance import make_reproducible
+    from prunekit.pruning.compensation import checked_columns, compensate_layer, mark_biases
+    from prunekit.pruning.reconstruction import check_plan, layer_output, planned_layers, reconstruct_layer
+    from prunekit.pruning.slicing import apply_plan_to_layer, check_plan_fits, count_params
+    from prunekit.pruning.units import UNITS
+    from prunekit.pruning.units.layers import remove_layers
+
+    model, adapter, cut = lw.model, lw.adapter, job.cut
+    if job.model is not model:
+        raise ValueError("the job's model must be the layerwise model's (lw.model)")
+    before = count_params(model)
+    plan = cut.plan(job.scores, cut.request(model, adapter, cut.target, before, job))
+    check_plan_fits(model, adapter, plan)
+    columns = checked_columns(model, adapter, plan, job.side) if cut.bias_compensation else None
+    refit = cut.reconstruct != "none"
+    if refit:
+        check_plan(plan)
+    n_layers = len(lw.layers)
+    dropped = sorted({i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k})
+    kept = [i for i in range(n_layers) if i not in dropped]
+    if not kept:
+        raise PrunekitError(f"the plan removes all {n_layers} decoder layers; keep at least one")
+    n_files = len(kept) + 1  # one shard per kept layer, then embedding, norm and head
+    planned = planned_layers(plan)
+    hidden, arguments = lw.inputs(job.reconstruction_tokens(), job.score_batch_size, activations_mib) if refit else (
+        None, [])  # fmt: skip
+    weight_map: dict[str, str] = {}
+    fits, added, total = [], 0, 0
+    try:
+        for idx in tqdm(range(n_layers), desc="prune (layerwise)", unit="layer"):
+            with lw.loaded(idx) as layer:
+                dense_names = {name for name, _ in layer.named_parameters()}
+                if columns is not None:
+                    compensate_layer(adapter, layer, idx, columns, job.side)
+                if hidden is not None:
+                    kwargs = [per_batch[idx] for per_batch in arguments]
+                    masked = apply_plan_to_layer(adapter, copy.deepcopy(layer), plan, idx, "mask")
+                    if idx in planned:
+                        fits += reconstruct_layer(
+                            adapter, layer, masked, idx, plan, hidden, kwargs, cut.reconstruct_ridge
+                        )
+                    for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                        hidden.put(b, layer_output(masked(h, **kw)))
+                    del masked
+                if idx in dropped:
+                    continue
+                apply_plan_to_layer(adapter, layer, plan, idx, "slice")
+                # Biases the compensation added, as sliced: the plan does not count them.
+                added += sum(t.numel() for name, t in layer.named_parameters() if name not in dense_names)
+                new = kept.index(idx)
+                tensors = {
+                    f"{LAYERS_PREFIX}{new}.{k}": v.detach().to("cpu").contiguous()
+                    for k, v in layer.state_dict().items()
+                }
+                total += _write(save_file, tensors, out_dir, shard_name(new + 1, n_files), weight_map)
+    finally:
+        if hidden is not None:
+            hidden.close()
+    # The skeleton now has the pruned shapes: drop the removed layers, describe it, copy what is outside the layers.
+    remove_layers(model, adapter, dropped)
+    if columns is not None:
+        mark_biases(model.config, adapter)
+    rest = _outside_layers(lw)
+    total += _write(save_file, rest, out_dir, shard_name(n_files, n_files), weight_map)
+    after = count_params(model)
+    if after - added != plan.params_after:
+        raise RuntimeError(f"the pruned model has {after - added} parameters, the plan expected {plan.params_after}")
+    _save_config(lw, out_dir, weight_map, {k: tuple(t.shape) for k, t in rest.items()})
+    (out_dir / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    )
+    job.tokenizer.save_pretrained(out_dir)
+    make_reproducible(out_dir)
+    plan.params_after = after
+    return PruneResult(model, plan, fits=fits, trials=[])
+
+
+def _write(save_file, tensors: dict[str, torch.Tensor], out_dir: Path, name: str, weight_map: dict[str, str]) -> int:  # noqa: ANN001
+    save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _outside_layers(lw: LayerwiseModel) -> dict[str, torch.Tensor]:
+    """The parameters (a tied head once) and stored buffers that are not in a decoder layer, read from disk in the
+    model's dtype (buffers in their own)."""
+    params = [n for n, _ in lw.model.named_parameters() if not n.startswith(LAYERS_PREFIX)]
+    buffers = [
+        n for n in lw.model.state_dict() if n not in params and n in lw.files and not n.startswith(LAYERS_PREFIX)
+    ]
+    out = {n: lw._read(n).to(lw.dtype).contiguous() for n in params}
+    out.update({n: lw._read(n).contiguous() for n in buffers})
+    return out
+
+
+def _save_config(lw: LayerwiseModel, out_dir: Path, weight_map: dict[str, str], rest: dict[str, tuple]) -> None:
+    """config.json for the pruned widths (as the in-memory path's), the generation config; checks that the class
+    ``from_pretrained`` will build from it expects exactly the tensors written, in their shapes."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from prunekit.pruning.slicing import config_for
+
+    config = config_for(lw.model, lw.adapter)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with init_empty_weights():
+        fresh = cls(config)
+    fresh.tie_weights()
+    expected = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    written = dict(rest)
+    for name, shard in weight_map.items():
+        if name not in written:
+            with safe_open(str(out_dir / shard), framework="pt") as f:
+                written[name] = tuple(f.get_slice(name).get_shape())
+    if expected != written:
+        diff = sorted(set(expected.items()) ^ set(written.items()))
+        raise RuntimeError(f"the written tensors do not match the pruned config's model: {diff[:3]}")
+    config.architectures = [cls.__name__]
+    config.dtype = lw.dtype
+    config.save_pretrained(out_dir)
+    source = lw.path / "generation_config.json"
+    generation = (
+        GenerationConfig.from_pretrained(lw.path) if source.is_file() else GenerationConfig.from_model_config(config)
+    )
+    generation.save_pretrained(out_dir)
