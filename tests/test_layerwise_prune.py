@@ -98,7 +98,15 @@ def test_layerwise_prune_writes_the_model_the_in_memory_prune_saves(case, tmp_pa
         torch.testing.assert_close(model_b(ids).logits, model_a(ids).logits, rtol=1e-4, atol=1e-5)
     index = json.loads((tmp_path / "layerwise" / INDEX_FILE).read_text())
     n_layers = config_b["num_hidden_layers"]
-    assert len(set(index["weight_map"].values())) == n_layers + 1  # a shard per layer, one for the rest
+    shards: dict[str, list[str]] = {}
+    for name, shard in index["weight_map"].items():
+        shards.setdefault(shard, []).append(name)
+    # A shard per layer, holding that layer alone; then one per tensor outside the layers (embedding, norm, head).
+    per_layer = {
+        s: {n.split(".")[2] for n in names} for s, names in shards.items() if names[0].startswith("model.layers.")
+    }
+    assert len(per_layer) == n_layers and all(len(layers) == 1 for layers in per_layer.values())
+    assert all(len(names) == 1 for s, names in shards.items() if s not in per_layer)
     if "layers" in case:
         assert n_layers < model.config.num_hidden_layers  # the case removes whole layers
 

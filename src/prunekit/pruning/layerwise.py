@@ -4,7 +4,7 @@ The plan comes from the scores and the layers' shapes alone (the model built on 
 decoder layer 0, 1, ...: the layer is read from the safetensors files, compensated (FLAP's biases) or refit
 (least squares on the calibration activations, which are carried from layer to layer as the pruned layers
 produce them: :mod:`prunekit.pruning.reconstruction`), sliced, and written as its own safetensors shard under its
-new index before the next layer is read. Embedding, final norm and output head are copied; the config,
+new index before the next layer is read. Embedding, final norm and output head are copied, a shard each; the config,
 generation config, tokenizer and the shard index complete a directory that ``from_pretrained`` (or another
 layerwise stage) reads like the one the in-memory path writes: same tensors, same config, sharded differently.
 
@@ -69,7 +69,8 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     kept = [i for i in range(n_layers) if i not in dropped]
     if not kept:
         raise PrunekitError(f"the plan removes all {n_layers} decoder layers; keep at least one")
-    n_files = len(kept) + 1  # one shard per kept layer, then embedding, norm and head
+    outside = _outside_layers(lw)
+    n_files = len(kept) + len(outside)  # one shard per kept layer, then one per tensor outside them (embedding, ...)
     planned = planned_layers(plan)
     hidden, arguments = lw.inputs(job.reconstruction_tokens(), job.score_batch_size, activations_mib) if refit else (
         None, [])  # fmt: skip
@@ -109,12 +110,17 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     remove_layers(model, adapter, dropped)
     if columns is not None:
         mark_biases(model.config, adapter)
-    rest = _outside_layers(lw)
-    total += _write(save_file, rest, out_dir, shard_name(n_files, n_files), weight_map)
+    rest = {}
+    for k, name in enumerate(outside, start=len(kept) + 1):  # one at a time: the embedding may be the largest tensor
+        tensor = lw._read(name)
+        tensor = tensor.to(lw.dtype) if outside[name] else tensor
+        total += _write(save_file, {name: tensor.contiguous()}, out_dir, shard_name(k, n_files), weight_map)
+        rest[name] = tuple(tensor.shape)
+        del tensor
     after = count_params(model)
     if after - added != plan.params_after:
         raise RuntimeError(f"the pruned model has {after - added} parameters, the plan expected {plan.params_after}")
-    _save_config(lw, out_dir, weight_map, {k: tuple(t.shape) for k, t in rest.items()})
+    _save_config(lw, out_dir, weight_map, rest)
     (out_dir / INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
     )
@@ -130,16 +136,14 @@ def _write(save_file, tensors: dict[str, torch.Tensor], out_dir: Path, name: str
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _outside_layers(lw: LayerwiseModel) -> dict[str, torch.Tensor]:
-    """The parameters (a tied head once) and stored buffers that are not in a decoder layer, read from disk in the
-    model's dtype (buffers in their own)."""
+def _outside_layers(lw: LayerwiseModel) -> dict[str, bool]:
+    """The parameters (a tied head once) and stored buffers that are not in a decoder layer: name -> whether it is
+    a parameter (written in the model's dtype; buffers keep theirs)."""
     params = [n for n, _ in lw.model.named_parameters() if not n.startswith(LAYERS_PREFIX)]
     buffers = [
         n for n in lw.model.state_dict() if n not in params and n in lw.files and not n.startswith(LAYERS_PREFIX)
     ]
-    out = {n: lw._read(n).to(lw.dtype).contiguous() for n in params}
-    out.update({n: lw._read(n).contiguous() for n in buffers})
-    return out
+    return dict.fromkeys(params, True) | dict.fromkeys(buffers, False)
 
 
 def _save_config(lw: LayerwiseModel, out_dir: Path, weight_map: dict[str, str], rest: dict[str, tuple]) -> None:
