@@ -200,30 +200,26 @@ def main() -> None:
 
     print(f"\nscore stage, {params.calibrate.samples} x {params.calibrate.seq_len} calibration tokens, "
           f"model.dtype {params.model.dtype}, device {args.device}, threads {torch.get_num_threads()}\n")  # fmt: skip
-    print("| model | params | criterion | in memory: peak MiB (stage) | layerwise: peak MiB (stage) | "
-          "peak ratio | stage ratio | seconds in memory / layerwise | max rel. score diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n, criterion, r, diff in rows:
-        a, b = r["none"], r["layerwise"]
-        print(
-            f"| {name} | {n / 1e6:.0f}M | {criterion} | {a['peak_mib']:.0f} ({a['stage_mib']:.0f}) | "
-            f"{b['peak_mib']:.0f} ({b['stage_mib']:.0f}) | {b['peak_mib'] / a['peak_mib']:.3f} | "
-            f"{b['stage_mib'] / a['stage_mib']:.3f} | {a['seconds']:.1f} / {b['seconds']:.1f} | {diff:.1e} |"
-        )
+    table(rows, "criterion", "max rel. score diff")
     if prune_rows:
         p = params.prune
         print(f"\nprune stage: prune.target {p.target}, units {', '.join(p.units)}, {p.allocation}, skip "
               f"{p.skip_first} + {p.skip_last}, scores of {args.criteria[0]}\n")  # fmt: skip
-        print("| model | params | reconstruct | in memory: peak MiB (stage) | layerwise: peak MiB (stage) | "
-              "peak ratio | stage ratio | seconds in memory / layerwise | max abs. weight diff |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, n, reconstruct, r, diff in prune_rows:
-            a, b = r["none"], r["layerwise"]
-            print(
-                f"| {name} | {n / 1e6:.0f}M | {reconstruct} | {a['peak_mib']:.0f} ({a['stage_mib']:.0f}) | "
-                f"{b['peak_mib']:.0f} ({b['stage_mib']:.0f}) | {b['peak_mib'] / a['peak_mib']:.3f} | "
-                f"{b['stage_mib'] / a['stage_mib']:.3f} | {a['seconds']:.1f} / {b['seconds']:.1f} | {diff:.1e} |"
-            )
+        table(prune_rows, "reconstruct", "max abs. weight diff")
+
+
+def table(rows: list[tuple], setting: str, difference: str) -> None:
+    """Markdown rows (model, parameters, ``setting``, results of both modes, ``difference``), ratios side by side."""
+    print(f"| model | params | {setting} | in memory: peak MiB (stage) | layerwise: peak MiB (stage) | "
+          f"peak ratio | stage ratio | seconds in memory / layerwise | {difference} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n, value, r, diff in rows:
+        a, b = r["none"], r["layerwise"]
+        print(
+            f"| {name} | {n / 1e6:.0f}M | {value} | {a['peak_mib']:.0f} ({a['stage_mib']:.0f}) | "
+            f"{b['peak_mib']:.0f} ({b['stage_mib']:.0f}) | {b['peak_mib'] / a['peak_mib']:.3f} | "
+            f"{b['stage_mib'] / a['stage_mib']:.3f} | {a['seconds']:.1f} / {b['seconds']:.1f} | {diff:.1e} |"
+        )
 
 
 def _numel(handle, key: str) -> int:  # noqa: ANN001
