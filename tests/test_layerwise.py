@@ -123,8 +123,8 @@ def test_only_the_layers_up_to_the_last_scored_one_are_read(tmp_path, tokenizer,
     _, path = saved("llama", False, tmp_path, tokenizer)
     lw = LayerwiseModel(path)
     read: list[str] = []
-    original = LayerwiseModel._read
-    monkeypatch.setattr(LayerwiseModel, "_read", lambda self, name: read.append(name) or original(self, name))
+    original = LayerwiseModel.read
+    monkeypatch.setattr(LayerwiseModel, "read", lambda self, name: read.append(name) or original(self, name))
     CRITERIA.get("activation").score_layerwise(lw, lw.adapter, request(WIDTH, [0, 1]))
     assert read and all(name.startswith(("model.layers.0.", "model.layers.1.")) for name in read)
     # The embedding is read by rows (safetensors slices), never as a whole matrix; the head is not read.
@@ -171,6 +171,9 @@ def test_score_stage_writes_the_same_file_in_both_modes(tmp_path, tokenizer) -> 
         ({"model": {"device_map": "auto"}}, "model.device_map"),
         ({"evaluate": {"zero_shot": {"tasks": ["auto_mc"]}}}, "evaluate.zero_shot.tasks"),
         ({"prune": {"units": ["hidden_channel"]}}, "prune.units"),
+        ({"prune": {"schedule": "kshot"}}, "prune.schedule"),
+        ({"prune": {"schedule": "iterative"}}, "prune.schedule"),
+        ({"prune": {"allocation": "search"}}, "prune.allocation"),
     ],
 )
 def test_what_layerwise_cannot_do_is_refused_by_params(overrides, key) -> None:

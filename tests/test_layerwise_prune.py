@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import save_file
 from test_layerwise import WIDTH, calibration, load_stage, saved
 
-from prunekit.errors import ParamsError, PrunekitError
+from prunekit.errors import PrunekitError
 from prunekit.models.adapters import adapter_for
 from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.loading import load_model
 from prunekit.pipeline.params import parse_params
-from prunekit.pipeline.validation import check_choices
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.layerwise import INDEX_FILE, prune_layerwise
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model, split_scores
@@ -173,22 +172,6 @@ def test_prune_stage_layerwise_writes_what_the_in_memory_stage_writes(tmp_path, 
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
     record = json.loads((outputs["layerwise"] / "model" / "prunekit.json").read_text())
     assert record["plan"] == json.loads((outputs["none"] / "plan.json").read_text())
-
-
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        ({"prune": {"schedule": "kshot"}}, "prune.schedule"),
-        ({"prune": {"schedule": "iterative"}, "score": {"criterion": "bip"}}, "prune.schedule"),
-        ({"prune": {"allocation": "search"}}, "prune.allocation"),
-    ],
-)
-def test_what_the_layerwise_prune_cannot_do_is_refused_by_params(overrides, key) -> None:
-    raw = {"model": {"offload": "layerwise"}, "evaluate": {"zero_shot": {"tasks": []}}, "score": {"criterion": "bip"}}
-    for section, values in overrides.items():
-        raw[section] = raw.get(section, {}) | values
-    with pytest.raises(ParamsError, match=rf"'{key}'.*layerwise"):
-        check_choices(parse_params(raw))
 
 
 def test_missing_compensation_means_are_refused_before_a_layer_is_read(tmp_path, tokenizer, monkeypatch) -> None:

@@ -158,7 +158,8 @@ class LayerwiseModel:
     def layers(self) -> nn.ModuleList:
         return self.adapter.layers(self.model)
 
-    def _read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` as saved (its file's dtype), read from disk."""
         from safetensors import safe_open
 
         with safe_open(str(self.files[name]), framework="pt") as handle:
@@ -169,11 +170,11 @@ class LayerwiseModel:
 
         for name, _ in module.named_parameters():
             set_module_tensor_to_device(
-                module, name, self.device, value=self._read(prefix + name).to(self.dtype), dtype=self.dtype
+                module, name, self.device, value=self.read(prefix + name).to(self.dtype), dtype=self.dtype
             )
         for name, buf in module.named_buffers():  # persistent buffers (pruned head dims' rotary index)
             if prefix + name in self.files:
-                set_module_tensor_to_device(module, name, self.device, value=self._read(prefix + name).to(buf.dtype))
+                set_module_tensor_to_device(module, name, self.device, value=self.read(prefix + name).to(buf.dtype))
 
     @staticmethod
     def _release(module: nn.Module) -> None:

@@ -45,8 +45,6 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     """Cut the model of ``lw`` to ``job.cut.target`` in one shot and write the pruned model to ``out_dir`` (an
     empty folder), one decoder layer in memory at a time; the result's model is ``lw``'s (on ``meta``, with the
     pruned shapes). Everything that can be checked from shapes is checked before the first layer is read."""
-    from safetensors.torch import save_file
-
     from prunekit.models.provenance import make_reproducible
     from prunekit.pruning.compensation import checked_columns, compensate_layer, mark_biases
     from prunekit.pruning.reconstruction import check_plan, layer_output, planned_layers, reconstruct_layer
@@ -102,7 +100,7 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
                     f"{LAYERS_PREFIX}{new}.{k}": v.detach().to("cpu").contiguous()
                     for k, v in layer.state_dict().items()
                 }
-                total += _write(save_file, tensors, out_dir, shard_name(new + 1, n_files), weight_map)
+                total += _write(tensors, out_dir, shard_name(new + 1, n_files), weight_map)
     finally:
         if hidden is not None:
             hidden.close()
@@ -112,9 +110,9 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
         mark_biases(model.config, adapter)
     rest = {}
     for k, name in enumerate(outside, start=len(kept) + 1):  # one at a time: the embedding may be the largest tensor
-        tensor = lw._read(name)
+        tensor = lw.read(name)
         tensor = tensor.to(lw.dtype) if outside[name] else tensor
-        total += _write(save_file, {name: tensor.contiguous()}, out_dir, shard_name(k, n_files), weight_map)
+        total += _write({name: tensor.contiguous()}, out_dir, shard_name(k, n_files), weight_map)
         rest[name] = tuple(tensor.shape)
         del tensor
     after = count_params(model)
@@ -130,7 +128,10 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     return PruneResult(model, plan, fits=fits, trials=[])
 
 
-def _write(save_file, tensors: dict[str, torch.Tensor], out_dir: Path, name: str, weight_map: dict[str, str]) -> int:  # noqa: ANN001
+def _write(tensors: dict[str, torch.Tensor], out_dir: Path, name: str, weight_map: dict[str, str]) -> int:
+    """Save ``tensors`` as the shard ``name`` and record them in ``weight_map``; their bytes."""
+    from safetensors.torch import save_file
+
     save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
     return sum(t.numel() * t.element_size() for t in tensors.values())
