@@ -181,13 +181,14 @@ def test_lm_eval_command_line_runs_the_pruned_directory(tmp_path, tokenizer) -> 
 PROMPT = [5, 7, 9, 11, 3, 40, 50, 60, 70, 80, 90, 100]
 
 
-def gguf_model(family: str, vocab: int, hidden: int = 64):
+def gguf_model(family: str, vocab: int, hidden: int = 64, intermediate: int = 128):
     """A random model of ``family`` whose widths are multiples of llama.cpp's block of 32 (head_dim 8, GQA 8:4)."""
     from test_families import SIZES
 
     torch.manual_seed(0)
     config_cls, causal_cls = ADAPTERS.get(family).stock_classes
-    model = causal_cls(config_cls(**SIZES | {"hidden_size": hidden, "intermediate_size": 128, "vocab_size": vocab}))
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "vocab_size": vocab}
+    model = causal_cls(config_cls(**SIZES | sizes))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -311,6 +312,85 @@ def test_gguf_mixed_block_types_reproduce_the_fake_quantized_model(family: str, 
     effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
     diff = (got - logits(reference, ids)[0]).abs().max().item()
     assert diff <= min(0.15 * effect, 0.02), (diff, effect)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_k_quants_from_llama_cpps_quantizer_reproduce_the_fake_quantized_model(
+    family: str, tmp_path, bpe_tokenizer
+) -> None:
+    """Q2_K .. Q6_K (llama.cpp's quantizer), mixed with Q8_0, per tensor, embedding and head included, on a model
+    whose hidden and MLP widths are multiples of 256 (hidden 256, MLP 512, layer 1 cut to 256 channels: per-layer
+    widths; o_proj, 64 inputs, stays Q8_0):
+    llama.cpp's logits sit within 15% of the quantization's own effect of the fake-quantized model's (llama.cpp
+    rounds activations to 8 bits in its K-quant dot products)."""
+    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+
+    dense = gguf_model(family, len(bpe_tokenizer), hidden=256, intermediate=512)
+    adapter = adapter_for(dense.config)
+    _, model = masked_and_sliced(dense, grouped_plan(dense, ["mlp_channel"], 4, {"mlp_channel": [512, 256, 512]}))
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    tensors = {
+        "model.layers.0.mlp.up_proj": "Q4_K",
+        "model.layers.0.self_attn.q_proj": "Q2_K",
+        "model.layers.1.mlp.down_proj": "Q6_K",  # 256 inputs after the cut
+        "model.layers.1.self_attn.v_proj": "Q3_K",
+        "model.layers.2.mlp.gate_proj": "Q5_K",
+        "model.layers.2.self_attn.k_proj": "Q4_K",
+    }
+    types = TensorTypes(default="Q8_0", embedding="Q6_K", output="Q4_K", tensors=tensors)
+    summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
+    assert summary["architecture"] == "deci"
+    assert summary["tensor_types"]["Q4_K"] == 2 + (not model.config.tie_word_embeddings)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if p.dim() == 2:
+                module = name.rsplit(".", 1)[0]
+                kind = {"model.embed_tokens": "Q6_K", "lm_head": "Q4_K"}.get(module) or tensors.get(module, "Q8_0")
+                p.copy_(fake_quantize(p, kind))
+    ids = torch.tensor([PROMPT])
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        got = cpp.logits(PROMPT)
+    finally:
+        cpp.close()
+    effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
+    diff = (got - logits(reference, ids)[0]).abs().max().item()
+    assert diff <= 0.15 * effect, (diff, effect)
+
+
+def test_k_quants_refused_without_llama_cpp_or_on_widths_not_of_256(tmp_path, bpe_tokenizer, monkeypatch) -> None:
+    """A K-quant needs llama.cpp's quantizer and input widths of 256k: params naming one without llama-cpp-python,
+    and a 64-wide weight, are refused in one line each, before anything is written."""
+    import importlib.util
+
+    from prunekit.errors import PrunekitError
+    from prunekit.export import gguf as export_gguf
+    from prunekit.pipeline.params import parse_params
+    from prunekit.pipeline.validation import check_choices
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    with pytest.raises(PrunekitError, match="64 input columns, not a multiple of Q4_K's block of 256"):
+        export_gguf.write_gguf(model, adapter, out, export_gguf.TensorTypes(default="Q4_K"), name="t",
+                               hf_dir=tmp_path / "hf")  # fmt: skip
+    assert not out.exists()
+    check_choices(parse_params({"export": {"types": "q4_k"}, "search": {"choices": ["q4_k", "q6_k"]}}))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else find_spec(n, *a))
+    export_gguf._quantize_chunk.cache_clear()
+    try:
+        with pytest.raises(PrunekitError) as e:
+            check_choices(parse_params({"export": {"types": "q4_k"}, "search": {"choices": ["q4_0", "q6_k"]}}))
+    finally:
+        monkeypatch.undo()
+        export_gguf._quantize_chunk.cache_clear()
+    lines = str(e.value).splitlines()
+    assert any("'export.types'" in line and "llama-cpp-python" in line for line in lines), lines
+    assert any("'search.choices[1]'" in line and "llama-cpp-python" in line for line in lines), lines
+    assert not any("search.choices[0]" in line for line in lines)
 
 
 def test_gguf_tokenizer_built_from_tokenizer_json_tokenizes_as_transformers(tmp_path, bpe_tokenizer) -> None:

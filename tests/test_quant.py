@@ -30,6 +30,8 @@ from prunekit.training.lora import LoraSettings, train_lora
 
 GGML = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 ALL = ["int8", "nf4", "fp4", "rtn2", "rtn3", "rtn4", "rtn8", *GGML, "fp16", "bf16"]
+# llama.cpp's K-quants and their bits per weight (input widths of 256k, so not in the 64-wide models' plans)
+K_QUANTS = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
 SETTINGS = QuantSettings(group_size=16)
 
 
@@ -349,8 +351,8 @@ def test_corrupt_or_missing_quantized_checkpoint(tmp_path: Path) -> None:
 
 
 def test_schemes_registry_lists_every_format() -> None:
-    assert SCHEMES.names() == sorted(ALL)
-    assert {SCHEMES.get(n).bits for n in ALL} == {2, 3, 4, 5, 8, 16}
+    assert SCHEMES.names() == sorted([*ALL, *K_QUANTS])
+    assert {SCHEMES.get(n).bits for n in [*ALL, *K_QUANTS]} == {2, 3, 4, 5, 6, 8, 16}
     copy.deepcopy(SETTINGS)  # settings are plain data (saved in the plan JSON)
 
 
@@ -360,7 +362,7 @@ def test_list_shows_schemes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     section = out[out.index("quantization schemes (search.choices)") :]
-    assert all(f"  {name} " in section for name in ALL)
+    assert all(f"  {name} " in section for name in [*ALL, *K_QUANTS])
 
 
 @pytest.mark.parametrize(
@@ -493,3 +495,56 @@ def test_ggml_dequantization_is_the_gguf_packages_bit_for_bit(kind: str) -> None
     got = dequantize(torch.from_numpy(blocks), kind, 7, 96)
     assert torch.equal(got, torch.from_numpy(reference).reshape(7, 96))
     assert torch.equal(got[0, :32], torch.zeros(32))
+
+
+def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path) -> None:
+    """A model whose input widths are multiples of 256 (the K-quants' super-block), every K-quant on some modules,
+    the token embedding included: each realised weight is the gguf package's decoding of the blocks llama.cpp's
+    quantizer wrote (the fake-quantized image, bit for bit), takes the format's published bits per weight, and errs
+    less as the format widens; the realised model computes the fake-quantized model's logits and reloads to the
+    same ones."""
+    from prunekit.export.gguf import fake_quantize
+    from prunekit.quant.ggml import GGMLLinear
+
+    model = tiny_model(hidden_size=256, intermediate_size=512, head_dim=32)
+    targets = quant_targets(model, adapter_for(model.config), embeddings=True)
+    names = list(K_QUANTS)
+    plan = {t.name: names[i % len(names)] for i, t in enumerate(targets)}
+    assert plan["model.embed_tokens"] == "q2_k"
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in plan}
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+        with fake_quantized(model, plan, SETTINGS):
+            expected = model(ids).logits
+        realise(model, plan, SETTINGS)
+        got = model(ids).logits
+    errors: dict[str, list[float]] = {n: [] for n in names}
+    for name, scheme in plan.items():
+        module = model.get_submodule(name)
+        linear = module if isinstance(module, GGMLLinear) else module.linear  # the embedding holds one
+        w = weights[name]
+        assert linear.kind == scheme.upper()
+        assert torch.equal(linear.dequantized_weight(), fake_quantize(w, scheme.upper()))
+        assert linear.qweight.numel() * 8 == K_QUANTS[scheme] * w.numel()
+        errors[scheme].append(float((linear.dequantized_weight() - w).pow(2).mean() / w.pow(2).mean()))
+    worst = [max(errors[n]) for n in names]
+    assert all(a > b for a, b in zip(worst, worst[1:], strict=False)), worst
+    assert worst[-1] < 1e-3 and (expected - dense).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q")
+    loaded, _, loaded_plan = load_quantized(tmp_path / "q")
+    assert loaded_plan == plan
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+
+
+def test_k_quants_need_widths_of_256() -> None:
+    """The search refuses a K-quant choice for a model whose weights are 64 wide, naming the weight and the block."""
+    model = block_model()
+    targets = quant_targets(model, adapter_for(model.config))
+    with pytest.raises(
+        PrunekitError,
+        match="'q4_k': model.layers.0.self_attn.q_proj has 64 input columns, not a multiple of Q4_K's block of 256",
+    ):
+        build_space(targets, "layer", ["q8_0", "q4_k"], SETTINGS)

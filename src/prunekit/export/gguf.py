@@ -10,9 +10,13 @@ the rows of q_proj and k_proj (and their biases) are permuted from transformers'
 rotates halves, as transformers does.
 
 Tensor types: every 2-D weight gets the type the caller gives it (by module name), else the default; norms
-and biases stay F32. The types are llama.cpp's: ``F32``, ``F16``, ``BF16`` and the block formats ``Q4_0``,
+and biases stay F32. The types are llama.cpp's: ``F32``, ``F16``, ``BF16``, the block formats ``Q4_0``,
 ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (32 weights per block: a weight's input width must be a multiple of
-32). :func:`fake_quantize` is the same rounding the writer uses (``gguf.quants``), for a search that must
+32), encoded by the ``gguf`` package, and the K-quants ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K`` (super-blocks
+of 256 weights: the input width must be a multiple of 256), encoded by llama.cpp's own quantizer
+(``ggml_quantize_chunk`` of the libggml that llama-cpp-python builds, without an importance matrix, as
+``llama-quantize`` without ``--imatrix``); the ``gguf`` package has no K-quant encoder. :func:`fake_quantize` is
+the same rounding the writer uses (the encoder, then the ``gguf`` package's decoder), for a search that must
 optimise the loss of the file it writes.
 
 Tokenizer: the ``tokenizer.*`` fields of the GGUF file the model came from (``tokenizer.gguf`` beside the base
@@ -33,6 +37,7 @@ the context, rope scaling other than ``default`` and ``llama3``.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -57,7 +62,11 @@ PER_LAYER_ARCH = "deci"
 PAIR_ROPE_ARCHS = ("llama", "deci")  # archs whose rope rotates consecutive dims
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # encoded by llama.cpp's quantizer (llama-cpp-python)
+TYPES = (*FLOAT_TYPES, *BLOCK_TYPES, *K_TYPES)
+# general.file_type of a file whose weights are mostly one K-quant (llama.cpp names its mixes by the main type)
+K_FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
+                "Q6_K": "MOSTLY_Q6_K"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,9 +92,9 @@ class TensorTypes:
     def check(self) -> None:
         for what, name in (("default", self.default), ("embedding", self.embedding), ("output", self.output)):
             if name is not None:
-                qtype(name, f"GGUF type of {what}")
+                check_encoder(name, f"GGUF type of {what}")
         for module, name in self.tensors.items():
-            qtype(name, f"GGUF type of {module}")
+            check_encoder(name, f"GGUF type of {module}")
 
 
 def qtype(name: str, what: str = "GGUF type") -> Any:
@@ -123,6 +132,58 @@ def check_fits(name: str, cols: int, what: str) -> None:
         )
 
 
+@functools.cache
+def _quantize_chunk() -> Any:
+    """``ggml_quantize_chunk`` of llama.cpp's libggml-base, as llama-cpp-python ships it; or the error that says
+    how to get it."""
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    lib = None
+    if spec is not None and spec.submodule_search_locations:
+        found = sorted(Path(spec.submodule_search_locations[0], "lib").glob("libggml-base.*"))
+        lib = found[0] if found else None
+    if lib is None:
+        raise PrunekitError(
+            f"the K-quants ({', '.join(K_TYPES)}) are encoded by llama.cpp's own quantizer, which comes with "
+            "llama-cpp-python: install it with pip install -e '.[llamacpp]' (scripts/setup.sh does), or choose "
+            f"one of {', '.join(FLOAT_TYPES + BLOCK_TYPES)}"
+        )
+    ggml = ctypes.CDLL(str(lib))
+    fn = ggml.ggml_quantize_chunk
+    # size_t ggml_quantize_chunk(enum ggml_type, const float * src, void * dst, int64_t start, int64_t nrows,
+    #                            int64_t n_per_row, const float * imatrix)
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    return fn
+
+
+def check_encoder(name: str, what: str = "GGUF type") -> None:
+    """Refuse a type whose encoder is not installed (the K-quants need llama-cpp-python), before any work."""
+    qtype(name, what)
+    if name.upper() in K_TYPES:
+        _quantize_chunk()
+
+
+def _llama_cpp_encode(data: np.ndarray, name: str) -> np.ndarray:
+    """(rows, bytes per row) blocks of a float32 (rows, cols) array from llama.cpp's ``ggml_quantize_chunk``."""
+    import ctypes
+
+    rows, cols = data.shape
+    check_fits(name, cols, f"a {rows} x {cols} weight")
+    src = np.ascontiguousarray(data, dtype=np.float32)
+    out = np.zeros((rows, type_bytes(name, 1, cols)), dtype=np.uint8)
+    written = _quantize_chunk()(int(qtype(name)), src.ctypes.data_as(ctypes.c_void_p),
+                              out.ctypes.data_as(ctypes.c_void_p), 0, rows, cols, None)  # fmt: skip
+    if written != out.nbytes:
+        raise PrunekitError(
+            f"llama.cpp's quantizer wrote {written} bytes for a {rows} x {cols} {name}, not {out.nbytes}"
+        )
+    return out
+
+
 def encode(w: torch.Tensor, name: str) -> np.ndarray:
     """The bytes (or float array) of a 2-D weight in type ``name``, as the writer stores them."""
     import gguf
@@ -133,6 +194,8 @@ def encode(w: torch.Tensor, name: str) -> np.ndarray:
         return data
     if name.upper() == "F16":
         return data.astype(np.float16)
+    if name.upper() in K_TYPES:
+        return _llama_cpp_encode(data, name.upper())
     return gguf.quants.quantize(data, t)
 
 
@@ -289,7 +352,9 @@ def _file_type(kinds: list[str]) -> int:
     import gguf
 
     most = max(set(kinds), key=kinds.count)
-    return int(gguf.LlamaFileType.ALL_F32 if most == "F32" else gguf.LlamaFileType[f"MOSTLY_{most}"])
+    if most == "F32":
+        return int(gguf.LlamaFileType.ALL_F32)
+    return int(gguf.LlamaFileType[K_FILE_TYPES.get(most, f"MOSTLY_{most}")])
 
 
 def _write(
@@ -514,8 +579,8 @@ def plan_types(plan: Mapping[str, str], default: str, embedding: str | None, out
         else:
             raise PrunekitError(
                 f"the quantization plan gives {module} the scheme '{name}', which llama.cpp cannot store; search "
-                "over llama.cpp's types (search.choices from q4_0, q4_1, q5_0, q5_1, q8_0, fp16) or export one type "
-                "for every weight (export.types)"
+                "over llama.cpp's types (search.choices from q4_0, q4_1, q5_0, q5_1, q8_0, q2_k .. q6_k, fp16) or "
+                "export one type for every weight (export.types)"
             )
     return TensorTypes(default=default, embedding=embedding, output=output, tensors=tensors)
 

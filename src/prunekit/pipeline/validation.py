@@ -79,9 +79,9 @@ def _score(params: Params, problems: _Problems) -> None:
             "score.base_dtype: null (or use lora or a forward-only criterion)",
         )
     if s.base_quant is not None:
-        from prunekit.quant.schemes import SCHEMES
+        from prunekit.quant.schemes import usable_scheme
 
-        problems.check("score.base_quant", SCHEMES.get, s.base_quant)
+        problems.check("score.base_quant", usable_scheme, s.base_quant)
         if params.model.device_map:
             problems.key(
                 "score.base_quant",
@@ -198,10 +198,11 @@ def _evaluate(params: Params, problems: _Problems) -> None:
 
 def _search(params: Params, problems: _Problems) -> None:
     from prunekit.quant import SCHEMES
+    from prunekit.quant.schemes import usable_scheme
 
     s = params.search
     for i, scheme in enumerate(s.choices):
-        problems.check(f"search.choices[{i}]", SCHEMES.get, scheme)
+        problems.check(f"search.choices[{i}]", usable_scheme, scheme)
     known = [SCHEMES.get(c) for c in s.choices if c in SCHEMES]
     if s.budget_bits is not None and known and min(c.bits for c in known) > s.budget_bits:
         problems.key(
@@ -224,13 +225,13 @@ def _search(params: Params, problems: _Problems) -> None:
 
 
 def _export(params: Params, problems: _Problems) -> None:
-    from prunekit.export.gguf import qtype
+    from prunekit.export.gguf import check_encoder
 
     e = params.export
     if e.types != "plan":
-        problems.check("export.types", qtype, e.types, "GGUF type (or plan)")
+        problems.check("export.types", check_encoder, e.types, "GGUF type (or plan)")
     if e.embedding is not None:
-        problems.check("export.embedding", qtype, e.embedding)
+        problems.check("export.embedding", check_encoder, e.embedding)
     if e.output is not None:
-        problems.check("export.output", qtype, e.output)
-    problems.check("export.unplanned", qtype, e.unplanned)
+        problems.check("export.output", check_encoder, e.output)
+    problems.check("export.unplanned", check_encoder, e.unplanned)

@@ -33,6 +33,9 @@ class QuantBackend(ABC):
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
         """Bits a (rows x cols) weight takes, codes and their statistics together."""
 
+    def check_available(self, scheme: Scheme) -> None:  # noqa: B027  (optional)
+        """Raise a PrunekitError saying what to install if this format's encoder is missing (present by default)."""
+
     def check_shape(self, scheme: Scheme, rows: int, cols: int, what: str) -> None:  # noqa: B027  (optional)
         """Raise a PrunekitError naming ``what`` if this format cannot hold a (rows x cols) weight (any by default)."""
 

@@ -1,14 +1,18 @@
-"""llama.cpp's block formats (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``): the ``ggml`` backend.
+"""llama.cpp's block formats (``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0``) and K-quants (``q2_k`` ..
+``q6_k``): the ``ggml`` backend.
 
 A weight is stored as llama.cpp stores it in a GGUF file: each row in blocks of 32 input weights, each block its
 codes and its float16 scale (and minimum, for the ``_1`` types), quantized and dequantized by llama.cpp's own
-``gguf`` package (:func:`prunekit.export.gguf.encode` / :func:`~prunekit.export.gguf.fake_quantize`). The search
-therefore scores exactly the weights the exported file holds: the export encodes with the same function, so its
-blocks are these. A weight's input width must be a multiple of 32 (``prune.round_to``).
+``gguf`` package; or, for the K-quants, in super-blocks of 256 weights with 6- or 8-bit sub-block scales, encoded
+by llama.cpp's own quantizer and decoded by the ``gguf`` package (:func:`prunekit.export.gguf.encode` /
+:func:`~prunekit.export.gguf.fake_quantize`). The search therefore scores exactly the weights the exported file
+holds: the export encodes with the same function, so its blocks are these. A weight's input width must be a
+multiple of 32 (256 for the K-quants; ``prune.round_to``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +27,17 @@ def dequantize(blocks: torch.Tensor, kind: str, rows: int, cols: int) -> torch.T
     minimum for the ``_1`` formats), so the two agree bit for bit (tested); the forward pass of every step needs
     it at torch's speed. Block of 32 weights: float16 scale ``d``, [float16 minimum ``m``], [4 bytes: the fifth bit
     of each code, weight j at bit j], then 16 bytes of 4-bit codes (weight j < 16 in the low nibble of byte j,
-    weight j + 16 in its high nibble); ``Q8_0``: ``d`` and 32 signed bytes."""
+    weight j + 16 in its high nibble); ``Q8_0``: ``d`` and 32 signed bytes. The K-quants are decoded by the ``gguf``
+    package itself (in numpy, on the CPU: slower, same numbers)."""
+    from prunekit.export.gguf import K_TYPES
+
+    if kind in K_TYPES:
+        import gguf
+
+        from prunekit.export.gguf import qtype
+
+        w = gguf.quants.dequantize(blocks.reshape(rows, -1).cpu().numpy(), qtype(kind))
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(rows, cols).to(blocks.device)
     b = blocks.reshape(rows * cols // 32, -1)
     d = b[:, 0:2].contiguous().view(torch.float16).float()
     if kind == "Q8_0":
@@ -89,7 +103,8 @@ class GGMLLinear(nn.Module):
 
 
 class GGMLBackend(QuantBackend):
-    """llama.cpp's block format ``scheme.variant`` (``Q4_0`` ...): 32 weights per block with their scale."""
+    """llama.cpp's block format ``scheme.variant`` (``Q4_0`` ...: 32 weights per block with their scale; ``Q4_K``
+    ...: 256 per super-block)."""
 
     name = "ggml"
     holds_embeddings = True
@@ -98,6 +113,11 @@ class GGMLBackend(QuantBackend):
         from prunekit.export.gguf import type_bytes
 
         return 8 * type_bytes(scheme.variant, rows, cols)
+
+    def check_available(self, scheme: Scheme) -> None:
+        from prunekit.export.gguf import check_encoder
+
+        check_encoder(scheme.variant, f"scheme '{scheme.name}'")
 
     def check_shape(self, scheme: Scheme, rows: int, cols: int, what: str) -> None:
         from prunekit.export.gguf import check_fits

@@ -12,6 +12,9 @@ A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. Th
   path for the search on any device).
 * ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` / ``q8_0`` - llama.cpp's block formats, as a GGUF file stores
   them: 32 weights per block with a float16 scale (and minimum, ``_1``); the export writes them unchanged.
+* ``q2_k`` / ``q3_k`` / ``q4_k`` / ``q5_k`` / ``q6_k`` - llama.cpp's K-quants: super-blocks of 256 weights with
+  quantized sub-block scales, encoded by llama.cpp's own quantizer (needs llama-cpp-python); input widths must
+  be multiples of 256.
 * ``fp16`` / ``bf16`` - left unquantized, stored in that 16-bit dtype.
 """
 
@@ -91,7 +94,21 @@ for _s in (
     Scheme("q5_0", 5, "ggml", "llama.cpp Q5_0: 5-bit codes, a float16 scale per block of 32 (5.5 bits)", "Q5_0"),
     Scheme("q5_1", 5, "ggml", "llama.cpp Q5_1: 5-bit codes, float16 scale and min per block of 32 (6 bits)", "Q5_1"),
     Scheme("q8_0", 8, "ggml", "llama.cpp Q8_0: 8-bit codes, a float16 scale per block of 32 (8.5 bits)", "Q8_0"),
+    Scheme(
+        "q2_k", 2, "ggml", "llama.cpp Q2_K: 2-bit codes, 4-bit scales and mins per 16, per 256 (2.625 bits)", "Q2_K"
+    ),
+    Scheme("q3_k", 3, "ggml", "llama.cpp Q3_K: 3-bit codes, 6-bit scales per 16, per 256 (3.4375 bits)", "Q3_K"),
+    Scheme("q4_k", 4, "ggml", "llama.cpp Q4_K: 4-bit codes, 6-bit scales and mins per 32, per 256 (4.5 bits)", "Q4_K"),
+    Scheme("q5_k", 5, "ggml", "llama.cpp Q5_K: 5-bit codes, 6-bit scales and mins per 32, per 256 (5.5 bits)", "Q5_K"),
+    Scheme("q6_k", 6, "ggml", "llama.cpp Q6_K: 6-bit codes, 8-bit scales per 16, per 256 (6.5625 bits)", "Q6_K"),
     Scheme("fp16", 16, "float", "left unquantized, stored as float16", "float16"),
     Scheme("bf16", 16, "float", "left unquantized, stored as bfloat16", "bfloat16"),
 ):
     SCHEMES.register(_s.name)(_s)
+
+
+def usable_scheme(name: str) -> Scheme:
+    """The scheme named ``name``, once its encoder is known to be installed; else the error saying what to do."""
+    scheme = SCHEMES.get(name)
+    scheme.impl.check_available(scheme)
+    return scheme
