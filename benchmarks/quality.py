@@ -4,11 +4,13 @@ For each criterion, target (fraction of all parameters) and allocation: the one-
 (``prune.*`` of the params file, the library's schedule), plainly sliced and with ``least_squares``
 reconstruction, its perplexity (evaluate.seq_lens[0] tokens, the data's evaluation split, disjoint from calibration
 and training), the cut's time (search and reconstruction included) and the process's peak resident memory so far.
-Then, for the best of those at the first target, ``--steps`` LoRA steps (recover.lora) with the LM loss and with
-distillation from the dense model (same tokens, same seed). Every figure also as a ratio to the dense model's.
+Then, for the best of those at the first target, ``--steps`` steps of recovery (recover.lora's optimiser, batches
+and schedule) for each ``--methods`` (LoRA adapters, or full fine-tuning of every weight) and ``--losses`` (the LM
+loss, distillation from the dense model, or both; same tokens, same seed). Every figure also as a ratio to the
+dense model's.
 
     python benchmarks/quality.py ../shared/data/c4/c4_validation_2k.jsonl --criteria bip param_first \\
-        --targets 0.2 0.5 --cuts uniform:none search:none --steps 20
+        --targets 0.2 0.5 --cuts uniform:none search:none --steps 20 --methods lora full --losses lm kd
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main() -> None:
     from prunekit.pipeline.params import load_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.schedules import Cut, PruneJob, prune_model
-    from prunekit.training.lora import LoraSettings, recovery_loss, train_lora
+    from prunekit.training.lora import LoraSettings, recovery_loss, train_full, train_lora
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -48,7 +50,10 @@ def main() -> None:
     parser.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.5])
     cuts = ["uniform:none", "uniform:least_squares", "search:none", "search:least_squares"]
     parser.add_argument("--cuts", nargs="*", default=cuts, help="prune.allocation:prune.reconstruct pairs")
-    parser.add_argument("--steps", type=int, default=20, help="LoRA steps of each recovery (0: no recovery)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each recovery (0: no recovery)")
+    parser.add_argument("--methods", nargs="*", default=["lora"], choices=["lora", "full"], help="recover.method")
+    parser.add_argument("--losses", nargs="*", default=["lm", "kd"], choices=["lm", "kd", "lm_kd"],
+                        help="recover.loss")  # fmt: skip
     parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
@@ -111,23 +116,31 @@ def main() -> None:
     blocks = chunks(text, params.recover.lora.seq_len, "training")
     settings = LoraSettings.from_params(params.recover.lora, params.seed, "recover.lora", steps=args.steps)
     print(
-        f"\nrecovery of the best cut at {args.targets[0]} ({name}): {args.steps} LoRA steps x "
-        f"{settings.batch_size} x {params.recover.lora.seq_len} tokens, temperature {params.recover.temperature}\n"
+        f"\nrecovery of the best cut at {args.targets[0]} ({name}): {args.steps} steps x {settings.batch_size} x "
+        f"{params.recover.lora.seq_len} tokens, learning rate {settings.learning_rate}, temperature "
+        f"{params.recover.temperature}\n"
     )
-    print("| recovery loss | ppl (x dense) | auto_mc acc (x dense) | seconds |")
-    print("|---|---|---|---|")
-    for kind in ("lm", "kd"):
-        t0 = time.perf_counter()
-        loss = recovery_loss(kind, dense, params.recover.temperature)
-        recovered, _ = train_lora(copy.deepcopy(model), blocks, settings, desc=f"LoRA {kind}", loss=loss)
-        seconds, value, acc = time.perf_counter() - t0, ppl(recovered), accuracy(recovered)
-        cells = [
-            kind,
-            f"{value:.2f} ({value / dense_ppl:.2f}x)",
-            f"{acc:.3f} ({acc / dense_acc:.2f}x)",
-            f"{seconds:.0f}",
-        ]
-        print("| " + " | ".join(cells) + " |", flush=True)
+    print("| method | recovery loss | ppl (x dense) | auto_mc acc (x dense) | seconds | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        for kind in args.losses:
+            t0 = time.perf_counter()
+            loss = recovery_loss(kind, dense, params.recover.temperature)
+            if method == "lora":
+                recovered, _ = train_lora(copy.deepcopy(model), blocks, settings, desc=f"LoRA {kind}", loss=loss)
+            else:
+                recovered, _ = train_full(copy.deepcopy(model), blocks, settings, desc=f"full {kind}", loss=loss)
+            seconds, value, acc = time.perf_counter() - t0, ppl(recovered), accuracy(recovered)
+            cells = [
+                method,
+                kind,
+                f"{value:.2f} ({value / dense_ppl:.2f}x)",
+                f"{acc:.3f} ({acc / dense_acc:.2f}x)",
+                f"{seconds:.0f}",
+                f"{peak_rss_mib():.0f}",
+            ]
+            print("| " + " | ".join(cells) + " |", flush=True)
+            del recovered
 
 
 if __name__ == "__main__":

@@ -497,12 +497,15 @@ def test_ggml_dequantization_is_the_gguf_packages_bit_for_bit(kind: str) -> None
     assert torch.equal(got[0, :32], torch.zeros(32))
 
 
-def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path) -> None:
+def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path, monkeypatch) -> None:
     """A model whose input widths are multiples of 256 (the K-quants' super-block), every K-quant on some modules,
     the token embedding included: each realised weight is the gguf package's decoding of the blocks llama.cpp's
     quantizer wrote (the fake-quantized image, bit for bit), takes the format's published bits per weight, and errs
     less as the format widens; the realised model computes the fake-quantized model's logits and reloads to the
-    same ones."""
+    same ones, also where llama-cpp-python is missing (decoding needs only the gguf package)."""
+    import importlib.util
+
+    from prunekit.export import gguf as export_gguf
     from prunekit.export.gguf import fake_quantize
     from prunekit.quant.ggml import GGMLLinear
 
@@ -533,7 +536,16 @@ def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path) -> No
     assert worst[-1] < 1e-3 and (expected - dense).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q")
-    loaded, _, loaded_plan = load_quantized(tmp_path / "q")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else find_spec(n, *a))
+    export_gguf._quantize_chunk.cache_clear()
+    try:
+        with pytest.raises(PrunekitError, match="llama-cpp-python"):
+            fake_quantize(weights["model.layers.0.mlp.up_proj"], "Q4_K")
+        loaded, _, loaded_plan = load_quantized(tmp_path / "q")
+    finally:
+        monkeypatch.undo()
+        export_gguf._quantize_chunk.cache_clear()
     assert loaded_plan == plan
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, got)

@@ -35,7 +35,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.files import atomic_dir, read_json, write_json
 from prunekit.quant.backend import is_quantized, lora_custom_modules
-from prunekit.quant.schemes import SCHEMES, QuantSettings, Scheme, usable_scheme
+from prunekit.quant.schemes import SCHEMES, QuantSettings, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
         )
     by_name = {t.name: t for t in targets}
     for name, scheme in plan.items():
-        s, t = usable_scheme(scheme), by_name[name]
+        s, t = SCHEMES.get(scheme), by_name[name]
         if t.kind == "embedding":
             check_embedding_scheme(s, f"the token embedding {name}")
         s.impl.check_shape(s, t.rows, t.cols, f"{name} ({scheme})")
