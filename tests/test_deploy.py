@@ -277,12 +277,36 @@ def test_gguf_f32_and_f16_match_transformers(family: str, layout: str, tmp_path,
             cpp.close()
 
 
+def llama_cpp_against_fake_quantized(model, adapter, tensors: dict[str, str], embedding: str, output: str, tmp_path):
+    """Write ``model`` with these types (Q8_0 elsewhere) and run it in llama.cpp: (the writer's summary, max abs
+    difference of llama.cpp's logits from the fake-quantized model's, max abs effect of the quantization on the
+    logits). The reference rounds each weight by the type this mapping gives it, not by the writer's lookup."""
+    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+
+    types = TensorTypes(default="Q8_0", embedding=embedding, output=output, tensors=tensors)
+    summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if p.dim() == 2:
+                module = name.rsplit(".", 1)[0]
+                kind = {"model.embed_tokens": embedding, "lm_head": output}.get(module) or tensors.get(module, "Q8_0")
+                p.copy_(fake_quantize(p, kind))
+    ids = torch.tensor([PROMPT])
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        got = cpp.logits(PROMPT)
+    finally:
+        cpp.close()
+    effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
+    return summary, (got - logits(reference, ids)[0]).abs().max().item(), effect
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gguf_mixed_block_types_reproduce_the_fake_quantized_model(family: str, tmp_path, bpe_tokenizer) -> None:
     """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 weights, per tensor, embedding and head included: llama.cpp's logits sit
     within 15% of the quantization's own effect of the fake-quantized model's (the remainder: llama.cpp rounds
     activations to 8 bits in its block dot products), and at most 0.02 away."""
-    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
 
     (_, model), adapter = pruned(family, bpe_tokenizer, seed=2)
     save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
@@ -293,24 +317,8 @@ def test_gguf_mixed_block_types_reproduce_the_fake_quantized_model(family: str, 
         "model.layers.2.self_attn.q_proj": "Q4_0",
         "model.layers.2.mlp.gate_proj": "Q5_1",
     }
-    types = TensorTypes(default="Q8_0", embedding="Q8_0", output="Q4_0", tensors=tensors)
-    summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
+    summary, diff, effect = llama_cpp_against_fake_quantized(model, adapter, tensors, "Q8_0", "Q4_0", tmp_path)
     assert summary["tensor_types"]["Q4_0"] == 3 and summary["tensor_types"]["Q5_1"] == 1
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if p.dim() == 2:
-                module = name.rsplit(".", 1)[0]
-                kind = {"model.embed_tokens": "Q8_0", "lm_head": "Q4_0"}.get(module) or tensors.get(module, "Q8_0")
-                p.copy_(fake_quantize(p, kind))
-    ids = torch.tensor([PROMPT])
-    cpp = LlamaCpp(tmp_path / "m.gguf")
-    try:
-        got = cpp.logits(PROMPT)
-    finally:
-        cpp.close()
-    effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
-    diff = (got - logits(reference, ids)[0]).abs().max().item()
     assert diff <= min(0.15 * effect, 0.02), (diff, effect)
 
 
@@ -323,7 +331,6 @@ def test_gguf_k_quants_from_llama_cpps_quantizer_reproduce_the_fake_quantized_mo
     widths; o_proj, 64 inputs, stays Q8_0):
     llama.cpp's logits sit within 15% of the quantization's own effect of the fake-quantized model's (llama.cpp
     rounds activations to 8 bits in its K-quant dot products)."""
-    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
 
     dense = gguf_model(family, len(bpe_tokenizer), hidden=256, intermediate=512)
     adapter = adapter_for(dense.config)
@@ -337,25 +344,9 @@ def test_gguf_k_quants_from_llama_cpps_quantizer_reproduce_the_fake_quantized_mo
         "model.layers.2.mlp.gate_proj": "Q5_K",
         "model.layers.2.self_attn.k_proj": "Q4_K",
     }
-    types = TensorTypes(default="Q8_0", embedding="Q6_K", output="Q4_K", tensors=tensors)
-    summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
+    summary, diff, effect = llama_cpp_against_fake_quantized(model, adapter, tensors, "Q6_K", "Q4_K", tmp_path)
     assert summary["architecture"] == "deci"
     assert summary["tensor_types"]["Q4_K"] == 2 + (not model.config.tie_word_embeddings)
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if p.dim() == 2:
-                module = name.rsplit(".", 1)[0]
-                kind = {"model.embed_tokens": "Q6_K", "lm_head": "Q4_K"}.get(module) or tensors.get(module, "Q8_0")
-                p.copy_(fake_quantize(p, kind))
-    ids = torch.tensor([PROMPT])
-    cpp = LlamaCpp(tmp_path / "m.gguf")
-    try:
-        got = cpp.logits(PROMPT)
-    finally:
-        cpp.close()
-    effect = (logits(reference, ids)[0] - logits(model, ids)[0]).abs().max().item()
-    diff = (got - logits(reference, ids)[0]).abs().max().item()
     assert diff <= 0.15 * effect, (diff, effect)
 
 

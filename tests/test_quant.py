@@ -50,6 +50,16 @@ def block_model() -> nn.Module:
     return tiny_model(hidden_size=64)
 
 
+@torch.no_grad()
+def realised_logits(model: nn.Module, plan: dict[str, str], ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Logits of ``model`` as it is, fake-quantized by ``plan``, then realised by it (in place)."""
+    dense = model(ids).logits
+    with fake_quantized(model, plan, SETTINGS):
+        expected = model(ids).logits
+    realise(model, plan, SETTINGS)
+    return dense, expected, model(ids).logits
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(("rows", "cols", "group", "shift"), [(33, 40, 16, 0.0), (8, 128, 128, 0.0), (5, 7, 7, 0.3)])
 def test_rtn_error_within_half_a_step(bits: int, rows: int, cols: int, group: int, shift: float) -> None:
@@ -201,12 +211,7 @@ def test_embedding_and_output_head_quantized(tied: bool, scheme: str, tmp_path: 
     planned = sum(t.numel for t in targets if t.name in plan)
     floats = quantized_weight_bytes(model) - 4 * planned  # the rest, float32 as it was (buffers included)
     ids = _ids()
-    with torch.no_grad():
-        dense = model(ids).logits
-        with fake_quantized(model, plan, SETTINGS):
-            expected = model(ids).logits
-        realise(model, plan, SETTINGS)
-        got = model(ids).logits
+    dense, expected, got = realised_logits(model, plan, ids)
     assert (expected - dense).abs().max() > 1e-3 or scheme == "fp16"
     # Same weights; fp16 modules also compute in float16.
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-3 if scheme == "fp16" else 1e-5)
@@ -516,12 +521,7 @@ def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path, monke
     assert plan["model.embed_tokens"] == "q2_k"
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in plan}
     ids = _ids()
-    with torch.no_grad():
-        dense = model(ids).logits
-        with fake_quantized(model, plan, SETTINGS):
-            expected = model(ids).logits
-        realise(model, plan, SETTINGS)
-        got = model(ids).logits
+    dense, expected, got = realised_logits(model, plan, ids)
     errors: dict[str, list[float]] = {n: [] for n in names}
     for name, scheme in plan.items():
         module = model.get_submodule(name)
