@@ -199,16 +199,20 @@ def encode(w: torch.Tensor, name: str) -> np.ndarray:
     return gguf.quants.quantize(data, t)
 
 
-def fake_quantize(w: torch.Tensor, name: str) -> torch.Tensor:
-    """``w`` after the writer's rounding to type ``name`` and back (same shape, dtype and device)."""
+def decode(blocks: np.ndarray, name: str) -> torch.Tensor:
+    """float32 weights (flat) of a block type's stored bytes, decoded by the ``gguf`` package."""
     import gguf
 
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, qtype(name)), dtype=np.float32))
+
+
+def fake_quantize(w: torch.Tensor, name: str) -> torch.Tensor:
+    """``w`` after the writer's rounding to type ``name`` and back (same shape, dtype and device)."""
     if name.upper() == "F32":
         return w.clone()
     if name.upper() == "F16":
         return w.to(torch.float16).to(w.dtype)
-    back = gguf.quants.dequantize(encode(w, name), qtype(name))
-    return torch.from_numpy(np.ascontiguousarray(back)).reshape(w.shape).to(device=w.device, dtype=w.dtype)
+    return decode(encode(w, name), name).reshape(w.shape).to(device=w.device, dtype=w.dtype)
 
 
 def rounded(model: nn.Module, types: TensorTypes) -> nn.Module:

@@ -12,7 +12,6 @@ multiple of 32 (256 for the K-quants; ``prune.round_to``).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,15 +28,10 @@ def dequantize(blocks: torch.Tensor, kind: str, rows: int, cols: int) -> torch.T
     of each code, weight j at bit j], then 16 bytes of 4-bit codes (weight j < 16 in the low nibble of byte j,
     weight j + 16 in its high nibble); ``Q8_0``: ``d`` and 32 signed bytes. The K-quants are decoded by the ``gguf``
     package itself (in numpy, on the CPU: slower, same numbers)."""
-    from prunekit.export.gguf import K_TYPES
+    from prunekit.export.gguf import K_TYPES, decode
 
     if kind in K_TYPES:
-        import gguf
-
-        from prunekit.export.gguf import qtype
-
-        w = gguf.quants.dequantize(blocks.reshape(rows, -1).cpu().numpy(), qtype(kind))
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(rows, cols).to(blocks.device)
+        return decode(blocks.reshape(rows, -1).cpu().numpy(), kind).reshape(rows, cols).to(blocks.device)
     b = blocks.reshape(rows * cols // 32, -1)
     d = b[:, 0:2].contiguous().view(torch.float16).float()
     if kind == "Q8_0":
