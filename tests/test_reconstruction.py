@@ -77,6 +77,45 @@ def test_one_layer_equals_the_closed_form(unit: str, module: str, kept: list[int
         torch.testing.assert_close(got.bias.detach(), expected[-1], rtol=1e-7, atol=1e-9)
 
 
+def test_a_reference_model_gives_the_targets_and_the_refit_model_the_prior() -> None:
+    """reconstruct(..., reference=dense) on a model whose weights moved (as LoRA training under masks moves them):
+    the targets are the reference layer's projection outputs on the refit model's own layer inputs, the ridge
+    pulls towards the refit model's weights: W' = lstsq([X_pK; sqrt(lam) I], [X_r W_r^T; sqrt(lam) W_m[:, K]^T])."""
+    dense = model64()
+    model = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    adapter = adapter_for(model.config)
+    plan = plan_of({"attn_kv_group": {1: [1, 3]}})
+    moved = copy.deepcopy(model)
+    ridge = 0.05
+    fits = reconstruct(model, adapter, plan, CALIB, 8, ridge, reference=dense)
+    assert all(f.error_reconstructed <= f.error_sliced for f in fits)
+
+    module = "self_attn.o_proj"
+    masked = apply_plan(copy.deepcopy(moved), adapter, plan, mode="mask")
+    hybrid = copy.deepcopy(moved)  # the moved model's layer 0, the reference's layer 1: X_r on the model's inputs
+    hybrid.model.layers[1] = copy.deepcopy(dense.model.layers[1])
+    xr, xp = layer_inputs(hybrid, 1, module), layer_inputs(masked, 1, module)
+    w_r = dense.model.layers[1].get_submodule(module).weight.detach()
+    w_m = moved.model.layers[1].get_submodule(module).weight.detach()
+    cols = (masked.model.layers[1].get_submodule(module).weight.abs().sum(0) != 0).nonzero().squeeze(1)
+    a = xp[:, cols]
+    lam = ridge * (a * a).sum(0).mean()
+    expected = torch.linalg.lstsq(
+        torch.cat([a, lam.sqrt() * torch.eye(cols.numel(), dtype=a.dtype)]),
+        torch.cat([xr @ w_r.T, lam.sqrt() * w_m[:, cols].T]),
+    ).solution
+    got = model.model.layers[1].get_submodule(module).weight.detach()[:, cols]
+    torch.testing.assert_close(got, expected.T, rtol=1e-7, atol=1e-9)
+    # Not the same as refitting the moved model towards itself.
+    alone = copy.deepcopy(moved)
+    reconstruct(alone, adapter, plan, CALIB, 8, ridge)
+    assert not torch.allclose(alone.model.layers[1].get_submodule(module).weight[:, cols], got, atol=1e-4)
+
+
 def test_every_kept_channel_and_zero_ridge_reproduce_the_dense_layers() -> None:
     dense = model64()
     model = copy.deepcopy(dense)
@@ -117,9 +156,9 @@ def test_params_refuse_what_reconstruction_cannot_follow() -> None:
     with pytest.raises(ParamsError, match="prune.reconstruct': refits the biases too"):
         check_choices(parse_params({"prune": {"reconstruct": "least_squares", "bias_compensation": True},
                                     "score": {"criterion": "flap"}}))  # fmt: skip
-    with pytest.raises(ParamsError, match="'prune.reconstruct': the iterative schedule"):
-        check_choices(parse_params({"prune": {"reconstruct": "least_squares", "schedule": "iterative"},
-                                    "score": {"criterion": "lora"}}))  # fmt: skip
+    # Every schedule reconstructs (the iterative one after its last mask).
+    check_choices(parse_params({"prune": {"reconstruct": "least_squares", "schedule": "iterative"},
+                                "score": {"criterion": "lora"}}))  # fmt: skip
     with pytest.raises(ParamsError, match="prune.reconstruct"):
         parse_params({"prune": {"reconstruct": "lstsq"}})
 

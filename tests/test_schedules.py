@@ -383,3 +383,51 @@ def test_schedules_distil_from_the_unpruned_model_when_asked(tokenizer) -> None:
     assert abs(history[0]["loss"]) < 1e-8 and history[-1]["loss"] > 1e-8
     _, _, plain = iterative_prune(tiny_model(), adapter, blocks, req, UNITS, LAYERS, "uniform", cfg)
     assert plain[0]["loss"] > 1.0
+
+
+def test_the_iterative_schedule_refits_towards_the_model_it_started_from(tokenizer) -> None:
+    """prune.reconstruct least_squares with the iterative schedule: the same LoRA run and plan as without, then the
+    merged model is refit towards the dense model before the slice: what the schedule returns is
+    reconstruct(merged, reference=dense) sliced, and it is closer to the dense model than the plain result."""
+    from prunekit.pipeline.params import ScheduleParams
+    from prunekit.pruning.reconstruction import reconstruct
+    from prunekit.pruning.schedules import prune_model
+
+    dense = tiny_model(vocab_size=len(tokenizer)).eval()
+    adapter = adapter_for(dense.config)
+    calibration = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(2))
+    blocks = torch.randint(0, len(tokenizer), (9, 16), generator=torch.Generator().manual_seed(5))
+    schedule = ScheduleParams(prune_freq=2, warmup=0.2, cooldown=0.2, checkpoint_every=100,
+                              lora={"steps": 10, "batch_size": 2, "seq_len": 16, "learning_rate": 1e-3})  # fmt: skip
+
+    def run(reconstruct_: str):
+        cut = Cut(0.1, UNITS, "uniform", "lora", 1, 1, {"mlp_channel": 8}, 0.03, reconstruct=reconstruct_,
+                  reconstruct_ridge=0.01)  # fmt: skip
+        job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, {}, cut, seed=3, schedule=schedule,
+                       training_blocks=lambda n: blocks, calibration=lambda: calibration,
+                       score_batch_size=4)  # fmt: skip
+        return prune_model(job, "iterative")
+
+    plain, refit = run("none"), run("least_squares")
+    assert refit.plan.keep == plain.plan.keep and refit.log == plain.log
+    summary = refit.metrics(0.1, "iterative")["reconstruction"]
+    assert summary["projections"] == 4 and summary["error_reconstructed"] < summary["error_sliced"]
+
+    # The same run again, its merged model taken before the slice and refit here towards the dense model.
+    captured = []
+    lora = LoraSettings.from_params(schedule.lora, 3, "schedule.lora")
+    cfg = IterativeSettings(2, 0.2, 0.2, schedule.ema, 100, lora)
+    cut = Cut(0.1, UNITS, "uniform", "lora", 1, 1, {"mlp_channel": 8}, 0.03)
+    model = copy.deepcopy(dense)
+    req = cut.request(model, adapter, 0.1, count_params(model))
+    iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg,
+                    refit=lambda merged, _plan: captured.append(copy.deepcopy(merged)))  # fmt: skip
+    expected = captured[0]
+    reconstruct(expected, adapter, refit.plan, calibration, 4, 0.01, reference=dense)
+    apply_plan(expected, adapter, refit.plan, mode="slice")
+    for (name, p), q in zip(expected.named_parameters(), refit.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():
+        reference = dense(input_ids=calibration).logits
+        errors = [(r.model(input_ids=calibration).logits - reference).norm() for r in (plain, refit)]
+    assert errors[1] < errors[0]

@@ -148,7 +148,7 @@ class PruneParams(Section):
     # the registered schedules (prunekit.pruning.schedules)
     schedule: str = "oneshot"
     # none | least_squares: refit o_proj / down_proj over their kept input channels, layer by layer, so each
-    # pruned layer's outputs on the calibration windows stay closest to the dense layer's (oneshot, kshot)
+    # pruned layer's outputs on the calibration windows stay closest to the dense layer's (every schedule)
     reconstruct: Literal["none", "least_squares"] = "none"
     reconstruct_ridge: float = Field(0.01, ge=0.0)  # ridge, relative to the mean diagonal of the Gram matrix
     # least_squares: windows of the training text to refit on (null: the calibration windows, which rank units

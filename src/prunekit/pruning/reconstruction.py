@@ -23,8 +23,8 @@ before slicing, in the kept columns (the removed ones go with the slice).
 
 Works for every unit type that removes input channels of o_proj or down_proj (KV groups, query heads, v/o head
 dims, MLP channels) and leaves the others (q/k head dims, whole layers) to change X_p; ``hidden_channel``
-changes the residual stream itself and is refused. Memory: a masked copy of the model, three n x n float64
-matrices per projection, the calibration hidden states of one layer.
+changes the residual stream itself and is refused. Memory: a masked copy of the model, per projection an n x n
+and an n x out float64 matrix (G and X_p^T T), the calibration hidden states of one layer.
 """
 
 from __future__ import annotations
@@ -74,24 +74,26 @@ def summary(fits: list[ProjectionFit]) -> dict[str, float]:
 
 
 class _Gram:
-    """Running X_p^T X_p, X_p^T X_d, X_d^T X_d and column sums of one projection's inputs (float64)."""
+    """One projection's running statistics (float64): G = X_p^T X_p, R = X_p^T T with the target
+    T = X_d W^T + 1 b^T of the dense projection, the column sums of X_p and T, ||T||^2 and the token count."""
 
-    def __init__(self) -> None:
-        self.g: torch.Tensor | None = None
-        self.c = self.d = self.sp = self.sd = torch.zeros(0)
-        self.n = 0
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        self.w, self.b = w, b
+        self.g = self.r = self.sp = self.st = torch.zeros(0)
+        self.t_norm, self.n = 0.0, 0
 
     def add(self, xp: torch.Tensor, xd: torch.Tensor) -> None:
         xp, xd = xp.reshape(-1, xp.shape[-1]).double(), xd.reshape(-1, xd.shape[-1]).double()
-        if self.g is None:
-            self.g, self.c, self.d = xp.T @ xp, xp.T @ xd, xd.T @ xd
-            self.sp, self.sd = xp.sum(0), xd.sum(0)
+        t = xd @ self.w.to(xd.device).T
+        if self.b is not None:
+            t = t + self.b.to(xd.device)
+        stats = (xp.T @ xp, xp.T @ t, xp.sum(0), t.sum(0))
+        if self.n == 0:
+            self.g, self.r, self.sp, self.st = stats
         else:
-            self.g += xp.T @ xp
-            self.c += xp.T @ xd
-            self.d += xd.T @ xd
-            self.sp += xp.sum(0)
-            self.sd += xd.sum(0)
+            for acc, new in zip((self.g, self.r, self.sp, self.st), stats, strict=True):
+                acc += new
+        self.t_norm += float(torch.einsum("ij,ij->", t, t))
         self.n += xp.shape[0]
 
 
@@ -128,8 +130,13 @@ def reconstruct(
     calibration: torch.Tensor,
     batch_size: int,
     ridge: float,
+    reference: nn.Module | None = None,
 ) -> list[ProjectionFit]:
-    """Refit o_proj and down_proj of every layer the plan prunes, in place, before slicing (module docstring)."""
+    """Refit o_proj and down_proj of every layer the plan prunes, in place, before slicing (module docstring).
+
+    ``reference``: the dense model whose layer outputs the refit follows, when it is not ``model`` itself (a model
+    trained while its units were masked is refit towards the model it started from); the ridge and the
+    keep-if-better test still start from ``model``'s own weights."""
     check_plan(plan)
     from prunekit.pruning.slicing import apply_plan
 
@@ -137,6 +144,7 @@ def reconstruct(
     model.eval()
     masked = apply_plan(copy.deepcopy(model), adapter, plan, mode="mask")
     dense_layers, masked_layers = adapter.layers(model), adapter.layers(masked)
+    reference_layers = adapter.layers(reference) if reference is not None else None
     planned = planned_layers(plan)
     fits: list[ProjectionFit] = []
     try:
@@ -144,7 +152,8 @@ def reconstruct(
         for idx in tqdm(range(len(dense_layers)), desc="reconstruction", unit="layer"):
             dense_l, masked_l = dense_layers[idx], masked_layers[idx]
             if idx in planned:
-                fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], ridge)
+                ref_l = reference_layers[idx] if reference_layers is not None else None
+                fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], ridge, ref_l)
             hidden = [layer_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
     finally:
         model.train(was_training)
@@ -167,11 +176,14 @@ def reconstruct_layer(
     hidden: Iterable[torch.Tensor],
     kwargs: list[dict[str, Any]],
     ridge: float,
+    reference_l: nn.Module | None = None,
 ) -> list[ProjectionFit]:
     """Refit o_proj, then down_proj, of decoder layer ``idx`` on its inputs ``hidden`` (one tensor per batch, an
     iterable that can be read twice) with their keyword arguments: into ``masked_l`` (the plan applied as masks,
-    whose output feeds the next layer) and into the kept columns of ``dense_l`` (sliced afterwards)."""
-    reference = copy.deepcopy(dense_l)  # the dense layer's targets, while the model's layer is refit
+    whose output feeds the next layer) and into the kept columns of ``dense_l`` (sliced afterwards). The targets
+    are ``reference_l``'s outputs (default: ``dense_l``'s before the refit)."""
+    # The dense layer's targets, while the model's layer is refit.
+    reference = reference_l if reference_l is not None else copy.deepcopy(dense_l)
     fits = []
     for role in CONSUMERS:
         cols = removed_inputs(adapter, dense_l, plan, idx, role)
@@ -191,21 +203,26 @@ def _refit(
     kwargs: list[dict[str, Any]],
     ridge: float,
 ) -> ProjectionFit:
-    """Accumulate one projection's Gram matrices on the layer's inputs (``dense_l``: the untouched dense layer),
-    solve, and write W' into the masked layer."""
+    """Accumulate one projection's Gram matrices on the layer's inputs (``dense_l``: the untouched dense layer,
+    whose projection outputs are the targets), solve, and write W' into the masked layer (whose current weights
+    are the ridge's prior)."""
     path = consumer_path(adapter, role).removesuffix(".weight")
-    gram = _Gram()
-    for h, kw in zip(hidden, kwargs, strict=True):
-        with _capture(dense_l.get_submodule(path)) as xd, _capture(masked_l.get_submodule(path)) as xp:
-            dense_l(h, **kw)
-            masked_l(h, **kw)
-        gram.add(xp[0], xd[0])
     dense_proj, masked_proj = dense_l.get_submodule(path), masked_l.get_submodule(path)
     w = dense_proj.weight.detach().to("cpu", torch.float64)
     b = dense_proj.bias.detach().to("cpu", torch.float64) if dense_proj.bias is not None else None
+    if (b is None) != (masked_proj.bias is None):
+        raise PrunekitError(f"prune.reconstruct: layer {idx} {path} has a bias in one model and not the other")
+    gram = _Gram(w, b)
+    for h, kw in zip(hidden, kwargs, strict=True):
+        with _capture(dense_proj) as xd, _capture(masked_proj) as xp:
+            dense_l(h, **kw)
+            masked_l(h, **kw)
+        gram.add(xp[0], xd[0])
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[removed] = False
-    weight, bias, errors = solve(gram, w, b, keep, ridge)
+    prior = masked_proj.weight.detach().to("cpu", torch.float64)
+    prior_bias = masked_proj.bias.detach().to("cpu", torch.float64) if b is not None else None
+    weight, bias, errors = solve(gram, prior, prior_bias, keep, ridge)
     masked_proj.weight[:, keep] = weight.to(masked_proj.weight.dtype).to(masked_proj.weight.device)
     if bias is not None:
         masked_proj.bias.copy_(bias.to(masked_proj.bias.dtype).to(masked_proj.bias.device))
@@ -226,22 +243,17 @@ def _copy_kept(adapter: ModelAdapter, src: nn.Module, dst: nn.Module, role: str,
 def solve(
     gram: _Gram, w: torch.Tensor, b: torch.Tensor | None, keep: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float]]:
-    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams."""
-    g, c, d = gram.g.cpu(), gram.c.cpu(), gram.d.cpu()
+    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams; ``w`` and
+    ``b`` are the weights being refit (the prior, and what "sliced" keeps)."""
     k = keep.nonzero().squeeze(1)
-    gkk, ck = g[k][:, k], c[k]
-    # Target T = X_d W^T (+ 1 b^T): the normal equations need X_pK^T T and, for the errors, ||T||^2.
-    xt = ck @ w.T
-    t_norm = torch.einsum("ij,ij->", w @ d, w)
+    gkk, xt, t_norm = gram.g.cpu()[k][:, k], gram.r.cpu()[k], gram.t_norm  # X_pK^T X_pK, X_pK^T T, ||T||^2
     if b is not None:
-        xt = xt + gram.sp.cpu()[k].unsqueeze(1) * b
-        t_norm = t_norm + 2 * (gram.sd.cpu() @ w.T) @ b + gram.n * (b @ b)
         # The bias as one more input column, always 1 (not damped by the ridge).
         s = gram.sp.cpu()[k]
         gkk = torch.cat(
             [torch.cat([gkk, s.unsqueeze(1)], 1), torch.cat([s, torch.tensor([float(gram.n)])]).unsqueeze(0)]
         )
-        xt = torch.cat([xt, (gram.sd.cpu() @ w.T + gram.n * b).unsqueeze(0)])
+        xt = torch.cat([xt, gram.st.cpu().unsqueeze(0)])
     n_k = k.numel()
     lam = ridge * float(torch.diagonal(gkk)[:n_k].mean()) if n_k else 0.0
     damp = torch.zeros(gkk.shape[0], dtype=torch.float64)
@@ -250,7 +262,7 @@ def solve(
     # The ridge pulls W' towards the sliced weights W[:, K] (not towards 0): few calibration tokens for many
     # channels leave the least-squares problem underdetermined, and the dense weights are the better prior.
     rhs = xt + damp.unsqueeze(1) * sliced
-    solution = torch.linalg.lstsq(gkk + torch.diag(damp), rhs, driver="gelsd").solution  # (|K| (+1), out)
+    solution = _solve_normal(gkk + torch.diag(damp), rhs, lam > 0)  # (|K| (+1), out)
 
     def error(sol: torch.Tensor) -> float:  # ||X~ sol - T||^2 = tr(sol^T G~ sol) - 2 tr(sol^T X~^T T) + ||T||^2
         return float(torch.einsum("ij,ij->", gkk @ sol, sol) - 2 * torch.einsum("ij,ij->", sol, xt) + t_norm)
@@ -259,6 +271,18 @@ def solve(
     best = solution if e_refit <= e_sliced else sliced
     weight, bias = best[:n_k].T, (best[n_k] if b is not None else None)
     return weight, bias, (max(e_sliced, 0.0), max(min(e_refit, e_sliced), 0.0), float(t_norm))
+
+
+def _solve_normal(a: torch.Tensor, rhs: torch.Tensor, damped: bool) -> torch.Tensor:
+    """Solve the normal equations ``a x = rhs``. Damped (lam > 0), ``a`` is symmetric positive definite and a
+    Cholesky factorisation solves it; undamped it may be singular (fewer tokens than channels), and the
+    minimum-norm least-squares solution (an SVD) is the one that reproduces a fully kept layer exactly."""
+    if damped:
+        factor, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, factor)
+        # Round-off made a tiny-ridge system indefinite: the SVD solves what it can.
+    return torch.linalg.lstsq(a, rhs, driver="gelsd").solution
 
 
 @contextmanager

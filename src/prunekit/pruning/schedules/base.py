@@ -121,14 +121,18 @@ class Cut:
         """Every candidate an allocation search of ``req`` evaluated (none for the other allocations)."""
         return req.search.rows() if req.search is not None else []
 
-    def refit(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, job: PruneJob) -> list[Any]:
-        """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: [])."""
+    def refit(
+        self, model: nn.Module, adapter: ModelAdapter, plan: Plan, job: PruneJob, reference: nn.Module | None = None
+    ) -> list[Any]:
+        """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: []).
+        ``reference``: the dense model of ``model``'s shapes whose layer outputs the refit follows (default:
+        ``model`` before the refit)."""
         if self.reconstruct == "none":
             return []
         from prunekit.pruning.reconstruction import reconstruct
 
         tokens = job.reconstruction_tokens()
-        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.reconstruct_ridge)
+        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.reconstruct_ridge, reference)
 
 
 @dataclass
@@ -150,21 +154,28 @@ class PruneJob:
     score_options: dict[str, Any] = field(default_factory=dict)  # the criterion's settings (``score.*``)
     state_dir: Path | None = None  # checkpoints of a long schedule (a killed run resumes from them)
     state_key: str = ""  # fingerprint of the params and inputs a checkpoint belongs to
+    _dense: nn.Module | None = field(default=None, init=False, repr=False)
 
     def blocks(self, seq_len: int) -> torch.Tensor:
         if self.training_blocks is None:
             raise ValueError("this schedule trains LoRA: give the job training_blocks")
         return self.training_blocks(seq_len)
 
+    def dense(self) -> nn.Module:
+        """A frozen copy of the model as given (the unpruned one), made on the first call, which must come before
+        the schedule changes the model; distillation's teacher and the reconstruction's reference share it."""
+        if self._dense is None:
+            self._dense = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return self._dense
+
     def loss(self) -> Any:
-        """The schedules' LoRA loss (``schedule.loss``); distillation's teacher is a copy of the model as given
-        (the unpruned one: taken before the schedule changes it). None: the LM loss."""
+        """The schedules' LoRA loss (``schedule.loss``); distillation's teacher is :meth:`dense`. None: the LM
+        loss."""
         if self.schedule.loss == "lm":
             return None
         from prunekit.training.lora import recovery_loss
 
-        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        return recovery_loss(self.schedule.loss, teacher, self.schedule.temperature)
+        return recovery_loss(self.schedule.loss, self.dense(), self.schedule.temperature)
 
     def calibration_tokens(self) -> torch.Tensor:
         if self.calibration is None:

@@ -297,12 +297,14 @@ def iterative_prune(
     state_dir: Path | None = None,
     state_key: str = "",
     stop_after: int | None = None,
+    refit: Callable[[nn.Module, Plan], Any] | None = None,
 ) -> tuple[nn.Module, Plan, list[dict[str, float]]]:
     """LoRAPrune's schedule (module docstring); returns (sliced merged model, final plan, log per step).
 
     The LoRA run is :class:`~prunekit.training.lora.LoraTrainer`'s with the masks raised between each backward
     pass and its update. ``stop_after`` ends the run after that many steps as if killed (tests); the state
-    folder keeps the last checkpoint.
+    folder keeps the last checkpoint. ``refit(merged, plan)`` runs on the merged, still unsliced model before the
+    slice (reconstruction).
     """
     from prunekit.pruning.slicing import apply_plan
 
@@ -332,6 +334,8 @@ def iterative_prune(
         raise PrunekitError("the schedule never reached prune.target: raise schedule.lora.steps")
     merged = peft_model.merge_and_unload()
     merged.eval()
+    if refit is not None:
+        refit(merged, run.plan)
     apply_plan(merged, adapter, run.plan, mode="slice")
     return merged, run.plan, run.history
 
@@ -358,11 +362,6 @@ class Iterative(Schedule):
                 "params.yaml key 'prune.allocation': the iterative schedule re-plans at every mask update; 'search' "
                 "needs prune.schedule: oneshot or kshot"
             )
-        if cut.reconstruct != "none":
-            out.append(
-                "params.yaml key 'prune.reconstruct': the iterative schedule masks units while LoRA trains and never "
-                "cuts a dense model; use prune.schedule: oneshot or kshot, or prune.reconstruct: none"
-            )
         return out
 
     def run(self, job: PruneJob) -> PruneResult:
@@ -385,9 +384,17 @@ class Iterative(Schedule):
         cfg = IterativeSettings(sc.prune_freq, sc.warmup, sc.cooldown, sc.ema, sc.checkpoint_every, lora, job.loss())
         req = job.cut.request(job.model, job.adapter, job.cut.target, count_params(job.model))
         blocks = job.blocks(sc.lora.seq_len)
-        model, plan, history = iterative_prune(job.model, job.adapter, blocks, req, units, layers,
-                                               job.cut.allocation, cfg, job.state_dir, job.state_key)  # fmt: skip
-        return PruneResult(model, plan, history)
+        fits: list[Any] = []
+        refit = None
+        if job.cut.reconstruct != "none":
+            dense = job.dense()  # before LoRA trains: the refit follows the model the schedule started from
+
+            def refit(merged: nn.Module, plan: Plan) -> None:
+                fits.extend(job.cut.refit(merged, job.adapter, plan, job, reference=dense))
+
+        model, plan, history = iterative_prune(job.model, job.adapter, blocks, req, units, layers, job.cut.allocation,
+                                               cfg, job.state_dir, job.state_key, refit=refit)  # fmt: skip
+        return PruneResult(model, plan, history, fits=fits)
 
 
 SCHEDULES.register(Iterative.name)(Iterative())
