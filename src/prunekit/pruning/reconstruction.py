@@ -78,15 +78,15 @@ class _Gram:
     T = X_d W^T + 1 b^T of the dense projection, the column sums of X_p and T, ||T||^2 and the token count."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
-        self.w, self.b = w, b
+        self.w, self.b = w, b  # float64, on the device the projection's inputs come from
         self.g = self.r = self.sp = self.st = torch.zeros(0)
         self.t_norm, self.n = 0.0, 0
 
     def add(self, xp: torch.Tensor, xd: torch.Tensor) -> None:
         xp, xd = xp.reshape(-1, xp.shape[-1]).double(), xd.reshape(-1, xd.shape[-1]).double()
-        t = xd @ self.w.to(xd.device).T
+        t = xd @ self.w.T
         if self.b is not None:
-            t = t + self.b.to(xd.device)
+            t = t + self.b
         stats = (xp.T @ xp, xp.T @ t, xp.sum(0), t.sum(0))
         if self.n == 0:
             self.g, self.r, self.sp, self.st = stats
@@ -208,17 +208,16 @@ def _refit(
     are the ridge's prior)."""
     path = consumer_path(adapter, role).removesuffix(".weight")
     dense_proj, masked_proj = dense_l.get_submodule(path), masked_l.get_submodule(path)
-    w = dense_proj.weight.detach().to("cpu", torch.float64)
-    b = dense_proj.bias.detach().to("cpu", torch.float64) if dense_proj.bias is not None else None
+    b = dense_proj.bias.detach().double() if dense_proj.bias is not None else None
     if (b is None) != (masked_proj.bias is None):
         raise PrunekitError(f"prune.reconstruct: layer {idx} {path} has a bias in one model and not the other")
-    gram = _Gram(w, b)
+    gram = _Gram(dense_proj.weight.detach().double(), b)
     for h, kw in zip(hidden, kwargs, strict=True):
         with _capture(dense_proj) as xd, _capture(masked_proj) as xp:
             dense_l(h, **kw)
             masked_l(h, **kw)
         gram.add(xp[0], xd[0])
-    keep = torch.ones(w.shape[1], dtype=torch.bool)
+    keep = torch.ones(dense_proj.weight.shape[1], dtype=torch.bool)
     keep[removed] = False
     prior = masked_proj.weight.detach().to("cpu", torch.float64)
     prior_bias = masked_proj.bias.detach().to("cpu", torch.float64) if b is not None else None
@@ -241,13 +240,13 @@ def _copy_kept(adapter: ModelAdapter, src: nn.Module, dst: nn.Module, role: str,
 
 
 def solve(
-    gram: _Gram, w: torch.Tensor, b: torch.Tensor | None, keep: torch.Tensor, ridge: float
+    gram: _Gram, prior: torch.Tensor, prior_bias: torch.Tensor | None, keep: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float]]:
-    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams; ``w`` and
-    ``b`` are the weights being refit (the prior, and what "sliced" keeps)."""
+    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams; ``prior``
+    and ``prior_bias`` are the weights being refit (the ridge's pull, and what "sliced" keeps)."""
     k = keep.nonzero().squeeze(1)
     gkk, xt, t_norm = gram.g.cpu()[k][:, k], gram.r.cpu()[k], gram.t_norm  # X_pK^T X_pK, X_pK^T T, ||T||^2
-    if b is not None:
+    if prior_bias is not None:
         # The bias as one more input column, always 1 (not damped by the ridge).
         s = gram.sp.cpu()[k]
         gkk = torch.cat(
@@ -258,7 +257,7 @@ def solve(
     lam = ridge * float(torch.diagonal(gkk)[:n_k].mean()) if n_k else 0.0
     damp = torch.zeros(gkk.shape[0], dtype=torch.float64)
     damp[:n_k] = lam
-    sliced = w[:, k].T if b is None else torch.cat([w[:, k].T, b.unsqueeze(0)])
+    sliced = prior[:, k].T if prior_bias is None else torch.cat([prior[:, k].T, prior_bias.unsqueeze(0)])
     # The ridge pulls W' towards the sliced weights W[:, K] (not towards 0): few calibration tokens for many
     # channels leave the least-squares problem underdetermined, and the dense weights are the better prior.
     rhs = xt + damp.unsqueeze(1) * sliced
@@ -269,7 +268,7 @@ def solve(
 
     e_sliced, e_refit = error(sliced), error(solution)
     best = solution if e_refit <= e_sliced else sliced
-    weight, bias = best[:n_k].T, (best[n_k] if b is not None else None)
+    weight, bias = best[:n_k].T, (best[n_k] if prior_bias is not None else None)
     return weight, bias, (max(e_sliced, 0.0), max(min(e_refit, e_sliced), 0.0), float(t_norm))
 
 
