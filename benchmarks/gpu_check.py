@@ -56,7 +56,7 @@ def timed(fn, device: torch.device) -> float:
 
 def main() -> None:
     from prunekit.evaluation.speed import speed
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.plan import PlanRequest, make_plan
     from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers

@@ -14,7 +14,7 @@ log = logging.getLogger("prunekit.stages.download")
 
 
 def download_model(params: Params, out: Path) -> None:
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
     from prunekit.models.loading import load_config
     from prunekit.models.provenance import write_model_record
     from prunekit.models.sources import materialize_model

@@ -14,7 +14,7 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     written to ``out``; ``dense_metrics`` (optional) gives a quantized model its size ratio to the dense one."""
     from prunekit.data.sources import data_name
     from prunekit.evaluation.run import evaluate_layerwise, evaluate_model
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
     from prunekit.pipeline.files import read_json, write_json

@@ -48,8 +48,9 @@ def tiny_model(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
     return model
 
 
-def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on Python's documentation text (offline, deterministic)."""
+def tiny_tokenizer(vocab_size: int = 128, unk: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on Python's documentation text (offline, deterministic); ``unk``: with an
+    ``<unk>`` token too (Gemma's tokenizer class requires one)."""
     from pydoc_data.topics import topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,13 +60,13 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<eos>"],
+        special_tokens=["<eos>", "<unk>"] if unk else ["<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: vocab_size - 40],
         show_progress=False,
     )
     texts = [topics[k] for k in sorted(topics)][:20]
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>" if unk else None)
 
 
 @pytest.fixture

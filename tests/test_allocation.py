@@ -10,7 +10,7 @@ from conftest import tiny_model
 from test_pruning import smollm2_shaped
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.plan import ALLOCATIONS, PlanRequest, UnitLayout, make_plan
 from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from prunekit.errors import ParamsError, PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pipeline.params import AllocationSearchParams, parse_params
 from prunekit.pipeline.validation import check_choices
 from prunekit.pruning.allocation_search import AllocationSearch, Space, candidate_objective

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 
 N_REP, HD = 2, 8  # tiny model: 2 query heads per k/v head, head_dim 8

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pipeline.params import parse_params
 from prunekit.pruning.compensation import compensate
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
@@ -328,7 +328,9 @@ def test_compensation_in_families_without_a_bias_switch(family: str, layout: str
     assert (logits(plain, ids) - reference).abs().max().item() > 1e-3
     save_model(pruned, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == f"prunekit_{family}" and cfg["output_bias"] is True  # uniform widths too
+    assert (
+        cfg["model_type"] == f"prunekit_{dense.config.model_type}" and cfg["output_bias"] is True
+    )  # uniform widths too
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
     assert loaded.model.layers[1].self_attn.o_proj.bias.abs().max() > 0
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))

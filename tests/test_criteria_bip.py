@@ -30,7 +30,7 @@ import torch
 from conftest import tiny_model
 
 from prunekit.errors import ParamsError, PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.criteria.bip import BIPCriterion, activation_lipschitz
 from prunekit.pruning.units import UNITS

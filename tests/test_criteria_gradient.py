@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from test_criteria import _grads_as_model, request, unit_slices
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.criteria import lora as lora_module
 

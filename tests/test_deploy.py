@@ -15,13 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_families import tiny_family
-from test_head_dims import HEAD_DIM_UNITS, grouped_plan, masked_and_sliced
+from test_head_dims import HEAD_DIM_UNITS, grouped_plan, head_units, masked_and_sliced
 from test_pruning import logits
 
-from prunekit.models.adapters import ADAPTERS, adapter_for
+from prunekit.errors import PrunekitError
+from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.modeling import REMOTE_CODE_FILE
 from prunekit.pruning.compensation import add_zero_biases
 from prunekit.pruning.slicing import save_model
+from prunekit.pruning.units import UNITS
 
 # Run in a fresh interpreter that cannot import prunekit (an import hook refuses it, as if it were not
 # installed): load the directory the way a user of stock transformers does, save its logits and greedy tokens.
@@ -78,8 +80,9 @@ def test_pruned_directory_loads_without_prunekit(family: str, tmp_path, tokenize
         for layer in adapter.layers(dense):
             adapter.attention(layer).o_proj.bias.normal_(0, 0.1)
             adapter.mlp(layer).down_proj.bias.normal_(0, 0.1)
-    plan = grouped_plan(dense, [*HEAD_DIM_UNITS, "attn_kv_group", "mlp_channel"], seed=7)
-    for unit in HEAD_DIM_UNITS:
+    units = head_units(family)  # Qwen3, Gemma-3: v/o dims alone (q/k norms run over whole heads)
+    plan = grouped_plan(dense, [*units, "attn_kv_group", "mlp_channel"], seed=7)
+    for unit in units:
         plan.keep[unit].pop(0)  # layer 0 keeps stock attention
     masked, sliced = masked_and_sliced(dense, plan)
     out = tmp_path / "model"
@@ -181,14 +184,17 @@ def test_lm_eval_command_line_runs_the_pruned_directory(tmp_path, tokenizer) -> 
 PROMPT = [5, 7, 9, 11, 3, 40, 50, 60, 70, 80, 90, 100]
 
 
-def gguf_model(family: str, vocab: int, hidden: int = 64, intermediate: int = 128):
-    """A random model of ``family`` whose widths are multiples of llama.cpp's block of 32 (head_dim 8, GQA 8:4)."""
-    from test_families import SIZES
+def gguf_model(family: str, vocab: int, hidden: int = 64, intermediate: int = 128, **overrides):
+    """A random model of ``family`` whose widths are multiples of llama.cpp's block of 32 (head_dim 8, GQA 8:4;
+    Gemma-3 with sliding and full layers and its own attention scale: tests/test_families.py)."""
+    from test_families import family_config
 
     torch.manual_seed(0)
-    config_cls, causal_cls = ADAPTERS.get(family).stock_classes
+    _, causal_cls = ADAPTERS.get(family).stock_classes
     sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "vocab_size": vocab}
-    model = causal_cls(config_cls(**SIZES | sizes))
+    if family == "mistral":  # llama.cpp's llama graph has no sliding window (its refusal is tested below)
+        sizes["sliding_window"] = None
+    model = causal_cls(family_config(family, **sizes | overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -244,37 +250,113 @@ def bpe_tokenizer():
     return tiny_tokenizer(300)  # every byte plus merges: llama.cpp's gpt2 tokenizer needs merges
 
 
-@pytest.mark.parametrize("family", ADAPTERS.names())
-@pytest.mark.parametrize("layout", ["uniform", "per_layer"])
-def test_gguf_f32_and_f16_match_transformers(family: str, layout: str, tmp_path, bpe_tokenizer) -> None:
-    """llama.cpp runs the exported file as transformers runs the model: F32 to 1e-4 and F16 (against the model
-    with float16-rounded weights) to 2e-3 max abs logit difference (llama.cpp's F16 dot products round the
-    activations to float16 too), and the same 16 greedy tokens."""
+LAYOUTS = [(f, "uniform") for f in ADAPTERS.names()]
+LAYOUTS += [(f, "per_layer") for f in ADAPTERS.names() if ADAPTERS.get(f).llama_cpp_per_layer_arch]
+
+
+def run_in_llama_cpp(model, adapter, path, kind: str, tol: float, tokenizer_dir) -> dict:
+    """Write ``model`` in type ``kind`` and check llama.cpp's logits and 16 greedy tokens against the model with
+    its weights rounded as the file holds them; returns the writer's summary."""
     from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
 
+    summary = write_gguf(model, adapter, path, TensorTypes(default=kind), name="t", hf_dir=tokenizer_dir)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.dim() == 2:
+                p.copy_(fake_quantize(p, kind))
+    cpp = LlamaCpp(path)
+    try:
+        diff = (cpp.logits(PROMPT) - logits(reference, torch.tensor([PROMPT]))[0]).abs().max().item()
+        assert diff <= tol, (kind, diff)
+        assert cpp.greedy(PROMPT, 16) == greedy(reference, PROMPT, 16)
+    finally:
+        cpp.close()
+    return summary
+
+
+@pytest.mark.parametrize(("family", "layout"), LAYOUTS)
+def test_gguf_f32_and_f16_match_transformers(family: str, layout: str, tmp_path, bpe_tokenizer) -> None:
+    """llama.cpp runs the exported file as transformers runs the model: F32 to 1e-4 (Gemma-3, whose embedding is
+    scaled by sqrt(hidden), 5e-4) and F16 (against the model with float16-rounded weights) to 2e-3 max abs logit
+    difference (llama.cpp's F16 dot products round the activations to float16 too), and the same 16 greedy
+    tokens. Uniform widths go to the family's llama.cpp architecture, per-layer widths to the one it declares
+    for them."""
     if layout == "uniform":
         model = gguf_model(family, len(bpe_tokenizer))
         adapter = adapter_for(model.config)
     else:
         (_, model), adapter = pruned(family, bpe_tokenizer)
     save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
-    expected_arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[family] if layout == "uniform" else "deci"
-    for kind, tol in (("F32", 1e-4), ("F16", 2e-3)):
-        summary = write_gguf(model, adapter, tmp_path / f"{kind}.gguf", TensorTypes(default=kind), name="t",
-                             hf_dir=tmp_path / "hf")  # fmt: skip
-        assert summary["architecture"] == expected_arch
-        reference = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in reference.parameters():
-                if p.dim() == 2:
-                    p.copy_(fake_quantize(p, kind))
-        cpp = LlamaCpp(tmp_path / f"{kind}.gguf")
-        try:
-            diff = (cpp.logits(PROMPT) - logits(reference, torch.tensor([PROMPT]))[0]).abs().max().item()
-            assert diff <= tol, (kind, diff)
-            assert cpp.greedy(PROMPT, 16) == greedy(reference, PROMPT, 16)
-        finally:
-            cpp.close()
+    declared = ADAPTERS.get(family)
+    expected = declared.llama_cpp_arch if layout == "uniform" else declared.llama_cpp_per_layer_arch
+    for kind, tol in (("F32", 5e-4 if family == "gemma3" else 1e-4), ("F16", 2e-3)):
+        summary = run_in_llama_cpp(model, adapter, tmp_path / f"{kind}.gguf", kind, tol, tmp_path / "hf")
+        assert summary["architecture"] == expected
+
+
+# The unit types a llama.cpp file can hold (head dims cannot: one key / value width per model).
+EXPORTED_UNITS = ["attn_kv_group", "attn_query_head", "mlp_channel", "layer", "hidden_channel"]
+
+
+def uniform_cut(model, unit: str, seed: int = 3):
+    """The same number of ``unit`` kept in every layer (random ones): widths llama.cpp's uniform graphs hold."""
+    from test_pruning import random_plan
+
+    adapter = adapter_for(model.config)
+    counts = {"attn_kv_group": 2, "attn_query_head": 4, "mlp_channel": 64, "hidden_channel": 48}
+    if unit == "layer":
+        plan = random_plan(model, ["layer"], seed=seed, counts={0: 1, 2: 1})  # layer 1 goes
+    elif unit == "hidden_channel":
+        gen = torch.Generator().manual_seed(seed)
+        keep = sorted(torch.randperm(64, generator=gen)[:48].tolist())  # a multiple of the 8 heads
+        plan = grouped_plan(model, ["mlp_channel"], seed=seed, per_group={"mlp_channel": [128] * 3})
+        plan.keep = {"hidden_channel": {0: keep}}
+    else:
+        n = len(adapter.layers(model))
+        groups = UNITS.get(unit).groups(adapter, adapter.layers(model)[0])
+        plan = grouped_plan(model, [unit], seed=seed, per_group={unit: [counts[unit] // groups] * n})
+    return masked_and_sliced(model, plan)[1]
+
+
+@pytest.mark.parametrize(
+    ("family", "unit"),
+    [(f, u) for f in ADAPTERS.names() for u in EXPORTED_UNITS if u not in ADAPTERS.get(f).refused_units],
+)
+def test_gguf_of_each_unit_type_runs_in_llama_cpp(family: str, unit: str, tmp_path, bpe_tokenizer) -> None:
+    """A uniform cut of every layer by each unit type the family declares: llama.cpp's logits (F32) and greedy
+    tokens are the pruned model's, in the family's own llama.cpp architecture (Qwen2 whose query heads no longer
+    span the hidden size: deci, which llama.cpp's qwen2 graph needs)."""
+    model = uniform_cut(gguf_model(family, len(bpe_tokenizer)), unit)
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    summary = run_in_llama_cpp(model, adapter, tmp_path / "m.gguf", "F32", 5e-4, tmp_path / "hf")
+    sizes = adapter.layer_sizes(model, 0)
+    qwen2_misfit = family == "qwen2" and sizes.num_attention_heads * 8 != model.config.hidden_size
+    declared = ADAPTERS.get(family)
+    assert summary["architecture"] == (declared.llama_cpp_per_layer_arch if qwen2_misfit else declared.llama_cpp_arch)
+
+
+@pytest.mark.parametrize("family", [f for f in ADAPTERS.names() if not ADAPTERS.get(f).llama_cpp_per_layer_arch])
+def test_gguf_per_layer_widths_are_refused_where_llama_cpp_reads_one_width(family: str, tmp_path, bpe_tokenizer):
+    """Qwen3's and Gemma-3's llama.cpp graphs read one head count and FFN width for all layers: a model whose
+    layers differ is refused with one line naming what to set instead, and no file is left."""
+    from prunekit.export.gguf import TensorTypes, write_gguf
+
+    (_, model), adapter = pruned(family, bpe_tokenizer)
+    with pytest.raises(PrunekitError) as err:
+        write_gguf(model, adapter, tmp_path / "m.gguf", TensorTypes(default="F32"), name="t", hf_dir=None)
+    (line,) = str(err.value).splitlines()
+    assert f"llama.cpp's {declared_arch(family)} graph reads one head count and FFN width for every layer" in line
+    assert f"this model cannot be written as {declared_arch(family)}: its layers keep different widths" in line
+    assert line.endswith(
+        "Set a uniform cut of all layers (prune.skip_first: 0, prune.skip_last: 0, prune.allocation: uniform)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def declared_arch(family: str) -> str:
+    return ADAPTERS.get(family).llama_cpp_arch
 
 
 def llama_cpp_against_fake_quantized(model, adapter, tensors: dict[str, str], embedding: str, output: str, tmp_path):

@@ -16,8 +16,8 @@ from prunekit.evaluation.datasets import PPL_DATASETS, PplText, metric_name, per
 from prunekit.evaluation.efficiency import efficiency, layer_costs
 from prunekit.evaluation.report import build_report, changed_params, parse_exp_show
 from prunekit.evaluation.zeroshot import HUB_TASKS, LOCAL_FORMATS, auto_mc_rows, zero_shot
-from prunekit.models.adapters import adapter_for
 from prunekit.models.compat import cache_of
+from prunekit.models.families import adapter_for
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest

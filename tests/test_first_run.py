@@ -69,20 +69,40 @@ def write_gguf(path: Path, architecture: str, n_embd: int = 64, vocab: int = 256
 
 
 def test_unsupported_gguf_architecture_is_refused_from_the_header(tmp_path: Path, monkeypatch) -> None:
-    """A Gemma-3 GGUF is refused by params validation from its header, before anything is dequantized."""
+    """A Phi-3 GGUF (fused qkv: no family prunes it) is refused from its header, by params validation and by the
+    download, before anything is dequantized, and the download leaves nothing behind."""
     import transformers
 
-    path = tmp_path / "gemma-3.Q4_0.gguf"
-    write_gguf(path, "gemma3", n_embd=512, vocab=32768)
+    from prunekit.models.sources import materialize_model
+
+    path = tmp_path / "phi-3.Q4_0.gguf"
+    write_gguf(path, "phi3", n_embd=512, vocab=32768)
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the GGUF file was loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
     start = time.perf_counter()
-    with pytest.raises(ParamsError, match=r"model.source'.*unsupported architecture 'gemma3' .*Supported: llama"):
+    expected = r"unsupported architecture 'phi3' \(from the GGUF header\)\. Supported: gemma3, llama, qwen2, qwen3\."
+    with pytest.raises(ParamsError, match=r"model.source'.*" + expected):
         check_choices(parse_params({"model": {"source": str(path)}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PrunekitError, match=expected):
+        materialize_model(str(path), out)
     assert time.perf_counter() - start < 5.0
+    assert list(out.iterdir()) == []
+
+
+def test_unsupported_config_architecture_is_refused_from_config_json(tmp_path: Path) -> None:
+    """A Hugging Face directory of a family prunekit does not prune is refused from its config.json alone."""
+    (tmp_path / "config.json").write_text('{"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}')
+    (tmp_path / "model.safetensors").write_bytes(b"never read")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ParamsError, match=r"unsupported architecture 'phi3' \(from config.json\)\. Supported model "
+                       r"types: gemma3_text, llama, mistral, qwen2, qwen3\."):  # fmt: skip
+        check_choices(parse_params({"model": {"source": str(tmp_path)}}))
 
 
 def test_truncated_gguf_is_reported_as_truncated(tmp_path: Path) -> None:
@@ -184,7 +204,7 @@ def test_saved_model_holds_no_versions_or_paths(tmp_path: Path, tokenizer) -> No
     """Two saves of one model from different folders give the same bytes, with no library version inside."""
     from peft import LoraConfig, get_peft_model
 
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
 
     model = tiny_model(vocab_size=len(tokenizer))
     for name in ("a", "b"):

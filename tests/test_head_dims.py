@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ADAPTERS, adapter_for
 from prunekit.models.compat import cache_of
+from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.modeling import HeadDimAttention, check_layer_sizes
 from prunekit.pruning.criteria import CRITERIA
 from prunekit.pruning.criteria.base import ScoreRequest
@@ -27,7 +27,18 @@ from prunekit.pruning.plan import Plan, PlanRequest, make_plan
 from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
 from prunekit.pruning.units import UNITS
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ADAPTERS.names()
+
+
+def supports(family: str, units: list[str]) -> bool:
+    return all(u not in ADAPTERS.get(family).refused_units for u in units)
+
+
+def head_units(family: str) -> list[str]:
+    """The head-dim unit types the family declares (q/k dims are refused where per-head q/k norms run)."""
+    return [u for u in HEAD_DIM_UNITS if supports(family, [u])]
+
+
 HEAD_DIM_UNITS = ["attn_qk_dim", "attn_vo_dim"]
 # Tiny models (tests/test_families.py): 8 query heads, 4 k/v heads (n_rep 2), head_dim 8 -> 4 rotary pairs.
 KV, N_REP, HD = 4, 2, 8
@@ -75,8 +86,15 @@ UNIT_SETS = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("units", UNIT_SETS.values(), ids=UNIT_SETS.keys())
+@pytest.mark.parametrize(
+    ("family", "units"),
+    [
+        pytest.param(f, units, id=f"{f}-{key}")
+        for f in FAMILIES
+        for key, units in UNIT_SETS.items()
+        if supports(f, units)
+    ],
+)
 def test_sliced_equals_masked_dense(family: str, units: list[str]) -> None:
     dense = tiny_family(family, False, 160)
     plan = grouped_plan(dense, units, seed=1)
@@ -176,19 +194,21 @@ def test_pruning_twice_composes_rotary_pairs_and_kv_groups() -> None:
 def test_save_reload_generate_matches_masked(family: str, tmp_path, tokenizer) -> None:
     dense = tiny_family(family, True, len(tokenizer))
     adapter = adapter_for(dense.config)
-    plan = grouped_plan(dense, [*HEAD_DIM_UNITS, "attn_kv_group", "mlp_channel"], seed=5)
-    for unit in HEAD_DIM_UNITS:
+    units = head_units(family)  # Qwen3, Gemma-3: v/o dims alone (their q/k norms run over whole heads)
+    plan = grouped_plan(dense, [*units, "attn_kv_group", "mlp_channel"], seed=5)
+    for unit in units:
         plan.keep[unit].pop(0)  # layer 0 keeps its head dims: its attention must stay stock
     masked, sliced = masked_and_sliced(dense, plan)
     save_model(sliced, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == f"prunekit_{family}"
+    assert cfg["model_type"] == f"prunekit_{dense.config.model_type}"
     assert "qk_head_dim" not in cfg["layer_sizes"][0]
     for idx in (1, 2):
         entry = cfg["layer_sizes"][idx]
-        assert entry["qk_head_dim"] == 2 * len(plan.keep["attn_qk_dim"][idx]) // KV
+        kept_qk = plan.keep["attn_qk_dim"][idx] if "attn_qk_dim" in units else range(KV * HD // 2)
+        assert entry["qk_head_dim"] == 2 * len(kept_qk) // KV
         assert entry["v_head_dim"] == len(plan.keep["attn_vo_dim"][idx]) // KV
-        pairs = [[p % 4 for p in plan.keep["attn_qk_dim"][idx] if p // 4 == g] for g in plan.keep["attn_kv_group"][idx]]
+        pairs = [[p % 4 for p in kept_qk if p // 4 == g] for g in plan.keep["attn_kv_group"][idx]]
         assert entry["rope_pairs"] == pairs
     assert "model.layers.1.self_attn.rope_index" in load_file(tmp_path / "model.safetensors")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -363,13 +383,13 @@ def test_query_heads_and_head_dims_in_one_plan(
     masked one, and it saves, reloads and generates the same."""
     dense = tiny_family(family, True, len(tokenizer))
     adapter = adapter_for(dense.config)
-    units = ["attn_kv_group", "attn_query_head", *HEAD_DIM_UNITS, "mlp_channel"]
+    units = ["attn_kv_group", "attn_query_head", *head_units(family), "mlp_channel"]
     lays = layouts(dense, adapter, units, [1, 2])
     gen = torch.Generator().manual_seed(3)
     scores = {f"{lay.unit}.{lay.layer}": torch.rand(lay.count, generator=gen) for lay in lays}
     plan = make_plan(scores, PlanRequest(target, count_params(dense), lays, {}, 0.02), allocation)
     assert all(len(plan.keep["attn_query_head"][i]) < KV * N_REP for i in (1, 2))  # query heads are cut ...
-    assert any(len(plan.keep[u][i]) < KV * 4 for u in HEAD_DIM_UNITS for i in (1, 2))  # ... and head dims
+    assert any(len(plan.keep[u][i]) < KV * 4 for u in head_units(family) for i in (1, 2))  # ... and head dims
     masked, sliced = masked_and_sliced(dense, plan)
     assert count_params(sliced) == plan.params_after
     save_model(sliced, adapter, tokenizer, tmp_path)

@@ -19,7 +19,7 @@ from test_pruning import random_plan
 
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.evaluation.perplexity import perplexity
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.models.layerwise import HiddenStates, LayerwiseModel, perplexity_layerwise
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from test_layerwise import WIDTH, calibration, load_stage, saved
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.loading import load_model
 from prunekit.pipeline.params import parse_params

@@ -8,7 +8,7 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.training.loss import layer_checkpointing, lm_loss
 

@@ -12,7 +12,7 @@ from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.plan import Plan, PlanRequest, kept_count, make_plan
 from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
 from prunekit.pruning.units import UNITS
@@ -214,7 +214,10 @@ def test_plan_rejects_missing_scores(model) -> None:
 def test_unsupported_architecture_lists_supported() -> None:
     from transformers import GPT2Config
 
-    with pytest.raises(PrunekitError, match=r"Unsupported architecture 'gpt2'.*Supported model types: llama"):
+    with pytest.raises(
+        PrunekitError,
+        match=r"Unsupported architecture 'gpt2'.*Supported model types: gemma3_text, llama, mistral, qwen2, qwen3\.",
+    ):
         adapter_for(GPT2Config())
 
 

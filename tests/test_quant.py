@@ -11,7 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.quant.apply import (
     fake_quantized,
     load_quantized,

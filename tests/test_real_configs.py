@@ -1,12 +1,16 @@
-"""Family contract on configs exactly as real checkpoints ship them.
+"""Family contract on configs exactly as real checkpoints ship them, for every registered family.
 
-The config.json fields of four published checkpoints, written here as they are on the Hub (fields a
-checkpoint lacks stay absent: Qwen2 and Mistral ship no ``head_dim``; Llama 3.2 has ``rope_scaling``
-llama3). Only the sizes are cut so the test runs in seconds: depth to 3 layers, the vocabulary, the MLP
-width, and the head width to 8 (``hidden_size`` = heads x 8, and ``head_dim`` 8 where the checkpoint has one; otherwise
-transformers derives it from ``hidden_size``). Head counts and KV groups stay as shipped. Each config goes
-the pipeline's way: written as config.json beside random weights, loaded by ``load_model``, scored,
-planned, sliced, saved, reloaded by stock ``from_pretrained`` and generated from, for every unit type.
+The config.json fields of published checkpoints, written here as they are on the Hub (fields a checkpoint
+lacks stay absent: Qwen2 and Mistral ship no ``head_dim``; Llama 3.2 has ``rope_scaling`` llama3 and ties its
+embedding; Qwen3's ``head_dim`` is its own; Gemma-3 1B has one KV head, ``query_pre_attn_scalar`` and the old
+``sliding_window_pattern`` / ``rope_local_base_freq`` keys). Only the sizes are cut so the test runs in seconds:
+depth to 3 layers, the vocabulary, the MLP width, the head width to 8 (``hidden_size`` = heads x 8, and
+``head_dim`` 8 where the checkpoint has one; otherwise transformers derives it from ``hidden_size``), and
+Gemma-3's sliding window to 4 tokens and its pattern to every 2nd layer full, so the 3 layers mix both kinds
+(``sliding_window_pattern`` is a depth). Head counts, KV groups and every other field stay as shipped. Each
+config goes the pipeline's way: written as config.json beside random weights, loaded by ``load_model``, scored,
+planned, sliced, saved, reloaded by stock ``from_pretrained`` and generated from, for every unit type its family
+declares (the ones it or the model refuses are refused with the reason).
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ import torch
 from test_pruning import assert_generate_matches, logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from prunekit.errors import ParamsError
+from prunekit.models.families import ADAPTERS, family_of_model_type
 from prunekit.models.loading import load_model
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import PlanRequest, make_plan
+from prunekit.pruning.scoring import ModelSource, score_directory
 from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.pruning.units import UNITS
 
 SHIPPED: dict[str, dict] = {
     "Llama-3.2-1B": {
@@ -108,6 +116,66 @@ SHIPPED: dict[str, dict] = {
         "use_sliding_window": False,
         "vocab_size": 151936,
     },
+    "Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+    "gemma-3-1b-it": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": 2,
+        "cache_implementation": "hybrid",
+        "eos_token_id": [1, 106],
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "initializer_range": 0.02,
+        "intermediate_size": 6912,
+        "max_position_embeddings": 32768,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 1,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.4",
+        "use_cache": True,
+        "vocab_size": 262144,
+    },
     "SmolLM2-135M": {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
@@ -137,7 +205,20 @@ SHIPPED: dict[str, dict] = {
     },
 }
 HEAD_WIDTH = 8
-UNITS = ["attn_kv_group", "attn_query_head", "attn_qk_dim", "attn_vo_dim", "mlp_channel", "layer", "hidden_channel"]
+
+
+def family_of(name: str):
+    return family_of_model_type(SHIPPED[name]["model_type"])
+
+
+def refused(name: str, unit: str) -> bool:
+    """Whether the family, or (one KV head) the model, refuses ``unit``."""
+    one_kv = SHIPPED[name]["num_key_value_heads"] == 1
+    return unit in family_of(name).refused_units or (unit == "attn_kv_group" and one_kv)
+
+
+CASES = [(name, unit) for name in SHIPPED for unit in UNITS.names() if not refused(name, unit)]
+REFUSED = [(name, unit) for name in SHIPPED for unit in UNITS.names() if refused(name, unit)]
 
 
 def shrunk(shipped: dict, vocab_size: int) -> dict:
@@ -148,12 +229,15 @@ def shrunk(shipped: dict, vocab_size: int) -> dict:
     cfg["hidden_size"] = shipped["num_attention_heads"] * HEAD_WIDTH
     if "head_dim" in shipped:
         cfg["head_dim"] = HEAD_WIDTH
+    if "sliding_window_pattern" in shipped:  # Gemma-3: layers 0, 2 sliding (a window of 4), layer 1 full
+        cfg.update(sliding_window=4, sliding_window_pattern=2)
     return cfg
 
 
-def checkpoint(tmp: Path, name: str, tokenizer) -> Path:
-    """A directory as the checkpoint ships: its config.json as shipped (shrunk), random weights, a tokenizer."""
-    cfg = shrunk(SHIPPED[name], len(tokenizer))
+def checkpoint(tmp: Path, name: str, tokenizer, vocab_size: int | None = None) -> Path:
+    """A directory as the checkpoint ships: its config.json as shipped (shrunk; the vocabulary to ``vocab_size``,
+    default the tokenizer's), random weights, a tokenizer."""
+    cfg = shrunk(SHIPPED[name], vocab_size or len(tokenizer))
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
@@ -179,8 +263,11 @@ def test_shipped_fields_survive_loading(name: str, tmp_path: Path, tokenizer) ->
         assert "head_dim" not in SHIPPED[name] and model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("unit", UNITS)
-@pytest.mark.parametrize("name", list(SHIPPED))
+def test_every_family_ships_here() -> None:
+    assert {family_of(name).family for name in SHIPPED} == set(ADAPTERS.names())
+
+
+@pytest.mark.parametrize(("name", "unit"), CASES)
 def test_score_prune_save_reload_generate(name: str, unit: str, tmp_path: Path, tokenizer) -> None:
     dense, _, adapter = load_model(checkpoint(tmp_path / "base", name, tokenizer))
     n_layers = len(adapter.layers(dense))
@@ -206,3 +293,57 @@ def test_score_prune_save_reload_generate(name: str, unit: str, tmp_path: Path, 
     if masked is not None:  # the pruned model computes what the dense one does with the unit zeroed
         assert (logits(reloaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
     assert_generate_matches(reloaded, sliced, ids)
+
+
+@pytest.mark.parametrize(("name", "unit"), REFUSED)
+def test_refused_units_are_refused_before_scoring(name: str, unit: str, tmp_path: Path, tokenizer) -> None:
+    """The score stage's library call refuses a unit type the family or the model cannot prune, naming the key
+    and the reason, before it reads a weight."""
+    path = checkpoint(tmp_path / "base", name, tokenizer)
+    (path / "model.safetensors").write_bytes(b"not read")  # a refusal must come from the config alone
+    calibration = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ParamsError) as err:
+        score_directory(ModelSource(path), "param_first", ["mlp_channel", unit], calibration, 2, 0, {})
+    message = str(err.value)
+    assert message.startswith(f"params.yaml key 'prune.units[1]': the {family_of(name).family} family cannot prune")
+    why = family_of(name).refused_units.get(unit) or "every layer of this model has one key/value head"
+    assert why in message and len(message.splitlines()) == 1
+
+
+def test_llama32_with_its_whole_vocabulary_runs_in_llama_cpp(tmp_path: Path) -> None:
+    """Llama-3.2-1B's config as shipped with its 128,256-token vocabulary kept (tied embedding, llama3 rope
+    scaling; other sizes cut as above), a uniform cut of KV groups and MLP channels, exported as an F16 GGUF file:
+    llama.cpp gives the pruned model's logits (the rope scaling travels as rope_freqs) and greedy tokens."""
+    import gguf
+    from conftest import tiny_tokenizer
+    from test_deploy import PROMPT, LlamaCpp, greedy
+    from test_head_dims import grouped_plan, masked_and_sliced
+
+    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+
+    tokenizer = tiny_tokenizer(300)  # llama.cpp's gpt2 tokenizer needs merges; the token list is padded to 128,256
+    path = checkpoint(tmp_path / "base", "Llama-3.2-1B", tokenizer, vocab_size=SHIPPED["Llama-3.2-1B"]["vocab_size"])
+    dense, _, adapter = load_model(path)
+    assert dense.config.vocab_size == 128256 and dense.config.tie_word_embeddings
+    assert dense.config.rope_parameters["rope_type"] == "llama3"
+    per_group = {"attn_kv_group": [4] * 3, "mlp_channel": [32] * 3}  # 4 of 8 KV groups, 32 of 64 channels
+    plan = grouped_plan(dense, ["attn_kv_group", "mlp_channel"], seed=2, per_group=per_group)
+    _, sliced = masked_and_sliced(dense, plan)
+    save_model(sliced, adapter, tokenizer, tmp_path / "pruned")
+    summary = write_gguf(sliced, adapter, tmp_path / "m.gguf", TensorTypes(default="F16"), name="llama-3.2",
+                         hf_dir=tmp_path / "pruned")  # fmt: skip
+    assert summary["architecture"] == "llama" and summary["tensor_types"]["F32"] == 1 + 2 * 3  # the norms
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    reference = copy.deepcopy(sliced)
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.dim() == 2:
+                p.copy_(fake_quantize(p, "F16"))
+    cpp = LlamaCpp(tmp_path / "m.gguf")
+    try:
+        got = cpp.logits(PROMPT)
+        assert got.shape[-1] == 128256
+        assert (got - logits(reference, torch.tensor([PROMPT]))[0]).abs().max().item() <= 2e-3
+        assert cpp.greedy(PROMPT, 8) == greedy(reference, PROMPT, 8)
+    finally:
+        cpp.close()

@@ -119,7 +119,7 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path) -> None:
 
 def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
     from prunekit.cli import main
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
     from prunekit.pruning.criteria import CRITERIA
     from prunekit.pruning.plan import Plan
     from prunekit.pruning.slicing import apply_plan, count_params, save_model

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from test_head_dims import grouped_plan
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import PlanRequest
 from prunekit.pruning.schedules import (

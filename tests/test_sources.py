@@ -30,6 +30,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from prunekit.errors import PrunekitError
+from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.sources import (
     HF_ALLOW_PATTERNS,
     PINNED_WHEELS,
@@ -448,7 +449,11 @@ def test_hf_download_is_copied_complete(tmp_path: Path, monkeypatch: pytest.Monk
     out.mkdir()
     prov = materialize_model("hf:org/tiny@v1", out)
 
-    assert calls == [{"repo_id": "org/tiny", "revision": "v1", "allow_patterns": HF_ALLOW_PATTERNS}]
+    # config.json first (its architecture is checked before any weight comes), then the model's files
+    assert calls == [
+        {"repo_id": "org/tiny", "revision": "v1", "allow_patterns": ["config.json"]},
+        {"repo_id": "org/tiny", "revision": "v1", "allow_patterns": HF_ALLOW_PATTERNS},
+    ]
     assert "*.safetensors" in HF_ALLOW_PATTERNS and not any("bin" in p for p in HF_ALLOW_PATTERNS)
     names = {p.name for p in out.iterdir()}
     assert names == {p.name for p in hf_dir.iterdir()}
@@ -689,3 +694,40 @@ def test_a_kind_of_source_is_one_module(tmp_path: Path, hf_dir: Path, monkeypatc
     prov = materialize_model(f"mirror:{hf_dir.name}", out)
     assert prov["kind"] == "mirror" and {p.name for p in out.iterdir()} == {p.name for p in hf_dir.iterdir()}
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == TINY["hidden_size"]
+
+
+@pytest.mark.parametrize("family", [f for f in ADAPTERS.names() if ADAPTERS.get(f).gguf_architectures])
+def test_gguf_of_each_family_converts_to_the_model_it_was_written_from(family: str, tmp_path: Path) -> None:
+    """A tiny random model of each family, written as an F32 GGUF in llama.cpp's layout (prunekit's writer: names,
+    Gemma's stored 1 + w norms, q/k row order, its sliding-window pattern and local rope base; the file runs in
+    llama.cpp with the model's logits, tests/test_deploy.py), is converted by the download back to that model:
+    the same logits, the config values transformers' GGUF reader leaves out filled in from the header (Qwen3's
+    head_dim, Gemma-3's layer types and attention scale), and the tokenizer kept for the export."""
+    from conftest import tiny_tokenizer
+    from test_deploy import gguf_model
+
+    from prunekit.export.gguf import TOKENIZER_GGUF, TensorTypes, write_gguf
+    from prunekit.pruning.slicing import save_model
+
+    tokenizer = tiny_tokenizer(300, unk=True)  # Gemma's tokenizer class needs an unknown token (real files have one)
+    model = gguf_model(family, len(tokenizer), tie_word_embeddings=True)
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, tokenizer, tmp_path / "hf")
+    path = tmp_path / f"tiny-{family}.F32.gguf"
+    write_gguf(model, adapter, path, TensorTypes(default="F32"), name=f"tiny-{family}", hf_dir=tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    prov = materialize_model(str(path), out)
+    assert prov["gguf"]["architecture"] == adapter.gguf_architectures[0]
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(converted) is type(model) and adapter.head_dim(converted) == adapter.head_dim(model) == 8
+    ids = tokenizer("def f(x):\n    return x + 1 and the rest of it")["input_ids"]
+    assert len(ids) > 2 * 4  # longer than Gemma-3's sliding window of 4
+    torch.testing.assert_close(logits(converted, ids), logits(model, ids), rtol=0, atol=1e-5)
+    if family == "gemma3":
+        assert converted.config.layer_types == model.config.layer_types
+        # The file's q norms carry the config's scale (6 ** -0.5) over llama.cpp's (8 ** -0.5): read back as 8.
+        assert (model.config.query_pre_attn_scalar, converted.config.query_pre_attn_scalar) == (6, 8)
+    if family != "gemma3":  # transformers reads a gemma3 file's tokenizer as SentencePiece, not this byte-level BPE
+        assert AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == tokenizer("the cat")["input_ids"]
+    assert (out / TOKENIZER_GGUF).is_file()

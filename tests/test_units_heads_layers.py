@@ -13,13 +13,13 @@ from torch import nn
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import adapter_for
+from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import Plan, PlanRequest, make_plan
 from prunekit.pruning.slicing import apply_plan, count_params, layouts
 from prunekit.pruning.units import UNITS
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ADAPTERS.names()
 HD = 8  # head_dim of every tiny model
 HEADS_AND_WIDTHS = ["attn_query_head", "attn_kv_group", "mlp_channel"]
 
@@ -108,7 +108,7 @@ def test_query_heads_heterogeneous_save_reload_generate(family: str, tmp_path, t
     plan = random_plan(dense, ["attn_query_head"], seed=12, counts={0: 4, 1: 8, 2: 4})
     sliced, masked = sliced_and_masked(dense, plan)
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
-    assert cfg["model_type"] == f"prunekit_{family}"
+    assert cfg["model_type"] == f"prunekit_{dense.config.model_type}"
     assert [s["num_attention_heads"] for s in cfg["layer_sizes"]] == [4, 8, 4]
     assert [s["num_key_value_heads"] for s in cfg["layer_sizes"]] == [4, 4, 4]
     assert [layer.self_attn.num_key_value_groups for layer in loaded.model.layers] == [1, 2, 1]
@@ -169,9 +169,12 @@ def skip_reference(dense, drop: list[int]):
 
 def deep_family(family: str, vocab_size: int = 160):
     """4-layer models; Mistral with one sliding window for all layers, Qwen2 with full attention in
-    layers 0-1 and sliding in 2-3 (``max_window_layers=2``), so per-layer attention types matter."""
+    layers 0-1 and sliding in 2-3 (``max_window_layers=2``), Gemma-3 sliding in layers 0 and 2, full in 1 and 3
+    (a window of 4), so per-layer attention types matter."""
     if family == "llama":
         return tiny_model(vocab_size=vocab_size)
+    if family not in ("mistral", "qwen2"):
+        return tiny_family(family, False, vocab_size, num_hidden_layers=4)
     torch.manual_seed(0)
     sizes = SIZES | {"vocab_size": vocab_size, "num_hidden_layers": 4}
     if family == "mistral":
@@ -230,6 +233,32 @@ def test_qwen2_per_layer_config_follows_the_kept_layers(tmp_path, tokenizer) -> 
         2,
         ["full_attention", "sliding_attention"],
         1,
+    )
+    assert_generate_matches(loaded, ref, ids[:1, :9], n=10)
+
+
+def test_gemma3_layer_removal_keeps_each_layers_attention_type(tmp_path, tokenizer) -> None:
+    """Gemma-3's layer_types (sliding with the local rope base, or full with the global one) follow the kept
+    layers, in memory and in the saved stock config."""
+    dense = deep_family("gemma3", len(tokenizer))
+    assert dense.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    drop = [0, 3]
+    sliced, _ = sliced_and_masked(dense, layer_plan(dense, drop))
+    for cfg in (sliced.config, sliced.model.config):
+        assert (cfg.num_hidden_layers, cfg.layer_types) == (2, ["full_attention", "sliding_attention"])
+    assert [layer.self_attn.sliding_window for layer in sliced.model.layers] == [None, 4]
+    ids = ids_for(len(tokenizer))
+    ref = skip_reference(dense, drop)
+    assert max_diff(sliced, ref, ids) <= 1e-5
+    wrong = copy.deepcopy(sliced)  # guard: the attention types matter here
+    wrong.model.config.layer_types = ["sliding_attention", "sliding_attention"]
+    wrong.model.layers[0].self_attn.sliding_window = 4
+    assert max_diff(wrong, ref, ids) > 1e-4
+    loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["layer_types"]) == (
+        "gemma3_text",
+        2,
+        ["full_attention", "sliding_attention"],
     )
     assert_generate_matches(loaded, ref, ids[:1, :9], n=10)
 

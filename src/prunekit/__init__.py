@@ -15,7 +15,7 @@ def _register() -> None:
 
     if importlib.util.find_spec("transformers") is None:
         return
-    from prunekit.models.adapters import register_auto_classes
+    from prunekit.models.families import register_auto_classes
 
     register_auto_classes()
 

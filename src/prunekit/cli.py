@@ -13,7 +13,7 @@ from prunekit.errors import PrunekitError
 
 def cmd_list() -> None:
     from prunekit.data.sources import describe_sources
-    from prunekit.models.adapters import ADAPTERS
+    from prunekit.models.families import ADAPTERS
     from prunekit.models.sources import SOURCES
     from prunekit.pruning.criteria import CRITERIA
     from prunekit.pruning.plan import ALLOCATIONS
@@ -32,7 +32,10 @@ def cmd_list() -> None:
         ("schedules (prune.schedule)", [(n, first_line(s)) for n, s in SCHEDULES.items()]),
         ("data sources (data.calibration / training / evaluation)", describe_sources()),
         ("model sources (model.source)", [(n, s.syntax) for n, s in SOURCES.items()]),
-        ("model families", [(n, ", ".join(a.model_types)) for n, a in ADAPTERS.items()]),
+        (
+            "model families (config model_type / GGUF architecture)",
+            [(n, describe_family(a)) for n, a in ADAPTERS.items()],
+        ),
         (
             "quantization schemes (search.choices)",
             [(n, f"{s.bits:>2} bits  {s.description}") for n, s in SCHEMES.items()],
@@ -44,6 +47,23 @@ def cmd_list() -> None:
         for name, desc in rows:
             print(f"  {name:<{width}}  {desc}")
         print()
+
+
+def describe_family(adapter: Any) -> str:
+    """One line of what a family reads, prunes and exports (its declarations, see ModelAdapter)."""
+    from prunekit.pruning.units import UNITS
+
+    units = adapter.supported_units(UNITS.names())
+    refused = [*adapter.refused_units, *(f"criterion {c}" for c in adapter.refused_criteria)]
+    refused += ["bias_compensation"] * bool(adapter.compensation_refused)
+    refused += ["reconstruct"] * bool(adapter.reconstruction_refused)
+    per_layer = adapter.llama_cpp_per_layer_arch
+    export = f"{adapter.llama_cpp_arch}, per-layer widths as {per_layer}" if per_layer else (
+        f"{adapter.llama_cpp_arch}, the same widths in every layer only")  # fmt: skip
+    return (
+        f"{', '.join(adapter.model_types)} / {', '.join(adapter.gguf_architectures) or '-'}; units: "
+        f"{' '.join(units)}; refuses: {', '.join(refused) or 'nothing'}; llama.cpp: {export}"
+    )
 
 
 def cmd_info(model_dir: str) -> None:

@@ -57,9 +57,7 @@ from prunekit.pipeline.files import atomic_file
 log = logging.getLogger(__name__)
 
 TOKENIZER_GGUF = "tokenizer.gguf"  # the base GGUF's tokenizer fields, beside a model converted from one
-FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-PER_LAYER_ARCH = "deci"
-PAIR_ROPE_ARCHS = ("llama", "deci")  # archs whose rope rotates consecutive dims
+PAIR_ROPE_ARCHS = ("llama", "deci")  # llama.cpp archs whose rope rotates consecutive dims (the others: halves)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # encoded by llama.cpp's quantizer (llama-cpp-python)
@@ -232,7 +230,8 @@ def rounded(model: nn.Module, types: TensorTypes) -> nn.Module:
 
 
 def check_exportable(model: nn.Module, adapter: ModelAdapter) -> str:
-    """The llama.cpp architecture ``model`` is written as, or an error naming what llama.cpp cannot run."""
+    """The llama.cpp architecture ``model`` is written as (what its family declares), or an error naming what
+    llama.cpp cannot run and what to set instead."""
     config = model.config
     layers = adapter.layers(model)
     if any(isinstance(adapter.attention(layer), HeadDimAttention) for layer in layers):
@@ -241,25 +240,56 @@ def check_exportable(model: nn.Module, adapter: ModelAdapter) -> str:
             "one key and value width, equal to the rotary width, for the whole model and rotates the first "
             "frequencies, not the kept ones. Prune heads, KV groups and MLP channels for a llama.cpp export"
         )
+    arch = adapter.llama_cpp_arch
+    if arch is None:
+        raise PrunekitError(f"GGUF export: the {adapter.family} family has no llama.cpp architecture")
     window = getattr(config, "sliding_window", None)
-    if window is not None and window < config.max_position_embeddings:
+    if not adapter.llama_cpp_sliding_window and window is not None and window < config.max_position_embeddings:
         raise PrunekitError(
             f"GGUF export: sliding_window {window} is shorter than the context ({config.max_position_embeddings}); "
-            "llama.cpp's llama / qwen2 / deci graphs attend to the whole context, so the file would compute "
-            "something else beyond the window"
+            f"llama.cpp's {arch} graph attends to the whole context, so the file would compute something else "
+            "beyond the window"
         )
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope not in ("default", "llama3"):
-        raise PrunekitError(f"GGUF export: rope_type '{rope}' is not exported (default and llama3 are)")
+    rope = adapter.rope_parameters(config).get("rope_type", "default")
+    if rope not in adapter.llama_cpp_rope_types:
+        raise PrunekitError(
+            f"GGUF export: rope_type '{rope}' is not exported for the {adapter.family} family "
+            f"({', '.join(adapter.llama_cpp_rope_types)} are)"
+        )
     sizes = adapter.all_layer_sizes(model)
-    if adapter.family not in FAMILY_ARCH:
-        raise PrunekitError(f"GGUF export: no llama.cpp architecture for the {adapter.family} family")
-    arch = FAMILY_ARCH[adapter.family]
-    uniform = len(set(sizes)) == 1
-    # llama.cpp's qwen2 graph sizes q_proj by the embedding width: fewer heads than that need deci's sizes.
-    if arch == "qwen2" and sizes[0].num_attention_heads * adapter.head_dim(model) != config.hidden_size:
-        uniform = False
-    return arch if uniform else PER_LAYER_ARCH
+    reasons: list[tuple[str, str]] = []  # (why not the uniform architecture, what to set instead)
+    if len(set(sizes)) > 1:
+        reasons.append(("its layers keep different widths", _UNIFORM_CUT))
+    if _has_output_bias(model, adapter) and not adapter.llama_cpp_output_bias:
+        reasons.append(
+            ("it has o_proj / down_proj biases, which that graph does not read", "prune.bias_compensation: false")
+        )
+    misfit = adapter.llama_cpp_uniform_refusal(model, sizes)
+    if misfit is not None:
+        reasons.append((misfit, _UNIFORM_CUT))
+    if not reasons:
+        return arch
+    if adapter.llama_cpp_per_layer_arch is not None:
+        return adapter.llama_cpp_per_layer_arch
+    fixes = dict.fromkeys(fix for _, fix in reasons)
+    raise PrunekitError(
+        f"GGUF export: llama.cpp's {arch} graph reads one head count and FFN width for every layer, and the "
+        f"{adapter.family} family has no llama.cpp architecture with per-layer widths; this model cannot be written as "
+        f"{arch}: {'; '.join(why for why, _ in reasons)}. Set {' and '.join(fixes)}"
+    )
+
+
+# What to set for a model every layer of which a uniform-width llama.cpp architecture can hold.
+_UNIFORM_CUT = "a uniform cut of all layers (prune.skip_first: 0, prune.skip_last: 0, prune.allocation: uniform)"
+
+
+def _has_output_bias(model: nn.Module, adapter: ModelAdapter) -> bool:
+    """Whether any o_proj or down_proj has a bias (FLAP's compensation, least squares, a Llama config switch)."""
+    return any(
+        getattr(adapter.attention(layer), adapter.o).bias is not None
+        or getattr(adapter.mlp(layer), adapter.down).bias is not None
+        for layer in adapter.layers(model)
+    )
 
 
 def _pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -268,12 +298,11 @@ def _pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _rope_factors(config: Any) -> torch.Tensor | None:
-    """llama.cpp's ``rope_freqs`` (a divisor of each dense frequency) for llama3 rope scaling, from transformers'
-    own rope functions; None for unscaled rope."""
+def _rope_factors(config: Any, params: dict[str, Any]) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs`` (a divisor of each dense frequency) for llama3 rope scaling (``params``: the
+    rotary settings), from transformers' own rope functions; None for other rotary types."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = getattr(config, "rope_parameters", None) or {}
     if params.get("rope_type", "default") != "llama3":
         return None
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
@@ -327,11 +356,14 @@ def _add_tokenizer(
 
     spec = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         raise PrunekitError(
             f"GGUF export: the tokenizer in '{hf_dir}' is {model.get('type')}"
-            f"{' with byte fallback' if model.get('byte_fallback') else ''}; prunekit builds byte-level BPE "
-            "tokenizers (GPT-2 style). Start from the model's GGUF file (model.source) to carry its tokenizer"
+            f"{' with byte fallback' if model.get('byte_fallback') else ''}"
+            f"{'' if byte_level else ' without a byte-level decoder'}; prunekit builds byte-level BPE tokenizers "
+            "(GPT-2 style). Start from the model's GGUF file (model.source) to carry its tokenizer, or give a GGUF "
+            "file of the same tokenizer (prunekit export --tokenizer-gguf)"
         )
     vocab = gguf.vocab.BpeVocab(hf_dir)
     tokens, _, kinds = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
@@ -363,9 +395,8 @@ def _file_type(kinds: list[str]) -> int:
 
 def _write(
     writer: Any,
-    config: Any,
-    sizes: list[Any],
-    head_dim: int,
+    model: nn.Module,
+    adapter: ModelAdapter,
     arch: str,
     plan: list[tuple[str, torch.Tensor, str]],
     name: str,
@@ -374,11 +405,14 @@ def _write(
     """Metadata, tokenizer (``(tokenizer_gguf, hf_dir, tokenizer_pre)``) and tensors of :func:`write_gguf`'s file."""
     import gguf
 
+    config = model.config
+    sizes = adapter.all_layer_sizes(model)
+    head_dim = adapter.head_dim(model)
     writer.add_name(name)
     writer.add_block_count(len(sizes))
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
-    per_layer = arch == PER_LAYER_ARCH
+    per_layer = arch == adapter.llama_cpp_per_layer_arch
     for add, values in (
         (writer.add_feed_forward_length, [s.intermediate_size for s in sizes]),
         (writer.add_head_count, [s.num_attention_heads for s in sizes]),
@@ -388,14 +422,15 @@ def _write(
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    params = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    rope = adapter.rope_parameters(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(_file_type([k for _, p, k in plan if p.dim() == 2]))
+    adapter.gguf_metadata(writer, model)
     _add_tokenizer(writer, int(config.vocab_size), *tokenizer)
 
-    factors = _rope_factors(config)
+    factors = _rope_factors(config, rope)
     if factors is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
     for gname, p, kind in plan:
@@ -428,12 +463,11 @@ def write_gguf(
     types.check()
     arch = check_exportable(model, adapter)
     config = model.config
-    sizes = adapter.all_layer_sizes(model)
-    head_dim = adapter.head_dim(model)
+    n_layers = len(adapter.layers(model))
 
     # Cheap checks first: every type fits its weight, every typed module exists, before a byte is written.
     plan: list[tuple[str, torch.Tensor, str]] = []  # (gguf name, tensor, type)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(sizes))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     for pname, p in model.named_parameters():
         if pname == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
@@ -444,7 +478,7 @@ def write_gguf(
         kind = "F32" if p.dim() == 1 else types.kind(pname.rsplit(".", 1)[0], role)
         if p.dim() == 2:
             check_fits(kind, p.shape[1], pname)
-        plan.append((gname, p, kind))
+        plan.append((gname, adapter.gguf_tensor(pname, p.detach(), model), kind))
     unknown = sorted(set(types.tensors) - {pname.rsplit(".", 1)[0] for pname, _ in model.named_parameters()})
     if unknown:
         raise PrunekitError(
@@ -455,7 +489,7 @@ def write_gguf(
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
-            _write(writer, config, sizes, head_dim, arch, plan, name, (tokenizer_gguf, hf_dir, tokenizer_pre))
+            _write(writer, model, adapter, arch, plan, name, (tokenizer_gguf, hf_dir, tokenizer_pre))
         finally:
             writer.close()
     counts = Counter(kind for _, _, kind in plan)

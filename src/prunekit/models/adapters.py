@@ -1,23 +1,33 @@
-"""Model-family adapters: where a family keeps its decoder layers, attention, MLP and their sizes.
+"""Model-family adapters: where a family keeps its decoder layers, attention, MLP and their sizes, and what it
+can do.
 
 Everything prunekit does to a model goes through an adapter. A family is one module in
 :mod:`prunekit.models.families`: a :class:`ModelAdapter` subclass naming its config ``model_type`` values, its
-stock and per-layer-width classes and its head-dim attention, and one registration line; the contract tests
-run over every registered family.
+stock and per-layer-width classes, what it supports (unit types, criteria, compensation, reconstruction, the
+llama.cpp architectures it exports to) and one registration line; the package fills the registry
+(:data:`ADAPTERS`) and looks families up (:func:`prunekit.models.families.adapter_for`). The contract tests run
+over every registered family.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
-from prunekit.models.modeling import LAYER_SIZE_KEYS, OUTPUT_BIAS, HeadDimAttention, PrunedClasses, pruned_classes
+from prunekit.models.modeling import (
+    LAYER_SIZE_KEYS,
+    OUTPUT_BIAS,
+    ClassNames,
+    HeadDimAttention,
+    PrunedClasses,
+    pruned_classes,
+)
 from prunekit.registry import Registry
 
 
@@ -91,13 +101,17 @@ class ModelAdapter:
     """Llama-style decoder: ``model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``.
 
     A family subclasses it (``prunekit.models.families``) and fills in the class attributes below; a family
-    laid out differently also overrides the paths and accessors.
+    laid out differently also overrides the paths and accessors. The second group of attributes declares what
+    the family can do: params validation, the score and prune stages, the GGUF export, ``prunekit list`` and the
+    docs read them, so nothing elsewhere tests a family's name.
     """
 
     family = ""
     model_types: tuple[str, ...] = ()
     modeling: ModuleType  # the family's transformers modeling module (transformers.models.llama.modeling_llama)
-    prefix = ""  # its class names' prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>Attention, ...
+    prefix = ""  # the pruned classes' names: Pruned<prefix>Config, Pruned<prefix>ForCausalLM, HeadDim<prefix>Attention
+    # The family's class names in ``modeling``; None: <prefix>Config, <prefix>Model, <prefix>ForCausalLM, ...
+    classes: ClassNames | None = None
     # The stock config has a switch for o_proj / down_proj biases (Llama's attention_bias / mlp_bias); families
     # without one get them through the pruned config's ``output_bias`` (FLAP's compensation needs them).
     output_bias = False
@@ -105,6 +119,40 @@ class ModelAdapter:
     mlp_path = "mlp"
     q, k, v, o = "q_proj", "k_proj", "v_proj", "o_proj"
     gate, up, down = "gate_proj", "up_proj", "down_proj"
+    # RMSNorms over the hidden size inside a decoder layer (a hidden channel lives in each of them).
+    hidden_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # Norms compute x * (norm_offset + w): 0 for Llama's, 1 for Gemma's (llama.cpp stores norm_offset + w).
+    norm_offset = 0.0
+
+    # --- what the family can do -------------------------------------------------------------------------------
+    # GGUF files whose ``general.architecture`` is one of these are converted by download_model.
+    gguf_architectures: tuple[str, ...] = ()
+    # llama.cpp's architecture for a GGUF export whose layers keep the same widths (None: no GGUF export) ...
+    llama_cpp_arch: str | None = None
+    # ... and the one whose graph reads per-layer head counts and FFN widths (None: per-layer widths refused).
+    llama_cpp_per_layer_arch: str | None = None
+    # Whether ``llama_cpp_arch`` reads o_proj / down_proj biases (bias compensation); if not, such a model is
+    # written as ``llama_cpp_per_layer_arch`` (or refused without one).
+    llama_cpp_output_bias = False
+    # Unit types (``prune.units``) and criteria (``score.criterion``) this family refuses, with the reason.
+    refused_units: Mapping[str, str] = MappingProxyType({})
+    refused_criteria: Mapping[str, str] = MappingProxyType({})
+    # Why ``prune.bias_compensation`` / ``prune.reconstruct`` are refused for this family (None: allowed).
+    compensation_refused: str | None = None
+    reconstruction_refused: str | None = None
+
+    # Rotary types llama.cpp's graph for the family reproduces (``rope_type`` of :meth:`rope_parameters`).
+    llama_cpp_rope_types: tuple[str, ...] = ("default",)
+    # Whether that graph has sliding-window attention (else a window shorter than the context is refused).
+    llama_cpp_sliding_window = False
+
+    @property
+    def class_names(self) -> ClassNames:
+        return self.classes or ClassNames.of(self.prefix)
+
+    def supported_units(self, units: list[str]) -> list[str]:
+        """Those of ``units`` this family prunes."""
+        return [u for u in units if u not in self.refused_units]
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         layers = model.get_decoder().layers
@@ -156,12 +204,13 @@ class ModelAdapter:
     @property
     def stock_classes(self) -> tuple[type, type]:
         """(config, causal LM) of transformers."""
-        return getattr(self.modeling, f"{self.prefix}Config"), getattr(self.modeling, f"{self.prefix}ForCausalLM")
+        names = self.class_names
+        return getattr(self.modeling, names.config), getattr(self.modeling, names.causal_lm)
 
     @property
     def pruned(self) -> PrunedClasses:
         """The family's classes with per-layer widths (config, base model, causal LM, head-dim attention)."""
-        return pruned_classes(self.modeling, self.prefix)
+        return pruned_classes(self.modeling, self.prefix, self.class_names)
 
     def enable_head_dims(self, attn: nn.Module) -> HeadDimAttention:
         """Turn the family's stock attention into its head-dim subclass in place: same weights, same outputs.
@@ -206,6 +255,37 @@ class ModelAdapter:
         data["head_dim"] = config_head_dim(config)
         return config_cls(**data)
 
+    def complete_gguf_config(self, config: Any, metadata: Mapping[str, Any], arch: str) -> None:
+        """Set, in place, the config values that transformers' GGUF reader leaves out for this family, from the
+        file's header (``metadata``: its keys with scalar and short array values; ``arch``: its architecture)."""
+
+    # --- GGUF export hooks (prunekit.export.gguf) ---------------------------------------------------------------
+
+    def llama_cpp_uniform_refusal(self, model: nn.Module, sizes: list[LayerSizes]) -> str | None:
+        """Why a model of uniform widths cannot be written as ``llama_cpp_arch`` (None: it can)."""
+        return None
+
+    def rope_parameters(self, config: Any) -> dict[str, Any]:
+        """The rotary settings of the full-attention layers (``rope_type``, ``rope_theta``, scaling)."""
+        return dict(getattr(config, "rope_parameters", None) or {})
+
+    def gguf_tensor(self, name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """Parameter ``name`` as llama.cpp's graph for the family reads it: norm weights shifted by ``norm_offset``."""
+        if self.norm_offset and tensor.dim() == 1 and name.endswith("norm.weight"):
+            return tensor + self.norm_offset
+        return tensor
+
+    def gguf_metadata(self, writer: Any, model: nn.Module) -> None:
+        """Metadata beyond the shared keys (head counts, widths, rope base, norm epsilon) the family's graph reads."""
+
+
+# Why families with per-head q/k norms (Qwen3, Gemma-3) refuse ``attn_qk_dim``.
+QK_NORM_REFUSAL = (
+    "the q/k norm of each head averages the squares of all its head_dim dims, so a head cut to fewer q/k dims "
+    "would be normalised by another statistic than the model was trained with; prune attn_vo_dim, query heads or "
+    "KV groups instead"
+)
+
 
 def config_head_dim(config: Any) -> int:
     """A config's attention head width: ``head_dim`` where the config has one (Llama, Mistral), else
@@ -215,39 +295,3 @@ def config_head_dim(config: Any) -> int:
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
-
-
-def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    for _, adapter in ADAPTERS.items():
-        config_cls, model_cls, causal_cls, _ = adapter.pruned
-        if config_cls.model_type in CONFIG_MAPPING:
-            continue
-        AutoConfig.register(config_cls.model_type, config_cls)
-        AutoModel.register(config_cls, model_cls)
-        AutoModelForCausalLM.register(config_cls, causal_cls)
-
-
-def supported_model_types() -> list[str]:
-    """Every ``model_type`` a registered family reads (GGUF files name theirs the same way)."""
-    return sorted(t for _, a in ADAPTERS.items() for t in a.model_types)
-
-
-def adapter_for(config: Any) -> ModelAdapter:
-    """The adapter for a transformers config, or an error listing the supported architectures."""
-    model_type = str(getattr(config, "model_type", ""))
-    for _, adapter in ADAPTERS.items():
-        pruned_type = adapter.pruned.config.model_type
-        if model_type in adapter.model_types or model_type == pruned_type:
-            return adapter
-    supported = supported_model_types()
-    raise PrunekitError(
-        f"Unsupported architecture '{model_type}' (architectures: {getattr(config, 'architectures', None)}). "
-        f"Supported model types: {', '.join(supported)}."
-    )
-
-
-from prunekit.models import families  # noqa: E402, F401  (registers the families; they import this module)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ModelAdapter, adapter_for
+from prunekit.models.adapters import ModelAdapter
+from prunekit.models.families import adapter_for
 from prunekit.models.loading import DTYPES, check_weights, load_config
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,9 @@ class LayerwiseModel:
         with safe_open(str(self.files[name]), framework="pt") as handle:
             table = handle.get_slice(name)
             rows = torch.cat([table[int(t) : int(t) + 1] for t in tokens]).to(self.device, self.dtype)
+        scale = getattr(emb, "embed_scale", None)  # an embedding that scales its rows (Gemma-3: sqrt(hidden_size))
+        if scale is not None:
+            rows = rows * scale.to(self.device, rows.dtype)
         return rows[inverse.to(self.device)]
 
     @torch.no_grad()

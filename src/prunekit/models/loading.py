@@ -10,7 +10,8 @@ import torch
 from safetensors import SafetensorError
 
 from prunekit.errors import PrunekitError
-from prunekit.models.adapters import ModelAdapter, adapter_for
+from prunekit.models.adapters import ModelAdapter
+from prunekit.models.families import adapter_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ def check_weights(path: Path) -> None:
             f"model at '{path}' has {found}; prunekit loads safetensors only (pickles can run code when loaded). "
             "Convert it with `save_pretrained(dir, safe_serialization=True)` in a trusted environment."
         )
+
+
+def model_shapes(path: str | Path) -> tuple[torch.nn.Module, ModelAdapter]:
+    """(the model of a directory's config with every parameter on the meta device, its adapter): its shapes for
+    checks that must come before reading any weight (milliseconds, no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.models.families import register_auto_classes
+
+    register_auto_classes()
+    config = load_config(path)
+    adapter = adapter_for(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, adapter
 
 
 def load_model(

@@ -183,6 +183,15 @@ class HeadDimAttention(nn.Module):
         qg = qg * cos_k.unsqueeze(2) + rotate_half(qg) * sin_k.unsqueeze(2)
         return qg.flatten(1, 2), k
 
+    def norm_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's per-head q/k norms where it has them (``q_norm`` / ``k_norm``), else q and k as they are."""
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        if q_norm is None or k_norm is None:
+            return q, k
+        if self.qk_head_dim != self.head_dim:
+            raise ValueError(f"q/k norms over {self.head_dim} dims cannot run on heads cut to {self.qk_head_dim}")
+        return q_norm(q), k_norm(k)
+
     def attention_kwargs(self) -> dict[str, Any]:
         """The sliding window the stock attention passes to the attention function, where it has one: its own
         (Qwen2: per layer type) or its config's (Mistral); none otherwise (Llama)."""
@@ -201,8 +210,12 @@ class HeadDimAttention(nn.Module):
         # transformers >= 5.24 passes the KV cache as ``cache``, earlier releases as ``past_key_values``.
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
-        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, H, T, qk)
-        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)  # (B, kv, T, qk)
+        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim)  # (B, T, H, qk)
+        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim)  # (B, T, kv, qk)
+        # Families with per-head q/k norms (Qwen3, Gemma-3) normalise before RoPE; their q/k dims are never pruned
+        # (the norm's mean runs over the whole head), so the norms see full heads.
+        q, k = self.norm_heads(q, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, qk), (B, kv, T, qk)
         v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)  # (B, kv, T, v)
         q, k = self.rotate(q, k, *position_embeddings)
         if cache is not None:
@@ -285,6 +298,22 @@ class PerLayerCausalLM:
         self.post_init()  # type: ignore[attr-defined]
 
 
+class ClassNames(NamedTuple):
+    """A family's class names in its transformers modeling module (Gemma-3's text classes do not share one prefix)."""
+
+    config: str
+    model: str
+    causal_lm: str
+    attention: str
+    decoder_layer: str
+
+    @classmethod
+    def of(cls, prefix: str) -> ClassNames:
+        """``<prefix>Config``, ``<prefix>Model``, ``<prefix>ForCausalLM``, ``<prefix>Attention``, ...DecoderLayer."""
+        return cls(f"{prefix}Config", f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}Attention",
+                   f"{prefix}DecoderLayer")  # fmt: skip
+
+
 class PrunedClasses(NamedTuple):
     """A family's classes with per-layer widths."""
 
@@ -302,11 +331,12 @@ def remote_code(config_cls: type) -> str:
     prefix = config_cls.__name__.removeprefix("Pruned").removesuffix("Config")
     module = config_cls.family_module
     package, name = module.rsplit(".", 1)
+    names = ", ".join(repr(n) for n in config_cls.family_classes)
     return (
         f"{shared}\n\n\n{_FAMILY_MARKER}\n"
         f"from {package} import {name} as family_modeling  # noqa: E402\n\n"
         f"Pruned{prefix}Config, Pruned{prefix}Model, Pruned{prefix}ForCausalLM, HeadDim{prefix}Attention = "
-        f"pruned_classes(family_modeling, {prefix!r})\n"
+        f"pruned_classes(family_modeling, {prefix!r}, ClassNames({names}))\n"
     )
 
 
@@ -314,6 +344,7 @@ class PrunedConfig:
     """Mixin for a family's config with per-layer widths (``layer_sizes``); top-level sizes are the dense model's."""
 
     family_module: ClassVar[str]  # the family's transformers modeling module, by name
+    family_classes: ClassVar[ClassNames]  # the family's class names in it
 
     def validate_architecture(self) -> None:
         # Stock Llama demands hidden_size % num_attention_heads == 0, which pruned heads need not meet
@@ -334,25 +365,28 @@ class PrunedConfig:
 
 
 @functools.cache
-def pruned_classes(modeling: ModuleType, prefix: str) -> PrunedClasses:
-    """The per-layer-width classes of the family whose transformers modeling module is ``modeling`` and whose
-    classes are named ``<prefix>Config``, ``<prefix>Model``, ... (``"Llama"``), made once per process."""
-    stock_config = getattr(modeling, f"{prefix}Config")
+def pruned_classes(modeling: ModuleType, prefix: str, names: ClassNames | None = None) -> PrunedClasses:
+    """The per-layer-width classes of the family whose transformers modeling module is ``modeling``, named
+    ``Pruned<prefix>Config``, ... after the family's classes ``names`` (default ``<prefix>Config``,
+    ``<prefix>Model``, ...: :meth:`ClassNames.of`), made once per process."""
+    names = names or ClassNames.of(prefix)
+    stock_config = getattr(modeling, names.config)
 
-    class Attention(HeadDimAttention, getattr(modeling, f"{prefix}Attention")):  # type: ignore[misc]
+    class Attention(HeadDimAttention, getattr(modeling, names.attention)):  # type: ignore[misc]
         family_module = modeling
 
     class Config(PrunedConfig, stock_config):  # type: ignore[misc, valid-type]
         model_type = f"prunekit_{stock_config.model_type}"
         family_module = modeling.__name__
+        family_classes = names
         layer_sizes: list | None = None
 
-    class Model(PerLayerModel, getattr(modeling, f"{prefix}Model")):  # type: ignore[misc]
+    class Model(PerLayerModel, getattr(modeling, names.model)):  # type: ignore[misc]
         config_class = Config
-        decoder_layer_cls = getattr(modeling, f"{prefix}DecoderLayer")
+        decoder_layer_cls = getattr(modeling, names.decoder_layer)
         attention_cls = Attention
 
-    class CausalLM(PerLayerCausalLM, getattr(modeling, f"{prefix}ForCausalLM")):  # type: ignore[misc]
+    class CausalLM(PerLayerCausalLM, getattr(modeling, names.causal_lm)):  # type: ignore[misc]
         config_class = Config
         base_model_cls = Model
 

@@ -25,7 +25,7 @@ class _Problems(list[str]):
 def check_choices(params: Params) -> None:
     """Raise :class:`ParamsError` naming the key of any value that no registry knows (every problem at once)."""
     problems = _Problems()
-    for section in (_model_and_data, _score, _prune, _evaluate, _search, _export):
+    for section in (_model_and_data, _score, _prune, _family, _evaluate, _search, _export):
         section(params, problems)
     if problems:
         raise ParamsError("\n".join(problems))
@@ -167,6 +167,24 @@ def _prune(params: Params, problems: _Problems) -> None:
             f"needs the mean activations an activation-based criterion records; score.criterion is '{name}'. "
             f"Choose one of {', '.join(activation_based)} or set prune.bias_compensation: false",
         )
+
+
+def _family(params: Params, problems: _Problems) -> None:
+    """What the model's family refuses (its declarations), where the family is known before downloading."""
+    from prunekit.models.families import family_of_model_type
+    from prunekit.models.sources import source_model_type
+    from prunekit.pruning.support import support_problems
+
+    if any(line.startswith("params.yaml key 'model.source'") for line in problems):
+        return  # the source itself is refused
+    model_type = source_model_type(params.model.source)
+    adapter = family_of_model_type(model_type) if model_type is not None else None
+    if adapter is None:
+        return  # known once the model is downloaded: the score and prune stages check it before any work
+    p = params.prune
+    problems += support_problems(
+        adapter, None, list(p.units), params.score.criterion, p.bias_compensation, p.reconstruct != "none"
+    )
 
 
 def _evaluate(params: Params, problems: _Problems) -> None:

@@ -46,16 +46,19 @@ def prune_directory(
     inputs' digests, its fingerprint)."""
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.models.layerwise import LayerwiseModel
-    from prunekit.models.loading import load_model, load_tokenizer
+    from prunekit.models.loading import load_model, load_tokenizer, model_shapes
     from prunekit.models.provenance import write_model_record
     from prunekit.pipeline.files import atomic_dir
     from prunekit.pipeline.stageio import read_documents, read_tensors
     from prunekit.pruning.layerwise import prune_layerwise
     from prunekit.pruning.schedules import SCHEDULES, PruneJob, digest, fingerprint, prune_model, split_scores
     from prunekit.pruning.slicing import save_model
+    from prunekit.pruning.support import check_support
 
     # A schedule that trains, and an allocation search, run on the model's device and keep their progress.
     long_running = SCHEDULES.get(schedule).trains or cut.allocation == "search"
+    shapes, family = model_shapes(source.path)  # the family's and the model's refusals before any weight is read
+    check_support(family, shapes, cut.units, cut.criterion, cut.bias_compensation, cut.reconstruct != "none")
     lw = None
     if source.offload == "layerwise":  # one decoder layer in memory at a time (one-shot cuts only: params)
         lw = LayerwiseModel(source.path, source.dtype, source.device)

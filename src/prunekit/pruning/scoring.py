@@ -58,13 +58,16 @@ def score_directory(
     base: QuantizedBase | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores ``"<unit>.<layer>"`` of every layer, with the criterion's side data (``aux.*``: FLAP's channel means)."""
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
     from prunekit.models.layerwise import LayerwiseModel
-    from prunekit.models.loading import load_model
+    from prunekit.models.loading import load_model, model_shapes
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.criteria.base import LayerCriterion
+    from prunekit.pruning.support import check_support
 
     scorer = CRITERIA.get(criterion)
+    shapes, family = model_shapes(source.path)
+    check_support(family, shapes, units, criterion)  # the family's and the model's refusals before any weight is read
     layerwise = None
     if base is not None:
         model = load_quantized_base(source, base)

@@ -395,7 +395,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise PrunekitError(f"'{p / WEIGHTS_FILE}' cannot be read (corrupt?): {e}") from e
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).to(device)
-    from prunekit.models.adapters import adapter_for
+    from prunekit.models.families import adapter_for
 
     tied = _is_tied(model)
     check_plan(plan, quant_targets(model, adapter_for(config), embeddings=True))

@@ -1,8 +1,75 @@
-"""Model families, one module each (adapter, head-dim attention, per-layer-width classes, registration line).
+"""Model families, one module each (adapter, capabilities, registration line), and looking them up.
 
-Import a new family's module here; the contract tests (tests/test_families.py) run over every registered family.
+Import a new family's module below; the contract tests (tests/test_families.py) run over every registered family.
 """
 
 from __future__ import annotations
 
-from prunekit.models.families import llama, mistral, qwen2  # noqa: F401  (registration)
+from typing import Any
+
+from prunekit.errors import PrunekitError
+from prunekit.models.adapters import ADAPTERS, ModelAdapter
+from prunekit.models.families import gemma3, llama, mistral, qwen2, qwen3  # noqa: F401  (registration)
+
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "adapter_for",
+    "family_of_gguf",
+    "family_of_model_type",
+    "register_auto_classes",
+    "supported_model_types",
+]
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for _, adapter in ADAPTERS.items():
+        config_cls, model_cls, causal_cls, _ = adapter.pruned
+        if config_cls.model_type in CONFIG_MAPPING:
+            continue
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModel.register(config_cls, model_cls)
+        AutoModelForCausalLM.register(config_cls, causal_cls)
+
+
+def supported_model_types() -> list[str]:
+    """Every ``model_type`` a registered family reads."""
+    return sorted(t for _, a in ADAPTERS.items() for t in a.model_types)
+
+
+def supported_gguf_architectures() -> list[str]:
+    """Every GGUF ``general.architecture`` a registered family converts."""
+    return sorted(arch for _, a in ADAPTERS.items() for arch in a.gguf_architectures)
+
+
+def family_of_gguf(architecture: str | None) -> ModelAdapter | None:
+    """The family that converts GGUF files of ``architecture`` (None if no family does)."""
+    for _, adapter in ADAPTERS.items():
+        if architecture in adapter.gguf_architectures:
+            return adapter
+    return None
+
+
+def family_of_model_type(model_type: str) -> ModelAdapter | None:
+    """The family whose configs (stock or pruned) have this ``model_type``, or None."""
+    for _, adapter in ADAPTERS.items():
+        if model_type in adapter.model_types or model_type == adapter.pruned.config.model_type:
+            return adapter
+    return None
+
+
+def adapter_for(config: Any) -> ModelAdapter:
+    """The adapter for a transformers config, or an error listing the supported architectures."""
+    model_type = str(getattr(config, "model_type", ""))
+    adapter = family_of_model_type(model_type)
+    if adapter is not None:
+        return adapter
+    supported = supported_model_types()
+    raise PrunekitError(
+        f"Unsupported architecture '{model_type}' (architectures: {getattr(config, 'architectures', None)}). "
+        f"Supported model types: {', '.join(supported)}."
+    )

@@ -1,8 +1,10 @@
-"""Llama: the reference layout ``model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``.
+"""Llama (Llama 2, Llama 3.x, SmolLM2): the reference layout ``model.layers[i].{self_attn.{q,k,v,o}_proj,
+mlp.{gate,up,down}_proj}``.
 
 One module per family: its adapter (the family's transformers modeling module and class-name prefix, where the
-layers, attention and MLP live) and the registration line. The per-layer-width config and model classes and
-the head-dim attention are made from the family's own classes (:func:`prunekit.models.modeling.pruned_classes`).
+layers, attention and MLP live, what it can do) and the registration line. The per-layer-width config and model
+classes and the head-dim attention are made from the family's own classes
+(:func:`prunekit.models.modeling.pruned_classes`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ class LlamaAdapter(ModelAdapter):
     modeling = modeling_llama
     prefix = "Llama"
     output_bias = True
+    gguf_architectures = ("llama",)
+    llama_cpp_arch = "llama"
+    # deci: llama.cpp's Llama variant with per-layer head counts and FFN widths (Nemotron-NAS)
+    llama_cpp_per_layer_arch = "deci"
+    llama_cpp_output_bias = True
+    llama_cpp_rope_types = ("default", "llama3")  # llama3 scaling travels as llama.cpp's rope_freqs
 
 
 ADAPTERS.register(LlamaAdapter.family)(LlamaAdapter())

@@ -66,6 +66,7 @@ __all__ = [
     "normalize_dist",
     "parse_source",
     "sha256_file",
+    "source_model_type",
     "validate_source",
 ]
 
@@ -77,6 +78,13 @@ def validate_source(source: str) -> None:
     paths that they exist and hold what is needed. Raises :class:`PrunekitError`."""
     spec = parse_source(source)
     SOURCES.get(spec.kind).check(spec)
+
+
+def source_model_type(source: str) -> str | None:
+    """The config ``model_type`` of a checked ``model.source``, where it is known without downloading (local
+    directories and GGUF files), else None."""
+    spec = parse_source(source)
+    return SOURCES.get(spec.kind).architecture(spec)
 
 
 def materialize_model(source: str, out_dir: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:

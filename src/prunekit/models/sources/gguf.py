@@ -51,10 +51,10 @@ def _check_gguf_file(path: Path, source: str) -> dict[str, Any]:
 
 
 def check_architecture(architecture: str | None, what: str) -> None:
-    """Refuse a GGUF ``general.architecture`` that no registered model family prunes."""
-    from prunekit.models.adapters import supported_model_types
+    """Refuse a GGUF ``general.architecture`` that no registered model family converts."""
+    from prunekit.models.families import supported_gguf_architectures
 
-    supported = supported_model_types()
+    supported = supported_gguf_architectures()
     if architecture not in supported:
         raise PrunekitError(
             f"{what}: unsupported architecture '{architecture}' (from the GGUF header). "
@@ -92,6 +92,11 @@ def _read_str(f: Any) -> str:
     return f.read(n).decode("utf-8", errors="replace")
 
 
+# Arrays of scalars up to this length are read (per-layer settings: head counts, the sliding-window pattern);
+# longer ones (a vocabulary's token types and scores) are skipped in one seek.
+_SHORT_ARRAY = 4096
+
+
 def _read_gguf_value(f: Any, vtype: int) -> Any:
     if vtype in _GGUF_SCALARS:
         return _read(f, _GGUF_SCALARS[vtype])
@@ -99,9 +104,12 @@ def _read_gguf_value(f: Any, vtype: int) -> Any:
         return _read_str(f)
     if vtype == 9:
         etype, count = _read(f, "<I"), _read(f, "<Q")
-        if etype in _GGUF_SCALARS:  # skipped in one read: only the header's scalars are wanted
-            f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, os.SEEK_CUR)
-            return None
+        if etype in _GGUF_SCALARS:
+            fmt = _GGUF_SCALARS[etype]
+            if count > _SHORT_ARRAY:
+                f.seek(struct.calcsize(fmt) * count, os.SEEK_CUR)
+                return None
+            return [_read(f, fmt) for _ in range(count)]
         for _ in range(count):
             _read_gguf_value(f, etype)
         return None
@@ -157,6 +165,7 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
         "name": meta.get("general.name"),
         "tensor_types": dict(types),
         "data_bytes": data_start + end,
+        "metadata": {k: v for k, v in meta.items() if v is not None and not k.startswith("tokenizer.")},
     }
 
 
@@ -237,9 +246,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     model with its tokenizer; returns what was done (hashes, class, parameter count, GGUF tensor types)."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from prunekit.export.gguf import TOKENIZER_GGUF, write_tokenizer_gguf
+    from prunekit.models.families import family_of_gguf
     from prunekit.models.provenance import make_reproducible
 
     summary = _check_gguf_file(gguf_path, str(gguf_path))  # header only: refused before any dequantization
@@ -248,8 +258,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         with _memoized_tensor_name_map():
+            config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            # Config values transformers' GGUF reader leaves out for the family (Qwen3's head_dim, Gemma-3's layers)
+            family_of_gguf(summary["architecture"]).complete_gguf_config(
+                config, summary["metadata"], summary["architecture"]
+            )
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+                str(gguf_path.parent), gguf_file=gguf_path.name, config=config, dtype=torch.float32
             ).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (ValueError, KeyError, NotImplementedError) as e:
@@ -280,7 +295,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     return {
         "gguf_file": gguf_path.name,
         "gguf_sha256": source_sha,
-        "gguf": {k: v for k, v in summary.items() if k != "data_bytes"},
+        "gguf": {k: v for k, v in summary.items() if k not in ("data_bytes", "metadata")},
         "model_class": type(clean).__name__,
         "num_parameters": sum(p.numel() for p in clean.parameters()),
         "dtype": "float32",
@@ -308,6 +323,13 @@ class GGUFSource(ModelSource):
 
     def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
         return _materialize_gguf(spec, out_dir)
+
+    def architecture(self, spec: SourceSpec) -> str | None:
+        from prunekit.models.families import family_of_gguf
+
+        assert spec.path is not None
+        family = family_of_gguf(_gguf_summary(spec.path)["architecture"])
+        return family.model_types[0] if family is not None else None
 
 
 SOURCES.register(GGUFSource.kind)(GGUFSource())

@@ -93,6 +93,7 @@ def _check_config(path: Path, source: str) -> None:
         raise PrunekitError(
             f"model.source '{source}': '{path}' has no 'model_type', so it is not a transformers config."
         )
+    check_model_type(str(config["model_type"]), f"model.source '{source}'")
     quant = config.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
@@ -101,6 +102,18 @@ def _check_config(path: Path, source: str) -> None:
             f"model.source '{source}': '{path}' describes a quantized checkpoint (quant_method={method}); "
             "prunekit starts from full-precision weights. Use the unquantized model, or a .gguf file "
             "(which is dequantized on conversion)."
+        )
+
+
+def check_model_type(model_type: str, what: str) -> None:
+    """Refuse a config ``model_type`` that no registered model family reads (from config.json alone)."""
+    from prunekit.models.families import supported_model_types
+
+    supported = supported_model_types()
+    if model_type.removeprefix("prunekit_") not in supported:  # a pruned directory: its family's pruned config
+        raise PrunekitError(
+            f"{what}: unsupported architecture '{model_type}' (from config.json). Supported model types: "
+            f"{', '.join(supported)}."
         )
 
 
@@ -203,6 +216,12 @@ def _materialize_hf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
 
     log.info("downloading %s (revision %s) from the Hugging Face Hub", spec.repo_id, spec.revision or "main")
     try:
+        # config.json first: an architecture no family reads is refused before any weight is downloaded.
+        head = Path(
+            huggingface_hub.snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=["config.json"])
+        )
+        if (head / "config.json").is_file():
+            _check_config(head / "config.json", spec.raw)
         snapshot = Path(
             huggingface_hub.snapshot_download(
                 spec.repo_id, revision=spec.revision, allow_patterns=list(HF_ALLOW_PATTERNS)
@@ -285,6 +304,10 @@ class DirSource(ModelSource):
 
     def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
         return _materialize_dir(spec, out_dir)
+
+    def architecture(self, spec: SourceSpec) -> str | None:
+        assert spec.path is not None
+        return str(json.loads((spec.path / "config.json").read_text())["model_type"])
 
 
 SOURCES.register(HubSource.kind)(HubSource())

@@ -61,6 +61,11 @@ class ModelSource(ABC):
     def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
         """Write the model directory into the empty ``out_dir``; return the provenance record."""
 
+    def architecture(self, spec: SourceSpec) -> str | None:
+        """The model's config ``model_type`` where it can be read without downloading (a checked local source),
+        else None (known once the model is downloaded)."""
+        return None
+
 
 SOURCES: Registry[ModelSource] = Registry("model source")
 

@@ -103,6 +103,10 @@ class UnitType(ABC):
         """Units form this many equal groups that must keep equal counts (1: no constraint)."""
         return 1
 
+    def refusal(self, adapter: ModelAdapter, model: nn.Module) -> str | None:
+        """Why this unit type cannot prune ``model`` (read from its shapes), or None. Default: it always can."""
+        return None
+
     def params_per_unit(self, adapter: ModelAdapter, layer: nn.Module) -> int:
         """Parameters one unit holds in this layer (all members, biases included)."""
         total = 0

@@ -1,9 +1,9 @@
 """LLM-Pruner's channel-wise mode: one channel of the hidden (residual) dimension across the whole model.
 
 Hidden channel ``c`` is entry ``c`` of the residual stream, so it lives in every place that stream is read
-or written: column ``c`` of ``embed_tokens``; entry ``c`` of every RMSNorm weight (two per layer and the
-final norm); input column ``c`` of q/k/v/gate/up in every layer; output row ``c`` of o_proj and down_proj
-(and of their biases, where a family has them) in every layer; column ``c`` of ``lm_head`` (with tied
+or written: column ``c`` of ``embed_tokens``; entry ``c`` of every RMSNorm weight (the family's ``hidden_norms``
+in each layer and the final norm); input column ``c`` of q/k/v/gate/up in every layer; output row ``c`` of o_proj
+and down_proj (and of their biases, where a family has them) in every layer; column ``c`` of ``lm_head`` (with tied
 embeddings that is the embedding's column, counted once). The members are listed through the link
 ``ModelAdapter.layers`` gives each layer to its model, so the criteria that sum over members (random,
 l1/l2, Taylor) score a hidden channel over everything it holds, without knowing it is model-wide.
@@ -28,7 +28,10 @@ and each norm's epsilon (and ``rms_norm_eps`` in the config) by ``d / d'``:
     sqrt(d/d') w x / sqrt(S/d' + eps d/d') = w x / sqrt((d'/d) (S/d' + eps d/d')) = w x / sqrt(S/d + eps),
 
 which is the masked model's norm exactly (weights only: without the epsilon change the relative error
-would be about ``eps (d/d' - 1) / (2 (S/d + eps))``). A sliced model therefore equals the masked one up to
+would be about ``eps (d/d' - 1) / (2 (S/d + eps))``). Families whose per-head q/k norms read the same config
+epsilon (Qwen3) get it scaled there too, as a reload would; since ``w (c q) / sqrt(mean((c q)²) + c² eps) =
+w q / sqrt(mean(q²) + eps)``, the rows of q_proj and k_proj are scaled by ``c = sqrt(d / d')`` with it, so those
+norms compute exactly what they did. A sliced model therefore equals the masked one up to
 floating-point rounding, also after ``save_pretrained`` / ``from_pretrained`` (the epsilon is a config
 value). The config's ``hidden_size`` becomes ``d'``; ``head_dim`` stays explicit. With no other pruning (or
 uniform widths) the model saves with its family's stock config.
@@ -55,9 +58,6 @@ from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 log = logging.getLogger(__name__)
 
-# RMSNorms over the hidden dimension inside a Llama-style decoder layer (Llama, Mistral, Qwen2).
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-
 
 def model_of(adapter: ModelAdapter, layer: nn.Module) -> nn.Module:
     """The model ``layer`` belongs to, through the link ``adapter.layers(model)`` set on it."""
@@ -70,8 +70,8 @@ def model_of(adapter: ModelAdapter, layer: nn.Module) -> nn.Module:
 
 
 def hidden_norms(adapter: ModelAdapter, model: nn.Module) -> list[nn.Module]:
-    """Every RMSNorm over the hidden dimension: two per decoder layer, then the final norm."""
-    norms = [layer.get_submodule(n) for layer in adapter.layers(model) for n in LAYER_NORMS]
+    """Every RMSNorm over the hidden dimension: the family's per decoder layer, then the final norm."""
+    norms = [layer.get_submodule(n) for layer in adapter.layers(model) for n in adapter.hidden_norms]
     return [*norms, model.get_decoder().norm]
 
 
@@ -99,7 +99,7 @@ class HiddenChannel(UnitType):
         out = [member(model.get_input_embeddings().weight, 1)]
         for lay in adapter.layers(model):
             attn, mlp = adapter.attention(lay), adapter.mlp(lay)
-            out += [member(lay.get_submodule(n).weight, 0) for n in LAYER_NORMS]
+            out += [member(lay.get_submodule(n).weight, 0) for n in adapter.hidden_norms]
             out += [member(getattr(attn, p).weight, 1) for p in (adapter.q, adapter.k, adapter.v)]
             out += [member(getattr(mlp, p).weight, 1) for p in (adapter.gate, adapter.up)]
             for proj in (getattr(attn, adapter.o), getattr(mlp, adapter.down)):
@@ -149,6 +149,20 @@ def rescale_norms(model: nn.Module, adapter: ModelAdapter, d: int, d_kept: int) 
     for norm in hidden_norms(adapter, model):
         norm.weight.data.mul_(math.sqrt(ratio))
         norm.variance_epsilon = norm.variance_epsilon * ratio
+    # Per-head q/k norms (Qwen3) take their epsilon from the same config value, which a reload reads. A norm's
+    # output does not change when its input is scaled by c and its epsilon by c² (module docstring), so their
+    # projections' rows are scaled by sqrt(d / d_kept) as their epsilon becomes eps * d / d_kept: the same outputs.
+    for layer in adapter.layers(model):
+        attn = adapter.attention(layer)
+        for proj, name in ((adapter.q, "q_norm"), (adapter.k, "k_norm")):
+            norm = getattr(attn, name, None)
+            if norm is None:
+                continue
+            norm.variance_epsilon = norm.variance_epsilon * ratio
+            linear = getattr(attn, proj)
+            linear.weight.data.mul_(math.sqrt(ratio))
+            if linear.bias is not None:
+                linear.bias.data.mul_(math.sqrt(ratio))
     configs: dict[int, Any] = {id(c): c for c in (model.config, model.get_decoder().config)}
     for config in configs.values():
         # Families without a ``head_dim`` field (Qwen2) derive it from hidden_size: pin it before that changes.

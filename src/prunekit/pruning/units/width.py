@@ -39,6 +39,14 @@ class AttnKVGroup(UnitType):
                 out.append(Member(f"{a}.{proj}.bias", 0, width))
         return out
 
+    def refusal(self, adapter: ModelAdapter, model: nn.Module) -> str | None:
+        if all(self.count(adapter, layer) <= 1 for layer in adapter.layers(model)):
+            return (
+                "every layer of this model has one key/value head, so a KV group is the layer's whole attention "
+                "(Gemma-3 270M / 1B); prune attn_query_head (the heads sharing it) and mlp_channel instead"
+            )
+        return None
+
     def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
         super().apply(adapter, layer, keep, mode)
         attn = adapter.attention(layer)
