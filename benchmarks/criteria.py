@@ -28,11 +28,13 @@ def main() -> None:
     from prunekit.errors import PrunekitError
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
+    from prunekit.models.size import count_params
     from prunekit.pipeline.params import load_params
+    from prunekit.pruning.allocations import make_plan
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-    from prunekit.pruning.plan import PlanRequest, make_plan
+    from prunekit.pruning.plan import PlanRequest
     from prunekit.pruning.reconstruction import reconstruct
-    from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
     from prunekit.pruning.units import UNITS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

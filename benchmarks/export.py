@@ -78,7 +78,8 @@ def main() -> None:
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.evaluation.speed import speed
-    from prunekit.export.gguf import TensorTypes, choose_types, export_directory, rounded
+    from prunekit.export.directory import export_directory
+    from prunekit.export.tensor_types import TensorTypes, choose_types, rounded
     from prunekit.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

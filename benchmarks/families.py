@@ -33,10 +33,14 @@ from pathlib import Path
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.export.gguf import TensorTypes, write_gguf
+from prunekit.export.gguf import write_gguf
+from prunekit.export.tensor_types import TensorTypes
 from prunekit.models.families import ADAPTERS, adapter_for
-from prunekit.pruning.plan import PlanRequest, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
+from prunekit.pruning.plan import PlanRequest
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.pruning.units import UNITS
 
 # Load a saved directory where prunekit cannot be imported; print the max abs logit difference from a reference.

@@ -57,9 +57,11 @@ def timed(fn, device: torch.device) -> float:
 def main() -> None:
     from prunekit.evaluation.speed import speed
     from prunekit.models.families import adapter_for
+    from prunekit.models.size import count_params
+    from prunekit.pruning.allocations import make_plan
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-    from prunekit.pruning.plan import PlanRequest, make_plan
-    from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+    from prunekit.pruning.plan import PlanRequest
+    from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
     from prunekit.quant.apply import fake_quantized, lora_custom_modules, quant_targets, realise
     from prunekit.quant.schemes import QuantSettings
     from prunekit.training.lora import LoraSettings, train_lora

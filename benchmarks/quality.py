@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("prunekit.pruning.allocation_search").setLevel(logging.INFO)
+    logging.getLogger("prunekit.pruning.allocations.search").setLevel(logging.INFO)
     params = load_params(args.params)
     setup = make_setup(args)
     dense, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)

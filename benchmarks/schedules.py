@@ -36,10 +36,10 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     from prunekit.evaluation.efficiency import peak_memory_mib, reset_peak_memory
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
+    from prunekit.models.size import count_params
     from prunekit.pipeline.params import load_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.schedules import Cut, PruneJob, prune_model
-    from prunekit.pruning.slicing import count_params
     from prunekit.training.lora import LoraSettings, train_lora
 
     params = load_params(args.params)
@@ -64,7 +64,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
         first = CRITERIA.get(criterion).score(model, adapter, req)
     job = PruneJob(model, tokenizer, adapter, first, cut, params.seed, schedule=schedule,
                    training_blocks=lambda seq_len: blocks, calibration=lambda: setup.calibration,
-                   score_batch_size=params.score.batch_size, score_options=params.score.model_dump())  # fmt: skip
+                   score_batch_size=params.score.batch_size, score_options=params.score)  # fmt: skip
     model = prune_model(job, args.schedule).model
     if args.schedule == "oneshot":
         model, _ = train_lora(

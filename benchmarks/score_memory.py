@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
         base = _status_mib("VmRSS")
-    options = {**params.score.model_dump(), "gradient_checkpointing": args.checkpointing == "on"}
+    options = params.score.model_copy(update={"gradient_checkpointing": args.checkpointing == "on"})
     req = ScoreRequest(
         units=list(params.prune.units),
         layers=list(range(len(adapter.layers(model)))),

@@ -17,9 +17,9 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
     from prunekit.models.families import adapter_for
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
+    from prunekit.models.size import count_params, weight_bytes
     from prunekit.pipeline.files import read_json, write_json
     from prunekit.pipeline.stageio import read_documents
-    from prunekit.pruning.slicing import count_params, weight_bytes
     from prunekit.quant.apply import (
         is_quantized_dir,
         load_quantized,

@@ -15,7 +15,10 @@ def export(
     """Write ``out`` (GGUF) from ``model_dir`` with ``export``'s types: the plan's (``plan_file``) or one for
     every weight; the tokenizer from ``base``'s ``tokenizer.gguf`` when the model came from a GGUF file; with
     ``export.lora``, the QLoRA adapters of ``quantized`` (when it has them) as llama.cpp's LoRA file beside it."""
-    from prunekit.export.gguf import ADAPTER_GGUF, TOKENIZER_GGUF, choose_types, export_directory
+    from prunekit.export.directory import export_directory
+    from prunekit.export.lora import ADAPTER_GGUF
+    from prunekit.export.tensor_types import choose_types
+    from prunekit.export.tokenizer import TOKENIZER_GGUF
     from prunekit.pipeline.files import write_json
     from prunekit.quant.apply import ADAPTER_DIR
 

@@ -26,7 +26,7 @@ def prune(params: Params, model_dir: Path, scores_file: Path, out: Path, plan_fi
     result = prune_directory(
         source, PruneInputs(scores_file, calibration, text), Cut.of(p, params.score.criterion), p.schedule, out,
         record=params.model_dump(include={"seed", "score", "prune", "schedule"}), seed=params.seed,
-        settings=params.schedule, score_batch_size=params.score.batch_size, score_options=params.score.model_dump(),
+        settings=params.schedule, score_batch_size=params.score.batch_size, score_options=params.score,
         state_dir=state, state_params=params.model_dump(include={"seed", "model", "score", "prune", "schedule"}),
     )  # fmt: skip
     write_json(plan_file, result.plan.to_json())

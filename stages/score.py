@@ -29,7 +29,7 @@ def score(params: Params, model_dir: Path, calibration_file: Path, out: Path) ->
     if s.base_quant:
         base = QuantizedBase(s.base_quant, QuantSettings.from_params(params.quantize), tuple(s.lora.target_modules))
     scores = score_directory(source, s.criterion, list(params.prune.units), calibration, s.batch_size, params.seed,
-                             s.model_dump(), base)  # fmt: skip
+                             s, base)  # fmt: skip
     with atomic_file(out) as tmp:
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": s.criterion})
 

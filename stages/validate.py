@@ -12,12 +12,14 @@ from pathlib import Path
 
 from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
+from prunekit.pipeline.validation import check_choices
 
 STAMP = "params.yaml is valid\n"  # constant: downstream stages see the same dependency after every valid change
 
 
 def validate(params: Params, out: Path) -> None:
-    """Write the stamp ``out`` (``params`` were validated, registry names included, before this runs)."""
+    """Write the stamp ``out`` (``params`` were checked, registry names and the model's family included, by
+    :func:`prunekit.pipeline.validation.check_choices` before this runs)."""
     from prunekit.pipeline.files import atomic_file
 
     with atomic_file(out) as tmp:
@@ -27,7 +29,7 @@ def validate(params: Params, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="stamp file every other stage depends on")
-    return run_stage("validate", parser, validate, argv)
+    return run_stage("validate", parser, validate, argv, check=check_choices)
 
 
 if __name__ == "__main__":

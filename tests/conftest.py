@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import prunekit  # noqa: F401  (registers the pruned Auto classes)
+import prunekit.models.families  # noqa: F401  (registers the pruned Auto classes)
 
 
 def tiny_config(**overrides: object) -> LlamaConfig:

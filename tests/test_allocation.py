@@ -11,8 +11,10 @@ from test_pruning import smollm2_shaped
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
-from prunekit.pruning.plan import ALLOCATIONS, PlanRequest, UnitLayout, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import ALLOCATIONS, make_plan
+from prunekit.pruning.plan import PlanRequest, UnitLayout
+from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
 
 ALLOCATION_NAMES = ["uniform", "global", "global_weighted"]
 

@@ -14,13 +14,14 @@ from conftest import tiny_model
 
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.models.size import count_params
 from prunekit.pipeline.params import AllocationSearchParams, parse_params
 from prunekit.pipeline.validation import check_choices
-from prunekit.pruning.allocation_search import AllocationSearch, Space, candidate_objective
+from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import PlanRequest, plan_of_counts, removed_params
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model
-from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.slicing import apply_plan, layouts
 
 UNITS = ["attn_kv_group", "mlp_channel"]
 LAYERS = [1, 2, 3, 4]

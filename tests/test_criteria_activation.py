@@ -20,12 +20,14 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
 from prunekit.pipeline.params import parse_params
 from prunekit.pruning.compensation import compensate
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.criteria.activations import collect_input_stats
 from prunekit.pruning.plan import Plan
-from prunekit.pruning.slicing import apply_plan, count_params, save_model
+from prunekit.pruning.slicing import apply_plan
 from prunekit.pruning.units import UNITS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from conftest import tiny_model
 
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.pipeline.params import ScoreParams, parse_params
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.criteria.bip import BIPCriterion, activation_lipschitz
 from prunekit.pruning.units import UNITS
@@ -44,7 +45,9 @@ def calibration() -> torch.Tensor:
 
 
 def request(units, layers=(0, 2), bound: str = "strict") -> ScoreRequest:
-    return ScoreRequest(list(units), list(layers), calibration(), batch_size=4, seed=0, options={"bip_bound": bound})
+    return ScoreRequest(
+        list(units), list(layers), calibration(), batch_size=4, seed=0, options=ScoreParams(bip_bound=bound)
+    )
 
 
 def layer_inputs(model, idx: int, calib: torch.Tensor) -> tuple[tuple, dict]:
@@ -292,5 +295,5 @@ def test_unsupported_unit_and_bad_option_are_named() -> None:
     adapter = adapter_for(model.config)
     with pytest.raises(PrunekitError, match="criterion 'bip' does not support unit type 'hidden_channel'"):
         bip().score(model, adapter, request(["hidden_channel"]))
-    with pytest.raises(ParamsError, match=r"score.bip_bound: 'tight' is not one of strict, local"):
-        bip().score(model, adapter, request(["mlp_channel"], bound="tight"))
+    with pytest.raises(ParamsError, match=r"params.yaml key 'score.bip_bound': Input should be 'strict' or 'local'"):
+        parse_params({"score": {"bip_bound": "tight"}})

@@ -17,13 +17,14 @@ from test_criteria import _grads_as_model, request, unit_slices
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.pipeline.params import ScoreParams
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.criteria import lora as lora_module
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Rank 4, s = alpha / r = 2, a learning rate large enough that 3 Adam steps make B clearly nonzero.
 LORA = {"rank": 4, "alpha": 8.0, "steps": 3, "learning_rate": 1e-2, "batch_size": 4, "target_modules": TARGETS}
-LORA_OPTS = {"lora": LORA}
+LORA_OPTS = ScoreParams.model_validate({"lora": LORA})
 
 
 def _tensor_model(model, tensors: dict[str, torch.Tensor]):
@@ -169,7 +170,7 @@ def _reference_lora(req: ScoreRequest):
     The documented way: AdamW (no weight decay), learning rate decaying linearly to 0 over the steps, batches of
     ``score.lora.batch_size`` windows in a random order drawn from a generator seeded with the request's seed.
     """
-    lora = req.options["lora"]
+    lora = req.options.lora.model_dump()
     ref = tiny_model()
     torch.manual_seed(req.seed)
     config = LoraConfig(
@@ -324,7 +325,9 @@ def test_lora_leaves_model_unchanged() -> None:
 def test_lora_requires_every_pruned_module_as_target() -> None:
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
-    opts = {"lora": dict(LORA, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])}
+    opts = ScoreParams.model_validate(
+        {"lora": dict(LORA, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])}
+    )
     req = dataclasses.replace(request(model), options=opts)
     with pytest.raises(PrunekitError, match=r"miss \['mlp.down_proj', 'self_attn.o_proj'\]"):
         CRITERIA.get("lora").score(model, adapter_for(model.config), req)
@@ -335,15 +338,15 @@ def test_lora_requires_every_pruned_module_as_target() -> None:
 def test_every_backend_gives_back_the_weight_it_computes_with(scheme: str) -> None:
     """dequantize(realised module) is the scheme's fake-quantized image of the float weight (what the search and
     the lora criterion on a quantized base read)."""
-    from prunekit.quant.backend import backend_of
+    from prunekit.quant.backend import backend_for, backend_of
     from prunekit.quant.schemes import SCHEMES, QuantSettings
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32, bias=False)
     s, settings = SCHEMES.get(scheme), QuantSettings(group_size=32)
-    module = s.impl.realise(linear, s, settings)
+    module = backend_for(s).realise(linear, s, settings)
     got = backend_of(module).dequantize(module)
-    expected = s.impl.fake_quantize(linear.weight.detach(), s, settings)
+    expected = backend_for(s).fake_quantize(linear.weight.detach(), s, settings)
     assert got.shape == (32, 64) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=2e-3 * float(linear.weight.detach().abs().max()))
     assert (got - linear.weight).abs().max() > 0  # a quantized image, not the float weight
@@ -354,7 +357,7 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(scheme:
     """score.base_quant: LoRAPrune on a frozen quantized base gives the scores of the float criterion on a model
     whose target weights are their dequantized images (same adapters, same steps), and leaves the base quantized."""
     from prunekit.quant.apply import quantize_linears
-    from prunekit.quant.backend import is_quantized
+    from prunekit.quant.backend import backend_for, is_quantized
     from prunekit.quant.schemes import SCHEMES, QuantSettings
 
     s, settings = SCHEMES.get(scheme), QuantSettings(group_size=16)
@@ -365,7 +368,7 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(scheme:
     with torch.no_grad():
         for name, module in image.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-                module.weight.copy_(s.impl.fake_quantize(module.weight, s, settings))
+                module.weight.copy_(backend_for(s).fake_quantize(module.weight, s, settings))
     req = _lora_request(quantized)
     got = CRITERIA.get("lora").score(quantized, adapter_for(quantized.config), req)
     ref = CRITERIA.get("lora").score(image, adapter_for(image.config), req)
@@ -418,7 +421,7 @@ def test_the_score_stage_quantizes_each_layer_as_it_reads_it(tiny_model_dir, tmp
     ("score", "model", "match"),
     [
         ({"criterion": "lora", "base_quant": "q9_9"}, {}, r"'score.base_quant'.*q9_9"),
-        ({"criterion": "param_first", "base_quant": "nf4"}, {}, r"'score.base_quant'.*only the lora criterion"),
+        ({"criterion": "param_first", "base_quant": "nf4"}, {}, r"'score.base_quant': 'param_first' reads the fl"),
         ({"criterion": "lora", "base_quant": "nf4"}, {"device_map": "auto"}, r"'score.base_quant'.*device_map"),
     ],
 )

@@ -21,8 +21,8 @@ from test_pruning import logits
 from prunekit.errors import PrunekitError
 from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.modeling import REMOTE_CODE_FILE
+from prunekit.models.saving import save_model
 from prunekit.pruning.compensation import add_zero_biases
-from prunekit.pruning.slicing import save_model
 from prunekit.pruning.units import UNITS
 
 # Run in a fresh interpreter that cannot import prunekit (an import hook refuses it, as if it were not
@@ -257,7 +257,9 @@ LAYOUTS += [(f, "per_layer") for f in ADAPTERS.names() if ADAPTERS.get(f).llama_
 def run_in_llama_cpp(model, adapter, path, kind: str, tol: float, tokenizer_dir) -> dict:
     """Write ``model`` in type ``kind`` and check llama.cpp's logits and 16 greedy tokens against the model with
     its weights rounded as the file holds them; returns the writer's summary."""
-    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+    from prunekit.quant.gguf_types import fake_quantize
 
     summary = write_gguf(model, adapter, path, TensorTypes(default=kind), name="t", hf_dir=tokenizer_dir)
     reference = copy.deepcopy(model)
@@ -341,7 +343,8 @@ def test_gguf_of_each_unit_type_runs_in_llama_cpp(family: str, unit: str, tmp_pa
 def test_gguf_per_layer_widths_are_refused_where_llama_cpp_reads_one_width(family: str, tmp_path, bpe_tokenizer):
     """Qwen3's and Gemma-3's llama.cpp graphs read one head count and FFN width for all layers: a model whose
     layers differ is refused with one line naming what to set instead, and no file is left."""
-    from prunekit.export.gguf import TensorTypes, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
 
     (_, model), adapter = pruned(family, bpe_tokenizer)
     with pytest.raises(PrunekitError) as err:
@@ -363,7 +366,9 @@ def llama_cpp_against_fake_quantized(model, adapter, tensors: dict[str, str], em
     """Write ``model`` with these types (Q8_0 elsewhere) and run it in llama.cpp: (the writer's summary, max abs
     difference of llama.cpp's logits from the fake-quantized model's, max abs effect of the quantization on the
     logits). The reference rounds each weight by the type this mapping gives it, not by the writer's lookup."""
-    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+    from prunekit.quant.gguf_types import fake_quantize
 
     types = TensorTypes(default="Q8_0", embedding=embedding, output=output, tensors=tensors)
     summary = write_gguf(model, adapter, tmp_path / "m.gguf", types, name="t", hf_dir=tmp_path / "hf")
@@ -438,28 +443,29 @@ def test_k_quants_refused_without_llama_cpp_or_on_widths_not_of_256(tmp_path, bp
     import importlib.util
 
     from prunekit.errors import PrunekitError
-    from prunekit.export import gguf as export_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
     from prunekit.pipeline.params import parse_params
     from prunekit.pipeline.validation import check_choices
+    from prunekit.quant import gguf_types
 
     model = gguf_model("llama", len(bpe_tokenizer))
     adapter = adapter_for(model.config)
     save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
     out = tmp_path / "m.gguf"
     with pytest.raises(PrunekitError, match="64 input columns, not a multiple of Q4_K's block of 256"):
-        export_gguf.write_gguf(model, adapter, out, export_gguf.TensorTypes(default="Q4_K"), name="t",
-                               hf_dir=tmp_path / "hf")  # fmt: skip
+        write_gguf(model, adapter, out, TensorTypes(default="Q4_K"), name="t", hf_dir=tmp_path / "hf")
     assert not out.exists()
     check_choices(parse_params({"export": {"types": "q4_k"}, "search": {"choices": ["q4_k", "q6_k"]}}))
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else find_spec(n, *a))
-    export_gguf._quantize_chunk.cache_clear()
+    gguf_types._quantize_chunk.cache_clear()
     try:
         with pytest.raises(PrunekitError) as e:
             check_choices(parse_params({"export": {"types": "q4_k"}, "search": {"choices": ["q4_0", "q6_k"]}}))
     finally:
         monkeypatch.undo()
-        export_gguf._quantize_chunk.cache_clear()
+        gguf_types._quantize_chunk.cache_clear()
     lines = str(e.value).splitlines()
     assert any("'export.types'" in line and "llama-cpp-python" in line for line in lines), lines
     assert any("'search.choices[1]'" in line and "llama-cpp-python" in line for line in lines), lines
@@ -467,7 +473,8 @@ def test_k_quants_refused_without_llama_cpp_or_on_widths_not_of_256(tmp_path, bp
 
 
 def test_gguf_tokenizer_built_from_tokenizer_json_tokenizes_as_transformers(tmp_path, bpe_tokenizer) -> None:
-    from prunekit.export.gguf import TensorTypes, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
 
     model = gguf_model("llama", len(bpe_tokenizer))
     adapter = adapter_for(model.config)
@@ -486,7 +493,9 @@ def test_gguf_tokenizer_fields_are_copied_from_a_tokenizer_gguf(tmp_path, bpe_to
     copies them unchanged."""
     import gguf
 
-    from prunekit.export.gguf import TensorTypes, write_gguf, write_tokenizer_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+    from prunekit.export.tokenizer import write_tokenizer_gguf
 
     model = gguf_model("llama", len(bpe_tokenizer))
     adapter = adapter_for(model.config)
@@ -506,7 +515,8 @@ def test_gguf_tokenizer_fields_are_copied_from_a_tokenizer_gguf(tmp_path, bpe_to
 
 def test_gguf_refusals_leave_no_file(tmp_path, bpe_tokenizer) -> None:
     from prunekit.errors import PrunekitError
-    from prunekit.export.gguf import TensorTypes, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
 
     model = gguf_model("llama", len(bpe_tokenizer))
     adapter = adapter_for(model.config)
@@ -572,7 +582,8 @@ def test_a_plan_with_the_embedding_exports_the_quantized_models_weights(tmp_path
     within llama.cpp's 8-bit activation rounding (0.02); export.embedding, when given, overrides the plan's."""
     import gguf
 
-    from prunekit.export.gguf import choose_types, export_directory, rounded
+    from prunekit.export.directory import export_directory
+    from prunekit.export.tensor_types import choose_types, rounded
     from prunekit.pipeline.files import write_json
     from prunekit.quant.apply import quant_targets, realise
     from prunekit.quant.schemes import QuantSettings
@@ -654,7 +665,9 @@ def test_qlora_adapters_run_in_llama_cpp_as_a_lora_file(family: str, tmp_path, b
 def test_lora_file_refusals_leave_no_file(tmp_path, bpe_tokenizer) -> None:
     """Adapters of another model, DoRA, or a directory that is not an adapter: one clear error, no file."""
     from prunekit.errors import PrunekitError
-    from prunekit.export.gguf import TensorTypes, export_directory, read_lora
+    from prunekit.export.directory import export_directory
+    from prunekit.export.lora import read_lora
+    from prunekit.export.tensor_types import TensorTypes
     from prunekit.training.lora import LoraSettings, attach_lora
 
     (_, model), adapter = pruned("llama", bpe_tokenizer)

@@ -12,8 +12,9 @@ from conftest import tiny_model
 from test_head_dims import grouped_plan, masked_and_sliced
 
 from prunekit.errors import ParamsError, PrunekitError
-from prunekit.evaluation.datasets import PPL_DATASETS, PplText, metric_name, perplexity_table, read_local_rows
+from prunekit.evaluation.datasets import PPL_DATASETS, PplText, metric_name, read_local_rows
 from prunekit.evaluation.efficiency import efficiency, layer_costs
+from prunekit.evaluation.perplexity import perplexity_table
 from prunekit.evaluation.report import build_report, changed_params, parse_exp_show
 from prunekit.evaluation.zeroshot import HUB_TASKS, LOCAL_FORMATS, auto_mc_rows, zero_shot
 from prunekit.models.compat import cache_of

@@ -12,11 +12,13 @@ import torch
 from conftest import tiny_model
 
 from prunekit.models.families import adapter_for
+from prunekit.models.size import count_params
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
+from prunekit.pruning.allocations import make_plan
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.plan import PlanRequest, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.plan import PlanRequest
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.pruning.units import UNITS
 
 TOY_CRITERION = '''

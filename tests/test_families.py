@@ -11,7 +11,8 @@ from test_pruning import WIDTH_UNITS, assert_generate_matches, logits, random_pl
 from transformers import AutoModelForCausalLM
 
 from prunekit.models.families import ADAPTERS, adapter_for
-from prunekit.pruning.slicing import apply_plan, save_model
+from prunekit.models.saving import save_model
+from prunekit.pruning.slicing import apply_plan
 
 SIZES = dict(
     vocab_size=160,

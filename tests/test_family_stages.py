@@ -21,8 +21,9 @@ from test_deploy import PROMPT, LlamaCpp, gguf_model
 from transformers import AutoModelForCausalLM
 
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
 from prunekit.pipeline.params import parse_params
-from prunekit.pruning.slicing import count_params, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # A criterion each family is scored with in this test (all of them score every family but where refused).
@@ -74,8 +75,8 @@ def test_every_stage_runs_for_every_family(family: str, tmp_path: Path, bpe_toke
     base, text, calib, scores = tmp_path / "base", tmp_path / "text", tmp_path / "calib.st", tmp_path / "scores.st"
     pruned, recovered, quantized = tmp_path / "pruned", tmp_path / "recovered", tmp_path / "quantized"
     m = tmp_path / "metrics"
-    stage("download").download_model(params, base)
-    stage("download").download_data(params, text)
+    stage("download_model").download_model(params, base)
+    stage("download_data").download_data(params, text)
     stage("calibrate").calibrate(params, base, text, calib)
     stage("score").score(params, base, calib, scores)
     stage("prune").prune(params, base, scores, pruned, m / "plan.json", m / "prune.json", m / "trials.json", text,

@@ -24,10 +24,10 @@ from packaging.requirements import Requirement
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.evaluation.summary import model_rows, summary_table
 from prunekit.models.loading import load_model
+from prunekit.models.saving import save_model
 from prunekit.pipeline.files import atomic_dir
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
-from prunekit.pruning.slicing import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_cuda_is_checked_with_the_params() -> None:
 def test_params_refusals_found_by_the_probe(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"evaluate.local_files.unknown': no local copy is read for 'unknown'"):
         check_choices(parse_params({"evaluate": {"local_files": {"unknown": None}}}))
-    with pytest.raises(ParamsError, match=r"search.budget_bits': 2.0 is below the narrowest scheme .* \(3 bits\)"):
+    with pytest.raises(ParamsError, match=r"search.budget_bits': 2.0 is below the narrowest scheme .* \(4 bits\)"):
         check_choices(parse_params({"search": {"budget_bits": 2.0}}))
     with pytest.raises(ParamsError, match=r"runtime.threads': Input should be greater than or equal to 1"):
         parse_params({"runtime": {"threads": 0}})

@@ -21,10 +21,13 @@ from prunekit.errors import PrunekitError
 from prunekit.models.compat import cache_of
 from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.modeling import HeadDimAttention, check_layer_sizes
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
 from prunekit.pruning.criteria import CRITERIA
 from prunekit.pruning.criteria.base import ScoreRequest
-from prunekit.pruning.plan import Plan, PlanRequest, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.pruning.plan import Plan, PlanRequest
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.pruning.units import UNITS
 
 FAMILIES = ADAPTERS.names()

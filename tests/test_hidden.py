@@ -17,9 +17,11 @@ from transformers import LlamaForCausalLM
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ROOT_ATTR
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.plan import Plan, PlanRequest, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers
+from prunekit.pruning.plan import Plan, PlanRequest
+from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.hidden import hidden_norms
 

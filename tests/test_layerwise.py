@@ -18,13 +18,14 @@ from test_families import tiny_family
 from test_pruning import random_plan
 
 from prunekit.errors import ParamsError, PrunekitError
-from prunekit.evaluation.perplexity import perplexity
+from prunekit.evaluation.perplexity import perplexity, perplexity_layerwise
 from prunekit.models.families import adapter_for
-from prunekit.models.layerwise import HiddenStates, LayerwiseModel, perplexity_layerwise
+from prunekit.models.layerwise import HiddenStates, LayerwiseModel
+from prunekit.models.saving import save_model
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.slicing import apply_plan, save_model
+from prunekit.pruning.slicing import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 160

@@ -22,11 +22,11 @@ from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
 from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.loading import load_model
+from prunekit.models.saving import save_model
 from prunekit.pipeline.params import parse_params
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.layerwise import INDEX_FILE, prune_layerwise
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model, split_scores
-from prunekit.pruning.slicing import save_model
 
 CASES = {
     # name: (family, tied, source already pruned, criterion, units, bias compensation, reconstruct)
@@ -152,7 +152,8 @@ def test_prune_stage_layerwise_writes_what_the_in_memory_stage_writes(tmp_path, 
         params = parse_params({
             "model": {"offload": offload},
             "score": {"criterion": "flap", "batch_size": 3},
-            "prune": {"target": 0.2, "units": WIDTH, "skip_first": 1, "skip_last": 1, "bias_compensation": True},
+            "prune": {"target": 0.2, "units": WIDTH, "skip_first": 1, "skip_last": 1, "bias_compensation": True,
+                      "round_to": {"attn_kv_group": 1, "mlp_channel": 8}},
         })  # fmt: skip
         scores = tmp_path / f"scores_{offload}.safetensors"
         load_stage("score").score(params, model_dir=path, calibration_file=tmp_path / "calib.safetensors", out=scores)

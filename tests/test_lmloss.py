@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.pipeline.params import ScoreParams
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.training.loss import layer_checkpointing, lm_loss
 
@@ -102,7 +103,7 @@ def test_gradient_checkpointing_changes_no_gradient_score() -> None:
                 calib,
                 batch_size=4,
                 seed=0,
-                options={"gradient_checkpointing": ckpt, "lora": {"steps": 2}},
+                options=ScoreParams.model_validate({"gradient_checkpointing": ckpt, "lora": {"steps": 2}}),
             )
             scores.append(CRITERIA.get(name).score(model, adapter_for(model.config), req))
             assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

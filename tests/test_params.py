@@ -14,34 +14,75 @@ from prunekit.pipeline.validation import check_choices
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_params_reference_names_every_key() -> None:
-    """docs/params.md has a row for every key (a LoRA section's keys once, in the shared table)."""
+def documented_defaults() -> dict[str, str]:
+    """docs/params.md's default column, by key (backticks removed)."""
+    import re
+
+    rows = {}
+    for line in (ROOT / "docs" / "params.md").read_text().splitlines():
+        m = re.match(r"^\| `([a-z_0-9.]+)` \| (.*?) \| ", line)
+        if m:
+            rows[m.group(1)] = m.group(2).replace("`", "").strip()
+    return rows
+
+
+def test_the_params_reference_names_every_key_with_its_default() -> None:
+    """docs/params.md has a row for every key with its default (a LoRA section's keys in the shared table, one
+    column per section)."""
     from pydantic import BaseModel
 
-    text = (ROOT / "docs" / "params.md").read_text()
-    missing = []
+    from prunekit.pipeline.params import LoraTrainingParams
+    from prunekit.pipeline.params_file import scalar
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            kind, key = field.annotation, prefix + name
-            if isinstance(kind, type) and issubclass(kind, BaseModel) and not issubclass(kind, LoraParams):
-                walk(kind, key + ".")
-            elif f"| `{key}` |" not in text:
+    rows = documented_defaults()
+    missing, wrong = [], []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name in type(model).model_fields:
+            value, key = getattr(model, name), prefix + name
+            if isinstance(value, LoraTrainingParams):
+                continue  # the shared table below
+            if isinstance(value, BaseModel):
+                walk(value, key + ".")
+            elif key not in rows:
                 missing.append(key)
+            elif rows[key] != scalar(value):
+                wrong.append((key, rows[key], scalar(value)))
 
-    walk(Params, "")
-    missing += [f"<section>.lora.{name}" for name in LoraParams.model_fields if f"| `{name}` |" not in text]
-    assert missing == []
+    defaults = Params()
+    walk(defaults, "")
+    text = (ROOT / "docs" / "params.md").read_text()
+    table = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[3:7]]
+             for line in text.split("## LoRA sections")[1].splitlines() if line.startswith("| `")}  # fmt: skip
+    sections = [defaults.score.lora, defaults.schedule.lora, defaults.recover.lora, defaults.quantize.lora]
+    for name, cells in table.items():
+        for section, cell in zip(sections, cells, strict=True):
+            value = getattr(section, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and float(cell) != value:
+                wrong.append((f"<section>.lora.{name}", cell, value))
+    missing += [f"<section>.lora.{n}" for n in LoraParams.model_fields if n not in table]
+    assert missing == [] and wrong == []
+
+
+def test_params_yaml_is_the_rendering_of_the_typed_defaults() -> None:
+    """One home for every value: the committed params.yaml is rendered from the typed defaults (a key left out of a
+    params file takes the value params.yaml shows); regenerate with python scripts/params_yaml.py --write."""
+    from prunekit.pipeline.params_file import render
+
+    assert (ROOT / "params.yaml").read_text() == render(Params())
+    assert load_params(ROOT / "params.yaml") == parse_params({})
+    check_choices(parse_params({}))
 
 
 def test_repository_params_are_valid_and_complete() -> None:
-    params = load_params(ROOT / "params.yaml")
-    check_choices(params)
-    # Every key the dataclasses define is written in params.yaml (no hidden defaults).
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, model in params:
-        if hasattr(type(model), "model_fields"):
-            assert sorted(raw[section]) == sorted(type(model).model_fields), section
+    for name in ("params.yaml", "params-paper.yaml"):
+        params = load_params(ROOT / name)
+        check_choices(params)
+        # Every key the sections define is written in the file (no hidden defaults).
+        raw = yaml.safe_load((ROOT / name).read_text())
+        for section, model in params:
+            if hasattr(type(model), "model_fields"):
+                assert sorted(raw[section]) == sorted(type(model).model_fields), (name, section)
 
 
 @pytest.mark.parametrize(

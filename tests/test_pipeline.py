@@ -52,8 +52,8 @@ def assert_export_runs_in_llama_cpp(repo: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import prunekit  # noqa: F401  (the pruned classes)
-    from prunekit.export.gguf import TensorTypes, rounded
+    import prunekit.models.families  # noqa: F401  (the pruned classes)
+    from prunekit.export.tensor_types import TensorTypes, rounded
 
     summary = json.loads((repo / "metrics/export.json").read_text())
     assert summary["architecture"] == "deci" and summary["bytes"] == (repo / "models/export/model.gguf").stat().st_size
@@ -187,7 +187,7 @@ def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tm
 
     def download_data_with(params: dict) -> subprocess.CompletedProcess:
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        cmd = [sys.executable, str(repo / "stages/download.py"), "data", "--out", str(tmp_path / "text"),
+        cmd = [sys.executable, str(repo / "stages/download_data.py"), "--out", str(tmp_path / "text"),
                "--params", str(tmp_path / "params.yaml")]  # fmt: skip
         return run(cmd, repo, prefect_env, check=False)
 
@@ -198,7 +198,11 @@ def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tm
     assert "params.yaml key 'prune.target': Input should be less than 1" in out.stderr
     assert not (tmp_path / "text").exists()
     bad["prune"]["target"] = 0.2
-    out = download_data_with(bad)
+    # Registry names are checked by the validate stage, which DVC runs before every other stage.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    cmd = [sys.executable, str(repo / "stages/validate.py"), "--out", str(tmp_path / "text"),
+           "--params", str(tmp_path / "params.yaml")]  # fmt: skip
+    out = run(cmd, repo, prefect_env, check=False)
     assert out.returncode == 2
     assert "params.yaml key 'score.criterion': Unknown criterion 'tayler'" in out.stderr
     assert "Available: " in out.stderr and "param_first" in out.stderr.split("Available: ")[1]
@@ -281,7 +285,7 @@ def test_refused_inputs_end_with_one_line_and_no_output(repo: Path, prefect_env:
           "--calibration", "data/calibration.safetensors",
           "--state", f"{out_dir}/state"], "prune.target"),
         ("score", {}, ["--model", str(broken_model), "--calibration", "data/calibration.safetensors"], "dvc checkout"),
-        ("download", {"data": {"calibration": str(empty)}}, ["data"], "no documents"),
+        ("download_data", {"data": {"calibration": str(empty)}}, [], "no documents"),
     ]  # fmt: skip
     for stage, change, args, message in cases:
         params = json.loads(json.dumps(good))

@@ -13,8 +13,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
-from prunekit.pruning.plan import Plan, PlanRequest, kept_count, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, prunable_layers, save_model
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
+from prunekit.pruning.plan import Plan, PlanRequest, kept_count
+from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
 from prunekit.pruning.units import UNITS
 
 # The unit types whose widths the tests below check by name (per-layer sizes in the saved config).

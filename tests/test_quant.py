@@ -489,8 +489,8 @@ def test_ggml_dequantization_is_the_gguf_packages_bit_for_bit(kind: str) -> None
     import gguf
     import numpy as np
 
-    from prunekit.export.gguf import encode, qtype
     from prunekit.quant.ggml import dequantize
+    from prunekit.quant.gguf_types import encode, qtype
 
     torch.manual_seed(0)
     w = torch.randn(7, 96) * torch.rand(7, 1) * 3
@@ -510,9 +510,9 @@ def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path, monke
     same ones, also where llama-cpp-python is missing (decoding needs only the gguf package)."""
     import importlib.util
 
-    from prunekit.export import gguf as export_gguf
-    from prunekit.export.gguf import fake_quantize
+    from prunekit.quant import gguf_types
     from prunekit.quant.ggml import GGMLLinear
+    from prunekit.quant.gguf_types import fake_quantize
 
     model = tiny_model(hidden_size=256, intermediate_size=512, head_dim=32)
     targets = quant_targets(model, adapter_for(model.config), embeddings=True)
@@ -539,14 +539,14 @@ def test_k_quants_realise_save_and_reload_with_llama_cpps_blocks(tmp_path, monke
     save_quantized(model, tiny_tokenizer(), plan, SETTINGS, "float32", tmp_path / "q")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else find_spec(n, *a))
-    export_gguf._quantize_chunk.cache_clear()
+    gguf_types._quantize_chunk.cache_clear()
     try:
         with pytest.raises(PrunekitError, match="llama-cpp-python"):
             fake_quantize(weights["model.layers.0.mlp.up_proj"], "Q4_K")
         loaded, _, loaded_plan = load_quantized(tmp_path / "q")
     finally:
         monkeypatch.undo()
-        export_gguf._quantize_chunk.cache_clear()
+        gguf_types._quantize_chunk.cache_clear()
     assert loaded_plan == plan
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, got)

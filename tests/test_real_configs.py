@@ -27,10 +27,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from prunekit.errors import ParamsError
 from prunekit.models.families import ADAPTERS, family_of_model_type
 from prunekit.models.loading import load_model
+from prunekit.models.saving import save_model
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.plan import PlanRequest, make_plan
+from prunekit.pruning.plan import PlanRequest
 from prunekit.pruning.scoring import ModelSource, score_directory
-from prunekit.pruning.slicing import apply_plan, count_params, layouts, save_model
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.pruning.units import UNITS
 
 SHIPPED: dict[str, dict] = {
@@ -319,7 +322,9 @@ def test_llama32_with_its_whole_vocabulary_runs_in_llama_cpp(tmp_path: Path) -> 
     from test_deploy import PROMPT, LlamaCpp, greedy
     from test_head_dims import grouped_plan, masked_and_sliced
 
-    from prunekit.export.gguf import TensorTypes, fake_quantize, write_gguf
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+    from prunekit.quant.gguf_types import fake_quantize
 
     tokenizer = tiny_tokenizer(300)  # llama.cpp's gpt2 tokenizer needs merges; the token list is padded to 128,256
     path = checkpoint(tmp_path / "base", "Llama-3.2-1B", tokenizer, vocab_size=SHIPPED["Llama-3.2-1B"]["vocab_size"])

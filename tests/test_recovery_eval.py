@@ -120,9 +120,11 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path) -> None:
 def test_cli_list_and_info(tmp_path, tokenizer, capsys) -> None:
     from prunekit.cli import main
     from prunekit.models.families import adapter_for
+    from prunekit.models.saving import save_model
+    from prunekit.models.size import count_params
     from prunekit.pruning.criteria import CRITERIA
     from prunekit.pruning.plan import Plan
-    from prunekit.pruning.slicing import apply_plan, count_params, save_model
+    from prunekit.pruning.slicing import apply_plan
     from prunekit.pruning.units import UNITS
 
     assert main(["list"]) == 0

@@ -15,6 +15,7 @@ from test_head_dims import grouped_plan
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.models.size import count_params
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import PlanRequest
 from prunekit.pruning.schedules import (
@@ -28,7 +29,7 @@ from prunekit.pruning.schedules import (
     kshot_prune,
     kshot_targets,
 )
-from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.training.lora import LoraSettings
 from prunekit.training.loss import lm_loss
 
@@ -287,7 +288,8 @@ TOY_SCHEDULE = '''
 """A toy schedule: two equal cuts by the job's scores, rescored in between, no training."""
 
 from prunekit.pruning.schedules import SCHEDULES, KeptUnits, PruneJob, PruneResult, Schedule
-from prunekit.pruning.slicing import apply_plan, count_params
+from prunekit.models.size import count_params
+from prunekit.pruning.slicing import apply_plan
 
 
 class Halves(Schedule):

@@ -706,8 +706,10 @@ def test_gguf_of_each_family_converts_to_the_model_it_was_written_from(family: s
     from conftest import tiny_tokenizer
     from test_deploy import gguf_model
 
-    from prunekit.export.gguf import TOKENIZER_GGUF, TensorTypes, write_gguf
-    from prunekit.pruning.slicing import save_model
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+    from prunekit.export.tokenizer import TOKENIZER_GGUF
+    from prunekit.models.saving import save_model
 
     tokenizer = tiny_tokenizer(300, unk=True)  # Gemma's tokenizer class needs an unknown token (real files have one)
     model = gguf_model(family, len(tokenizer), tie_word_embeddings=True)

@@ -14,9 +14,11 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.size import count_params
+from prunekit.pruning.allocations import make_plan
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.plan import Plan, PlanRequest, make_plan
-from prunekit.pruning.slicing import apply_plan, count_params, layouts
+from prunekit.pruning.plan import Plan, PlanRequest
+from prunekit.pruning.slicing import apply_plan, layouts
 from prunekit.pruning.units import UNITS
 
 FAMILIES = ADAPTERS.names()

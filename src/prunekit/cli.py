@@ -15,8 +15,8 @@ def cmd_list() -> None:
     from prunekit.data.sources import describe_sources
     from prunekit.models.families import ADAPTERS
     from prunekit.models.sources import SOURCES
+    from prunekit.pruning.allocations import ALLOCATIONS
     from prunekit.pruning.criteria import CRITERIA
-    from prunekit.pruning.plan import ALLOCATIONS
     from prunekit.pruning.schedules import SCHEDULES
     from prunekit.pruning.units import UNITS
     from prunekit.quant import SCHEMES
@@ -69,7 +69,7 @@ def describe_family(adapter: Any) -> str:
 def cmd_info(model_dir: str) -> None:
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
-    from prunekit.pruning.slicing import count_params, weight_bytes
+    from prunekit.models.size import count_params, weight_bytes
 
     model, _, adapter = load_model(model_dir)
     cfg = model.config
@@ -123,7 +123,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Write a GGUF file of a model directory (pruned, recovered or any supported one) for llama.cpp."""
     from pathlib import Path
 
-    from prunekit.export.gguf import choose_types, export_directory
+    from prunekit.export.directory import export_directory
+    from prunekit.export.tensor_types import choose_types
     from prunekit.quant.apply import ADAPTER_DIR
 
     types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from prunekit.data.tokens import JOIN, chunks, token_stream
+from prunekit.data.tokens import JOIN
 from prunekit.errors import PrunekitError
 from prunekit.registry import suggest
 
@@ -139,34 +138,3 @@ class PplText:
     split: str
     rows: list[str]
     join: str = JOIN
-
-
-def perplexity_table(
-    model: Any,
-    tokenizer: Any,
-    texts: list[PplText],
-    seq_lens: list[int],
-    batch_size: int,
-    max_chunks: int | None = None,
-    activations_mib: int = 2048,
-) -> dict[str, dict[str, float]]:
-    """``{metric name: {ppl, nll, tokens}}`` for every text at every length (each text tokenized once).
-
-    ``model``: a model in memory, or a :class:`prunekit.models.layerwise.LayerwiseModel` (one layer at a time,
-    hidden states in memory up to ``activations_mib``)."""
-    from prunekit.evaluation.perplexity import perplexity
-    from prunekit.models.layerwise import LayerwiseModel, perplexity_layerwise
-
-    out = {}
-    for text in texts:
-        stream = token_stream(tokenizer, text.rows, join=text.join)
-        for seq_len in seq_lens:
-            chunked = chunks(stream, seq_len, f"perplexity dataset '{text.name}'")
-            if max_chunks:
-                chunked = chunked[:max_chunks]
-            if isinstance(model, LayerwiseModel):
-                result = perplexity_layerwise(model, chunked, batch_size, activations_mib)
-            else:
-                result = perplexity(model, chunked, batch_size)
-            out[metric_name(text.name, text.split, seq_len, text.join)] = result
-    return out

@@ -56,7 +56,7 @@ def evaluate_layerwise(
     (:class:`prunekit.models.layerwise.LayerwiseModel`); zero-shot accuracy and speed need the whole model."""
     from prunekit.models.layerwise import LayerwiseModel
     from prunekit.models.loading import load_tokenizer
-    from prunekit.pruning.slicing import count_params, weight_bytes
+    from prunekit.models.size import count_params, weight_bytes
 
     lw = LayerwiseModel(model_dir, dtype, device)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -79,7 +79,8 @@ def _perplexities(
     default_name: str,
     activations_mib: int = 2048,
 ) -> dict[str, dict[str, float]]:
-    from prunekit.evaluation.datasets import DEFAULT, PPL_DATASETS, PplText, perplexity_table, protocol_rows
+    from prunekit.evaluation.datasets import DEFAULT, PPL_DATASETS, PplText, protocol_rows
+    from prunekit.evaluation.perplexity import perplexity_table
 
     texts = []
     for name in e.perplexity:

@@ -119,8 +119,6 @@ class LayerwiseModel:
         from safetensors import SafetensorError, safe_open
         from transformers import AutoModelForCausalLM
 
-        import prunekit  # noqa: F401  (registers the pruned Auto classes)
-
         self.path = Path(path)
         config = load_config(self.path)
         self.adapter: ModelAdapter = adapter_for(config)
@@ -332,23 +330,3 @@ def _module_prefix(model: nn.Module, module: nn.Module) -> str:
         if m is module:
             return f"{name}." if name else ""
     raise RuntimeError(f"{type(module).__name__} is not a submodule of the model")
-
-
-@torch.no_grad()
-def perplexity_layerwise(
-    lw: LayerwiseModel, chunked: torch.Tensor, batch_size: int, activations_mib: int = 2048
-) -> dict[str, float]:
-    """:func:`prunekit.evaluation.perplexity.perplexity` of the model with one decoder layer in memory at a time."""
-    from prunekit.evaluation.perplexity import next_token_nll, ppl_of
-
-    hidden = lw.run(chunked, batch_size, activations_mib=activations_mib)
-    total, count = 0.0, 0
-    try:
-        with lw.head() as (norm, head):
-            for b, start in enumerate(range(0, chunked.shape[0], batch_size)):
-                batch = chunked[start : start + batch_size].to(lw.device)
-                nll, n = next_token_nll(head(norm(hidden.get(b))), batch)
-                total, count = total + nll, count + n
-    finally:
-        hidden.close()
-    return ppl_of(total, count)

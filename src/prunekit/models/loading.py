@@ -53,11 +53,11 @@ def load_config(path: str | Path) -> Any:
 
 def check_weights(path: Path) -> None:
     """Refuse a model directory without safetensors weights (pickled ones are never loaded)."""
-    from prunekit.models.sources.hub import PICKLE_PATTERNS, _matches
+    from prunekit.models.checkpoint_files import PICKLE_PATTERNS, matches
 
     names = sorted(p.name for p in path.iterdir() if p.is_file())
     if not any(n.endswith(".safetensors") for n in names):
-        pickles = [n for n in names if _matches(n, PICKLE_PATTERNS)]
+        pickles = [n for n in names if matches(n, PICKLE_PATTERNS)]
         found = f"only pickled weights ({', '.join(pickles)})" if pickles else "no weights"
         raise PrunekitError(
             f"model at '{path}' has {found}; prunekit loads safetensors only (pickles can run code when loaded). "
@@ -71,9 +71,6 @@ def model_shapes(path: str | Path) -> tuple[torch.nn.Module, ModelAdapter]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from prunekit.models.families import register_auto_classes
-
-    register_auto_classes()
     config = load_config(path)
     adapter = adapter_for(config)
     with init_empty_weights(include_buffers=False):
@@ -92,8 +89,6 @@ def load_model(
     ``device_map="auto"`` lets accelerate spread a model larger than one device over all of them.
     """
     from transformers import AutoModelForCausalLM
-
-    import prunekit  # noqa: F401  (registers the pruned Auto classes)
 
     config = load_config(path)
     adapter = adapter_for(config)

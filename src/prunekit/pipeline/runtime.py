@@ -1,4 +1,4 @@
-"""What every stage does around its work: logging, params validation, seeding, error exits."""
+"""What every stage does around its work: logging, typed params, seeding, error exits."""
 
 from __future__ import annotations
 
@@ -47,15 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def validated_params(path: str) -> Params:
-    """Load params.yaml and check every registry-backed value; fails before any work."""
-    from prunekit.pipeline.validation import check_choices
-
-    params = load_params(path)
-    check_choices(params)
-    return params
 
 
 class _NoTracebackForBadInput(logging.Filter):
@@ -114,11 +105,15 @@ def run_stage(
     parser: argparse.ArgumentParser,
     body: Callable[..., Any],
     argv: Sequence[str] | None = None,
+    check: Callable[[Params], None] | None = None,
 ) -> int:
-    """Parse arguments, validate params, run ``body`` as a Prefect flow named ``name``; exit code 2 on bad input.
+    """Parse arguments and the typed params, run ``check(params)`` when given, then ``body`` as a Prefect flow
+    named ``name``; exit code 2 on bad input.
 
-    ``body(params, **arguments)``: the stage's typed function, called with the validated params and the
-    parsed arguments as keywords (their ``dest`` names), the same function a Python caller can import and call.
+    ``body(params, **arguments)``: the stage's typed function, called with the params and the parsed arguments as
+    keywords (their ``dest`` names), the same function a Python caller can import and call. The ``validate`` stage,
+    which DVC runs before every other, checks every registry-backed value (``check``); the other stages parse the
+    typed params and import only the library code they run, so a code change reruns only the stages that run it.
 
     The flow reports to the configured Prefect API, or to the shared local server
     (:mod:`prunekit.pipeline.prefect_server`).
@@ -127,7 +122,9 @@ def run_stage(
     parser.add_argument("--params", required=True, help="params file (dvc.yaml passes params.yaml)")
     args = parser.parse_args(argv)
     try:
-        params = validated_params(args.params)
+        params = load_params(args.params)
+        if check is not None:
+            check(params)
     except PrunekitError as e:
         return _refuse(f"{name}: {e}")
     set_threads(params.runtime.threads)

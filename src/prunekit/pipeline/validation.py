@@ -87,11 +87,12 @@ def _score(params: Params, problems: _Problems) -> None:
                 "score.base_quant",
                 "a quantized base is built layer by layer on model.device; set model.device_map: null",
             )
-        if s.criterion != "lora":
+        if criterion is not None and not criterion.quantized_base:
+            able = [n for n, c in CRITERIA.items() if c.quantized_base]
             problems.key(
                 "score.base_quant",
-                f"only the lora criterion scores on a quantized frozen base ('{s.criterion}' reads the float "
-                "weights or their gradients); set score.base_quant: null or score.criterion: lora",
+                f"'{s.criterion}' reads the float weights or their gradients, so it cannot score on a quantized "
+                f"frozen base; set score.base_quant: null or score.criterion to one of {', '.join(able)}",
             )
     if params.model.offload == "layerwise" and criterion is not None and not layerwise_ok(criterion):
         problems.key(
@@ -106,18 +107,12 @@ def _score(params: Params, problems: _Problems) -> None:
             f"'{wide[0]}' spans every layer, model.offload: layerwise scores one layer at a time; drop it or set "
             "model.offload: none",
         )
-    if "seq_len" in s.lora.model_fields_set:
-        problems.key(
-            "score.lora.seq_len",
-            "the lora criterion trains on the calibration windows; set their length with calibrate.seq_len and "
-            "remove this key",
-        )
 
 
 def _prune(params: Params, problems: _Problems) -> None:
+    from prunekit.pruning.allocations import ALLOCATIONS
     from prunekit.pruning.criteria import CRITERIA
     from prunekit.pruning.criteria.activations import ActivationCriterion
-    from prunekit.pruning.plan import ALLOCATIONS
     from prunekit.pruning.schedules import SCHEDULES, Cut
     from prunekit.pruning.units import UNITS
 
@@ -134,31 +129,37 @@ def _prune(params: Params, problems: _Problems) -> None:
     problems.check("prune.schedule", SCHEDULES.get, p.schedule)
     if p.schedule in SCHEDULES:
         problems += SCHEDULES.get(p.schedule).problems(Cut.of(p, params.score.criterion))
-    units = set(p.units)
-    if p.allocation == "search" and not units - {"layer"}:
-        problems.key(
-            "prune.allocation",
-            "'search' moves parameters between layers through width units; add one to prune.units "
-            "(e.g. mlp_channel) or use allocation uniform to remove whole layers alone",
-        )
-    if p.allocation == "search" and "hidden_channel" in units:
-        problems.key("prune.allocation", "'search' allocates per layer; hidden_channel spans the whole model")
-    if params.model.offload == "layerwise" and p.schedule != "oneshot":
+    known = [UNITS.get(u) for u in p.units if u in UNITS]
+    allocation = ALLOCATIONS.get(p.allocation) if p.allocation in ALLOCATIONS else None
+    if allocation is not None and allocation.evaluates_candidates:
+        if not any(not (u.whole_layer or u.model_wide) for u in known):
+            problems.key(
+                "prune.allocation",
+                f"'{p.allocation}' moves parameters between layers through width units; add one to prune.units "
+                "(e.g. mlp_channel) or use allocation uniform to remove whole layers alone",
+            )
+        wide = [u.name for u in known if u.model_wide]
+        if wide:
+            problems.key("prune.allocation", f"'{p.allocation}' allocates per layer; {wide[0]} spans the whole model")
+        if params.model.offload == "layerwise":
+            problems.key(
+                "prune.allocation",
+                f"'{p.allocation}' evaluates every candidate on the whole model, which model.offload: layerwise does "
+                "not hold; use a rule allocation (uniform, global, ...) or model.offload: none",
+            )
+    schedule = SCHEDULES.get(p.schedule) if p.schedule in SCHEDULES else None
+    if params.model.offload == "layerwise" and schedule is not None and not schedule.layer_by_layer:
+        one_layer = [n for n, s in SCHEDULES.items() if s.layer_by_layer]
         problems.key(
             "prune.schedule",
             f"'{p.schedule}' trains or rescores the whole model between cuts, which model.offload: layerwise does "
-            "not hold; use schedule: oneshot (a layer at a time) or model.offload: none",
-        )
-    if params.model.offload == "layerwise" and p.allocation == "search":
-        problems.key(
-            "prune.allocation",
-            "'search' evaluates every candidate on the whole model, which model.offload: layerwise does not hold; "
-            "use a rule allocation (uniform, global, ...) or model.offload: none",
+            f"not hold; use schedule: {' | '.join(one_layer)} (a layer at a time) or model.offload: none",
         )
     if p.reconstruct != "none" and p.bias_compensation:
         problems.key("prune.reconstruct", "refits the biases too; set prune.bias_compensation: false with it")
-    if p.reconstruct != "none" and "hidden_channel" in units:
-        problems.key("prune.reconstruct", "cannot follow hidden_channel (it changes every layer's hidden size)")
+    wide = [u.name for u in known if u.model_wide]
+    if p.reconstruct != "none" and wide:
+        problems.key("prune.reconstruct", f"cannot follow {wide[0]} (it changes every layer's hidden size)")
     name = params.score.criterion
     if p.bias_compensation and name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
         activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]
@@ -243,7 +244,7 @@ def _search(params: Params, problems: _Problems) -> None:
 
 
 def _export(params: Params, problems: _Problems) -> None:
-    from prunekit.export.gguf import check_encoder
+    from prunekit.quant.gguf_types import check_encoder
 
     e = params.export
     if e.types != "plan":

@@ -46,9 +46,10 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     empty folder), one decoder layer in memory at a time; the result's model is ``lw``'s (on ``meta``, with the
     pruned shapes). Everything that can be checked from shapes is checked before the first layer is read."""
     from prunekit.models.provenance import make_reproducible
+    from prunekit.models.size import count_params
     from prunekit.pruning.compensation import checked_columns, compensate_layer, mark_biases
     from prunekit.pruning.reconstruction import check_plan, layer_output, planned_layers, reconstruct_layer
-    from prunekit.pruning.slicing import apply_plan_to_layer, check_plan_fits, count_params
+    from prunekit.pruning.slicing import apply_plan_to_layer, check_plan_fits
     from prunekit.pruning.units import UNITS
     from prunekit.pruning.units.layers import remove_layers
 
@@ -155,7 +156,7 @@ def _save_config(lw: LayerwiseModel, out_dir: Path, weight_map: dict[str, str], 
     from transformers import GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from prunekit.pruning.slicing import config_for
+    from prunekit.models.saving import config_for
 
     config = config_for(lw.model, lw.adapter)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.pipeline.params import ScheduleParams
+from prunekit.pipeline.params import ScheduleParams, ScoreParams
 from prunekit.pruning.schedules.base import Cut, PruneResult
 from prunekit.pruning.scoring import ModelSource
 
@@ -37,7 +37,7 @@ def prune_directory(
     seed: int = 0,
     settings: ScheduleParams | None = None,
     score_batch_size: int = 8,
-    score_options: dict[str, Any] | None = None,
+    score_options: ScoreParams | None = None,
     state_dir: Path | None = None,
     state_params: dict[str, Any] | None = None,
 ) -> PruneResult:
@@ -48,15 +48,16 @@ def prune_directory(
     from prunekit.models.layerwise import LayerwiseModel
     from prunekit.models.loading import load_model, load_tokenizer, model_shapes
     from prunekit.models.provenance import write_model_record
+    from prunekit.models.saving import save_model
     from prunekit.pipeline.files import atomic_dir
     from prunekit.pipeline.stageio import read_documents, read_tensors
+    from prunekit.pruning.allocations import ALLOCATIONS
     from prunekit.pruning.layerwise import prune_layerwise
     from prunekit.pruning.schedules import SCHEDULES, PruneJob, digest, fingerprint, prune_model, split_scores
-    from prunekit.pruning.slicing import save_model
     from prunekit.pruning.support import check_support
 
     # A schedule that trains, and an allocation search, run on the model's device and keep their progress.
-    long_running = SCHEDULES.get(schedule).trains or cut.allocation == "search"
+    long_running = SCHEDULES.get(schedule).trains or ALLOCATIONS.get(cut.allocation).evaluates_candidates
     shapes, family = model_shapes(source.path)  # the family's and the model's refusals before any weight is read
     check_support(family, shapes, cut.units, cut.criterion, cut.bias_compensation, cut.reconstruct != "none")
     lw = None
@@ -75,7 +76,8 @@ def prune_directory(
         training_blocks=lambda seq_len: chunks(
             token_stream(tokenizer, read_documents(inputs.text, "training")), seq_len, "training"),
         calibration=lambda: read_tensors(inputs.calibration, "calibration tokens")["input_ids"],
-        score_batch_size=score_batch_size, score_options=score_options or {}, state_dir=state_dir, state_key=key,
+        score_batch_size=score_batch_size, score_options=score_options or ScoreParams(), state_dir=state_dir,
+        state_key=key,
     )  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         if lw is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.pipeline.params import ScoreParams
 from prunekit.quant.schemes import QuantSettings
 
 
@@ -54,7 +54,7 @@ def score_directory(
     calibration: torch.Tensor,
     batch_size: int,
     seed: int,
-    options: dict[str, Any],
+    options: ScoreParams,
     base: QuantizedBase | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores ``"<unit>.<layer>"`` of every layer, with the criterion's side data (``aux.*``: FLAP's channel means)."""

@@ -1,34 +1,20 @@
-"""Apply a plan to a model: physically (a smaller dense model) or as a mask (zeros, same shapes),
-and save the result so that ``from_pretrained`` loads it."""
+"""Apply a plan to a model: physically (a smaller dense model) or as a mask (zeros, same shapes); the sliced
+model's config then describes its widths (:mod:`prunekit.models.saving` saves it)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.saving import config_for
 from prunekit.pruning.plan import Plan, UnitLayout
 from prunekit.pruning.units import UNITS
 
 log = logging.getLogger(__name__)
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of the model, a tied weight counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters as stored (tied weights once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def prunable_layers(n_layers: int, skip_first: int, skip_last: int) -> list[int]:
@@ -145,41 +131,3 @@ def _check_keep(model: nn.Module, adapter: ModelAdapter, unit: str, per_layer: d
                     f"plan keeps {per_group.tolist()} {unit} units in the {groups} groups of layer {idx}; every "
                     f"group must keep the same number, at least one (plans from make_plan do)"
                 )
-
-
-def config_for(model: nn.Module, adapter: ModelAdapter) -> Any:
-    """The config describing the model's current widths: stock when uniform and stock accepts it."""
-    sizes = adapter.all_layer_sizes(model)
-    if len(set(sizes)) == 1:
-        try:
-            return adapter.stock_config(model.config, sizes[0])
-        except (ValueError, TypeError, StrictDataclassClassValidationError) as e:
-            # e.g. transformers 5 requires hidden_size % num_attention_heads == 0 in stock Llama.
-            log.info("uniform widths, but the stock config rejects them (%s); saving a prunekit config", e)
-    return adapter.pruned_config(model.config, sizes)
-
-
-def rebuild(model: nn.Module, adapter: ModelAdapter) -> nn.Module:
-    """A fresh instance of the class that ``from_pretrained`` would pick, holding the model's weights."""
-    config = config_for(model, adapter)
-    config._attn_implementation = model.config._attn_implementation
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    with init_empty_weights():
-        fresh = cls(config)
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
-    tied = {k for k in missing if k == "lm_head.weight" and config.tie_word_embeddings}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"rebuilt model does not match: missing {missing}, unexpected {unexpected}")
-    fresh.tie_weights()
-    fresh.generation_config = model.generation_config
-    return fresh.to(next(model.parameters()).device).eval()
-
-
-def save_model(model: nn.Module, adapter: ModelAdapter, tokenizer: Any, out_dir: Path) -> None:
-    """Save weights (safetensors), config and tokenizer in ``out_dir``."""
-    from prunekit.models.provenance import make_reproducible
-
-    fresh = rebuild(model, adapter)
-    fresh.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    make_reproducible(out_dir)

@@ -34,7 +34,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.files import atomic_dir, read_json, write_json
-from prunekit.quant.backend import is_quantized, lora_custom_modules
+from prunekit.quant.backend import backend_for, is_quantized, lora_custom_modules, storage_bits
 from prunekit.quant.schemes import SCHEMES, QuantSettings, Scheme
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,13 @@ def check_plan(plan: Mapping[str, str], targets: list[QuantTarget]) -> None:
         s, t = SCHEMES.get(scheme), by_name[name]
         if t.kind == "embedding":
             check_embedding_scheme(s, f"the token embedding {name}")
-        s.impl.check_shape(s, t.rows, t.cols, f"{name} ({scheme})")
+        backend_for(s).check_shape(s, t.rows, t.cols, f"{name} ({scheme})")
 
 
 def check_embedding_scheme(scheme: Scheme, what: str) -> None:
     """A PrunekitError unless ``scheme``'s backend can hold a token embedding."""
-    if not scheme.impl.holds_embeddings:
-        able = [n for n, s in SCHEMES.items() if s.impl.holds_embeddings]
+    if not backend_for(scheme).holds_embeddings:
+        able = [n for n, s in SCHEMES.items() if backend_for(s).holds_embeddings]
         raise PrunekitError(
             f"scheme '{scheme.name}' cannot hold {what} (its modules do not give back their weight to look tokens "
             f"up in); choose from {able} or leave the embedding out of the search (search.embeddings: false)"
@@ -183,13 +183,13 @@ def plan_cost(plan: Mapping[str, str], targets: list[QuantTarget], settings: Qua
         t, scheme = by_name[name], SCHEMES.get(scheme_name)
         bits += scheme.bits * t.numel
         weights += t.numel
-        storage += scheme.storage_bits(t.rows, t.cols, settings)
+        storage += storage_bits(scheme, t.rows, t.cols, settings)
     return PlanCost(bits / weights if weights else 0.0, -(-storage // 8), weights)
 
 
 def fake_quantize_weight(w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
     """``w`` after quantize -> dequantize in ``scheme`` (same dtype and device as ``w``)."""
-    return scheme.impl.fake_quantize(w, scheme, settings)
+    return backend_for(scheme).fake_quantize(w, scheme, settings)
 
 
 @contextmanager
@@ -230,9 +230,11 @@ def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) 
         scheme = SCHEMES.get(scheme_name)
         if isinstance(linear, nn.Embedding):
             check_embedding_scheme(scheme, f"the token embedding {name}")
-            module = QuantizedEmbedding(scheme.impl.realise(_as_linear(linear), scheme, settings), linear.weight.dtype)
+            module = QuantizedEmbedding(
+                backend_for(scheme).realise(_as_linear(linear), scheme, settings), linear.weight.dtype
+            )
         elif isinstance(linear, nn.Linear):
-            module = scheme.impl.realise(linear, scheme, settings)
+            module = backend_for(scheme).realise(linear, scheme, settings)
         else:
             raise PrunekitError(f"module '{name}' is {type(linear).__name__}, not a Linear: already quantized?")
         module.train(linear.training)  # bitsandbytes' int8 matmul takes another path in training mode
@@ -244,7 +246,7 @@ def quantize_linears(layer: nn.Module, names: Sequence[str], scheme: Scheme, set
     """Replace (in place) every Linear of ``layer`` whose own name is in ``names`` by ``scheme``'s module."""
     for path, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in names:
-            quantized = scheme.impl.realise(module, scheme, settings)
+            quantized = backend_for(scheme).realise(module, scheme, settings)
             quantized.train(module.training)
             _replace(layer, path, quantized, tied=False)
 
@@ -420,10 +422,10 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         scheme, skeleton = SCHEMES.get(scheme_name), model.get_submodule(name)
         if isinstance(skeleton, nn.Embedding):
             sub = {k.removeprefix("linear."): v for k, v in planned[name].items()}
-            loaded = scheme.impl.load(_as_linear(skeleton), scheme, settings, sub, device)
+            loaded = backend_for(scheme).load(_as_linear(skeleton), scheme, settings, sub, device)
             module = QuantizedEmbedding(loaded, skeleton.weight.dtype)
         else:
-            module = scheme.impl.load(skeleton, scheme, settings, planned[name], device)
+            module = backend_for(scheme).load(skeleton, scheme, settings, planned[name], device)
         _replace(model, name, module, tied)
     model.eval()
     if (p / ADAPTER_DIR).is_dir():

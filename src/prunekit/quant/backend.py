@@ -4,21 +4,19 @@ A :class:`~prunekit.quant.schemes.Scheme` is a small config object (name, nomina
 its backend does the four things the pipeline needs of a format: count its storage, give a weight's
 quantize -> dequantize image (the search), build the quantized module from a Linear (the quantize stage), and
 rebuild it from saved tensors (loading). A new format is one module with a :class:`QuantBackend` subclass and
-its registration line, imported at the bottom of this module, plus its schemes' registration lines.
+its registration line, imported by the package (``prunekit/quant/__init__.py``), plus its schemes' registration
+lines (:mod:`prunekit.quant.schemes`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
+from prunekit.quant.scheme import QuantSettings, Scheme
 from prunekit.registry import Registry
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from prunekit.quant.schemes import QuantSettings, Scheme
 
 
 class QuantBackend(ABC):
@@ -55,6 +53,10 @@ class QuantBackend(ABC):
         """The (out x in) weight ``module`` computes with, in float32 (what its codes and statistics encode)."""
         return module.dequantized_weight().float()
 
+    def gguf_type(self, scheme: Scheme) -> str | None:
+        """The llama.cpp tensor type that stores this scheme's weights as they are (None: GGUF has none)."""
+        return None
+
     def lora_layers(self) -> dict[type, type]:
         """peft's LoRA layer for each module type this backend realises that peft does not know."""
         return {}
@@ -72,6 +74,16 @@ class QuantBackend(ABC):
 
 
 BACKENDS: Registry[QuantBackend] = Registry("quantization backend")
+
+
+def backend_for(scheme: Scheme) -> QuantBackend:
+    """The backend that realises ``scheme`` (registered by the ``prunekit.quant`` package)."""
+    return BACKENDS.get(scheme.backend)
+
+
+def storage_bits(scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
+    """Bits a (rows x cols) weight takes in ``scheme``, codes and their scales together."""
+    return backend_for(scheme).storage_bits(scheme, rows, cols, settings)
 
 
 def load_state(module: nn.Module, scheme: Scheme, state: dict[str, torch.Tensor], device: str) -> nn.Module:
@@ -105,6 +117,3 @@ def lora_custom_modules() -> dict[type, type]:
     for _, backend in BACKENDS.items():
         out |= backend.lora_layers()
     return out
-
-
-from prunekit.quant import bnb, ggml, rtn  # noqa: E402, F401  (registration)

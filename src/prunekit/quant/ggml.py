@@ -4,8 +4,8 @@
 A weight is stored as llama.cpp stores it in a GGUF file: each row in blocks of 32 input weights, each block its
 codes and its float16 scale (and minimum, for the ``_1`` types), quantized and dequantized by llama.cpp's own
 ``gguf`` package; or, for the K-quants, in super-blocks of 256 weights with 6- or 8-bit sub-block scales, encoded
-by llama.cpp's own quantizer and decoded by the ``gguf`` package (:func:`prunekit.export.gguf.encode` /
-:func:`~prunekit.export.gguf.fake_quantize`). The search therefore scores exactly the weights the exported file
+by llama.cpp's own quantizer and decoded by the ``gguf`` package (:func:`prunekit.quant.gguf_types.encode` /
+:func:`~prunekit.quant.gguf_types.fake_quantize`). The search therefore scores exactly the weights the exported file
 holds: the export encodes with the same function, so its blocks are these. A weight's input width must be a
 multiple of 32 (256 for the K-quants; ``prune.round_to``).
 """
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.quant.backend import BACKENDS, QuantBackend, load_state
+from prunekit.quant.gguf_types import K_TYPES, check_encoder, check_fits, decode, encode, type_bytes
+from prunekit.quant.gguf_types import fake_quantize as gguf_fake_quantize
 from prunekit.quant.schemes import QuantSettings, Scheme
 
 
@@ -28,8 +30,6 @@ def dequantize(blocks: torch.Tensor, kind: str, rows: int, cols: int) -> torch.T
     of each code, weight j at bit j], then 16 bytes of 4-bit codes (weight j < 16 in the low nibble of byte j,
     weight j + 16 in its high nibble); ``Q8_0``: ``d`` and 32 signed bytes. The K-quants are decoded by the ``gguf``
     package itself (in numpy, on the CPU: slower, same numbers)."""
-    from prunekit.export.gguf import K_TYPES, decode
-
     if kind in K_TYPES:
         return decode(blocks.reshape(rows, -1).cpu().numpy(), kind).reshape(rows, cols).to(blocks.device)
     b = blocks.reshape(rows * cols // 32, -1)
@@ -55,8 +55,6 @@ class GGMLLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, kind: str, bias: bool, compute_dtype: torch.dtype = torch.float32
     ) -> None:
-        from prunekit.export.gguf import check_fits, type_bytes
-
         super().__init__()
         check_fits(kind, in_features, f"a {out_features} x {in_features} weight")
         self.in_features, self.out_features, self.kind, self.compute_dtype = (
@@ -72,8 +70,6 @@ class GGMLLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kind: str) -> GGMLLinear:
-        from prunekit.export.gguf import encode
-
         w = linear.weight
         out = cls(linear.in_features, linear.out_features, kind, linear.bias is not None, w.dtype).to(w.device)
         out.qweight.copy_(torch.from_numpy(encode(w, kind)))
@@ -104,27 +100,22 @@ class GGMLBackend(QuantBackend):
     holds_embeddings = True
 
     def storage_bits(self, scheme: Scheme, rows: int, cols: int, settings: QuantSettings) -> int:
-        from prunekit.export.gguf import type_bytes
-
         return 8 * type_bytes(scheme.variant, rows, cols)
 
     def check_available(self, scheme: Scheme) -> None:
-        from prunekit.export.gguf import check_encoder
-
         check_encoder(scheme.variant, f"scheme '{scheme.name}'")
 
     def check_shape(self, scheme: Scheme, rows: int, cols: int, what: str) -> None:
-        from prunekit.export.gguf import check_fits
-
         check_fits(scheme.variant, cols, what)
 
     def fake_quantize(self, w: torch.Tensor, scheme: Scheme, settings: QuantSettings) -> torch.Tensor:
-        from prunekit.export.gguf import fake_quantize
-
-        return fake_quantize(w, scheme.variant)
+        return gguf_fake_quantize(w, scheme.variant)
 
     def realise(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
         return GGMLLinear.from_linear(linear, scheme.variant)
+
+    def gguf_type(self, scheme: Scheme) -> str | None:
+        return scheme.variant  # the file holds the very blocks
 
     def holds(self, module: nn.Module) -> bool:
         return isinstance(module, GGMLLinear)

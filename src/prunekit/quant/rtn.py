@@ -212,6 +212,9 @@ class FloatBackend(QuantBackend):
     def realise(self, linear: nn.Linear, scheme: Scheme, settings: QuantSettings) -> nn.Module:
         return Float16Linear.from_linear(linear, getattr(torch, scheme.variant))
 
+    def gguf_type(self, scheme: Scheme) -> str | None:
+        return {"float16": "F16", "bfloat16": "BF16"}[scheme.variant]
+
     def holds(self, module: nn.Module) -> bool:
         return isinstance(module, Float16Linear)
 

@@ -20,54 +20,11 @@ A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. Th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
+from prunekit.quant.backend import backend_for
+from prunekit.quant.scheme import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE, QuantSettings, Scheme
 from prunekit.registry import Registry
 
-if TYPE_CHECKING:
-    from prunekit.quant.backend import QuantBackend
-
-BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size on every device it supports
-BNB_NESTED_BLOCKSIZE = 256  # blocks per second-level absmax with double quantization
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """The ``quantize`` settings every scheme reads."""
-
-    group_size: int = 128
-    double_quant: bool = True
-    int8_threshold: float = 6.0
-
-    @classmethod
-    def from_params(cls, section: Any) -> QuantSettings:
-        """From the ``quantize`` section of the params (anything with these three attributes)."""
-        return cls(section.group_size, section.double_quant, section.int8_threshold)
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One quantization format: a config object. ``bits`` is the nominal width of a weight (the search budget
-    counts it); ``backend`` names the :class:`~prunekit.quant.backend.QuantBackend` that realises it and
-    ``variant`` what that backend needs besides the bits (a 4-bit code book, a 16-bit dtype)."""
-
-    name: str
-    bits: int
-    backend: str
-    description: str
-    variant: str = ""
-
-    @property
-    def impl(self) -> QuantBackend:
-        from prunekit.quant.backend import BACKENDS
-
-        return BACKENDS.get(self.backend)
-
-    def storage_bits(self, rows: int, cols: int, settings: QuantSettings) -> int:
-        """Bits a (rows x cols) weight takes in this format, codes and their scales together."""
-        return self.impl.storage_bits(self, rows, cols, settings)
-
+__all__ = ["BNB_BLOCKSIZE", "BNB_NESTED_BLOCKSIZE", "SCHEMES", "QuantSettings", "Scheme", "usable_scheme"]
 
 SCHEMES: Registry[Scheme] = Registry("quantization scheme")
 
@@ -110,5 +67,5 @@ for _s in (
 def usable_scheme(name: str) -> Scheme:
     """The scheme named ``name``, once its encoder is known to be installed; else the error saying what to do."""
     scheme = SCHEMES.get(name)
-    scheme.impl.check_available(scheme)
+    backend_for(scheme).check_available(scheme)
     return scheme

@@ -46,6 +46,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.params import SearchParams
 from prunekit.quant.apply import QuantTarget, check_embedding_scheme, plan_cost
+from prunekit.quant.backend import backend_for
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def build_space(
         for t in targets:
             if t.kind == "embedding":
                 check_embedding_scheme(SCHEMES.get(c), f"the token embedding (search.choices '{c}')")
-            SCHEMES.get(c).impl.check_shape(SCHEMES.get(c), t.rows, t.cols, f"search.choices '{c}': {t.name}")
+            backend_for(SCHEMES.get(c)).check_shape(SCHEMES.get(c), t.rows, t.cols, f"search.choices '{c}': {t.name}")
     ordered = sorted(choices, key=lambda c: (SCHEMES.get(c).bits, choices.index(c)))
     keyed: dict[str, list[QuantTarget]] = {}
     for t in targets:

@@ -1,6 +1,7 @@
 """Model families, one module each (adapter, capabilities, registration line), and looking them up.
 
 Import a new family's module below; the contract tests (tests/test_families.py) run over every registered family.
+Importing this package also registers every family's pruned classes with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -73,3 +74,6 @@ def adapter_for(config: Any) -> ModelAdapter:
         f"Unsupported architecture '{model_type}' (architectures: {getattr(config, 'architectures', None)}). "
         f"Supported model types: {', '.join(supported)}."
     )
+
+
+register_auto_classes()  # the pruned classes load through transformers' Auto classes wherever a family is known

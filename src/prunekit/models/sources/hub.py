@@ -4,7 +4,6 @@ checked (complete, unquantized, safetensors only) and copied into the output dir
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import re
@@ -12,40 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.models.checkpoint_files import (
+    HF_ALLOW_PATTERNS,
+    MODEL_FILE_PATTERNS,
+    PICKLE_PATTERNS,
+    TOKENIZER_PATTERNS,
+    matches,
+)
 from prunekit.models.sources.hashing import _copy_with_sha256
 from prunekit.models.sources.spec import SOURCES, ModelSource, SourceSpec, _source_help
 
 log = logging.getLogger(__name__)
 
-# Files that make up a Hugging Face model directory, by name at its top level. Weights are safetensors
-# only; anything else (pickled .bin/.pt files, optimizer states, remote code) is left behind.
-WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
-CONFIG_PATTERNS = ("config.json", "generation_config.json")
-TOKENIZER_PATTERNS = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-MODEL_FILE_PATTERNS = CONFIG_PATTERNS + TOKENIZER_PATTERNS + WEIGHT_PATTERNS
-
-# What snapshot_download fetches: the files above, nothing heavier.
-HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
 # --- local Hugging Face directories (also what hf: downloads into) --------------------------------------
-
-
-def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _model_files(model_dir: Path, source: str) -> list[Path]:
@@ -65,9 +43,9 @@ def _model_files(model_dir: Path, source: str) -> list[Path]:
             f"directory (found: {', '.join(sorted(names)) or 'nothing'})."
         )
     _check_config(model_dir / "config.json", source)
-    weights = [n for n in names if _matches(n, ("*.safetensors",))]
+    weights = [n for n in names if matches(n, ("*.safetensors",))]
     if not weights:
-        pickles = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))
+        pickles = sorted(n for n in names if matches(n, PICKLE_PATTERNS))
         found = f"it has only pickle weights ({', '.join(pickles)})" if pickles else "it has no weights"
         raise PrunekitError(
             f"model.source '{source}': safetensors weights are required, but {found} in '{model_dir}'. "
@@ -76,12 +54,12 @@ def _model_files(model_dir: Path, source: str) -> list[Path]:
             "repository that publishes .safetensors."
         )
     _check_shards(model_dir, names, source)
-    if not any(_matches(n, TOKENIZER_PATTERNS) for n in names):
+    if not any(matches(n, TOKENIZER_PATTERNS) for n in names):
         raise PrunekitError(
             f"model.source '{source}': '{model_dir}' has no tokenizer files (tokenizer.json, "
             "tokenizer.model, vocab.json + merges.txt, ...). Copy the tokenizer of the base model into it."
         )
-    return [p for p in files if _matches(p.name, MODEL_FILE_PATTERNS)]
+    return [p for p in files if matches(p.name, MODEL_FILE_PATTERNS)]
 
 
 def _check_config(path: Path, source: str) -> None:

@@ -181,13 +181,13 @@ class LayerChannels:
 def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, int]:
     """(o_proj columns per query head, query heads, k/v heads) of ``layer``, true after slicing too.
 
-    The k/v head count comes from the ``attn_kv_group`` unit type and the query heads per k/v head from
+    The k/v head count comes from k_proj's rows (per q/k head width) and the query heads per k/v head from
     the attention module (``num_key_value_groups``, kept current by the adapter), so the per-head width
     is read off o_proj: it is the value head width, which may differ from the q/k head width once head
     dims are pruned.
     """
     attn = adapter.attention(layer)
-    kv = UNITS.get("attn_kv_group").count(adapter, layer)
+    kv = getattr(attn, adapter.k).out_features // adapter.qk_head_dim(attn)
     heads = kv * int(attn.num_key_value_groups)
     return projection(adapter, layer, O_PROJ).in_features // heads, heads, kv
 

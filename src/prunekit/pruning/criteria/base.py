@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,15 +30,10 @@ class ScoreRequest:
     batch_size: int
     seed: int
     # The ``score`` section of params.yaml: criterion-specific settings (e.g. LoRA rank for ``lora``).
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: ScoreParams = field(default_factory=ScoreParams)
 
 
 Scores = dict[str, torch.Tensor]  # "<unit>.<layer>" -> (count,) float64
-
-
-def score_settings(options: Mapping[str, Any]) -> ScoreParams:
-    """The ``score`` options with ScoreParams' defaults for any key left out (validated)."""
-    return ScoreParams(**{k: v for k, v in options.items() if k in ScoreParams.model_fields})
 
 
 class Criterion(ABC):
@@ -48,6 +43,9 @@ class Criterion(ABC):
     # True when scoring differentiates the base weights themselves (the Taylor criteria): such a
     # criterion needs them in the model's training dtype (``score.base_dtype`` must stay null).
     base_gradients = False
+    # True when it can score on a frozen base whose Linears are quantized (``score.base_quant``): it differentiates
+    # only adapters on top of them (LoRAPrune's ``lora``).
+    quantized_base = False
 
     @abstractmethod
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import ParamsError, PrunekitError
+from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pruning.criteria.base import CRITERIA, LayerCriterion, ScoreRequest, Scores, forward_decoder
 from prunekit.pruning.units import UNITS
@@ -69,7 +69,6 @@ from prunekit.pruning.units.base import DOWN_PROJ, O_PROJ
 
 log = logging.getLogger(__name__)
 
-BOUNDS = ("strict", "local")
 # The RMSNorm before the MLP: the same name in every supported family (Llama, Mistral, Qwen2).
 POST_ATTN_NORM = "post_attention_layernorm"
 
@@ -330,21 +329,13 @@ class BIPCriterion(LayerCriterion):
             if not ut.input_of or mlp_block:
                 supported = ", ".join(sorted(n for n, u in UNITS.items() if u.input_of))
                 raise PrunekitError(f"criterion 'bip' does not support unit type '{unit}'; it scores {supported}.")
-        self._bound(req)
-
-    @staticmethod
-    def _bound(req: ScoreRequest) -> str:
-        bound = str(req.options.get("bip_bound", "strict"))
-        if bound not in BOUNDS:
-            raise ParamsError(f"score.bip_bound: '{bound}' is not one of {', '.join(BOUNDS)}.")
-        return bound
 
     @torch.no_grad()
     def probe(
         self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest, sink: Sink | None = None
     ) -> _LayerRecorder:
         consts = _layer_constants(adapter, layer, self.lip_cache)
-        units, bound = list(req.units), self._bound(req)
+        units, bound = list(req.units), req.options.bip_bound
         return _LayerRecorder(idx, layer, adapter, consts, units, bound, sink, int(req.calibration.numel()))
 
     def token_bounds(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:

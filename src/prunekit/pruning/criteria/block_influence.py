@@ -21,10 +21,9 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pruning.criteria.base import CRITERIA, LayerCriterion, ScoreRequest, Scores
+from prunekit.pruning.units import UNITS
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_UNITS = ("layer",)
 
 
 class BlockInfluence(LayerCriterion):
@@ -34,10 +33,11 @@ class BlockInfluence(LayerCriterion):
 
     def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
         for unit in req.units:
-            if unit not in SUPPORTED_UNITS:
+            if not UNITS.get(unit).whole_layer:
+                whole = [n for n, u in UNITS.items() if u.whole_layer]
                 raise PrunekitError(
                     f"criterion '{self.name}' does not support unit type '{unit}'; it scores only "
-                    f"{', '.join(SUPPORTED_UNITS)} (whole decoder layers)"
+                    f"{', '.join(whole)} (whole decoder layers)"
                 )
 
     def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _CosineProbe:

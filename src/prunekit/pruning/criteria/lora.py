@@ -52,7 +52,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, score_settings
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
 from prunekit.pruning.criteria.taylor import accumulate_lm_gradients, gradient_scope
 from prunekit.pruning.units import UNITS
 from prunekit.rng import seeded
@@ -144,9 +144,10 @@ class LoraCriterion(Criterion):
     """LoRAPrune: sum over the unit's weights of |G_hat * (W + s*B@A)|, G_hat from LoRA gradients only."""
 
     name = "lora"
+    quantized_base = True
 
     def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
-        cfg = score_settings(dict(req.options))
+        cfg = req.options
         lc = LoraSettings.from_params(cfg.lora, req.seed, "score.lora", layers=tuple(req.layers))
         layers = adapter.layers(model)
         targets = lc.target_modules

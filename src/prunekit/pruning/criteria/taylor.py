@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise, score_settings
+from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise
 from prunekit.pruning.units import UNITS
 from prunekit.training.loss import layer_checkpointing, lm_loss
 
@@ -113,9 +113,7 @@ def gradient_scope(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
 
 def mean_gradients(model: nn.Module, params: list[nn.Parameter], req: ScoreRequest) -> GradMap:
     """g = dL/dw of the mean NLL over all calibration windows, batched by ``req.batch_size``."""
-    accumulate_lm_gradients(
-        model, req.calibration, req.batch_size, checkpointing=score_settings(req.options).gradient_checkpointing
-    )
+    accumulate_lm_gradients(model, req.calibration, req.batch_size, checkpointing=req.options.gradient_checkpointing)
     return {p: p.grad for p in params if p.grad is not None}
 
 
@@ -148,7 +146,7 @@ def per_sample_statistics(
         1,
         after_batch=collect,
         desc="per-sample gradients",
-        checkpointing=score_settings(req.options).gradient_checkpointing,
+        checkpointing=req.options.gradient_checkpointing,
     )
     for f in fisher.values():
         f.mul_(n)

@@ -22,8 +22,9 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pipeline.params import AllocationSearchParams, PruneParams, ScheduleParams
-from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.pipeline.params import AllocationSearchParams, PruneParams, ScheduleParams, ScoreParams
+from prunekit.pruning.allocations import ALLOCATIONS, make_plan
+from prunekit.pruning.plan import Plan, PlanRequest
 from prunekit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,9 @@ class Cut:
     @classmethod
     def of(cls, prune: PruneParams, criterion: str) -> Cut:
         """From the ``prune`` params section and ``score.criterion``."""
-        return cls(prune.target, list(prune.units), prune.allocation, criterion, prune.skip_first, prune.skip_last,
-                   dict(prune.round_to), prune.tolerance, prune.bias_compensation, prune.reconstruct,
-                   prune.reconstruct_ridge, prune.reconstruct_samples, prune.reconstruct_seq_len,
-                   prune.search)  # fmt: skip
+        shared = {f.name for f in dataclasses.fields(cls)} & set(type(prune).model_fields)
+        values = {name: getattr(prune, name) for name in shared}
+        return cls(**values | {"units": list(prune.units), "round_to": dict(prune.round_to), "criterion": criterion})
 
     def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
@@ -84,7 +84,8 @@ class Cut:
 
         With ``allocation: search`` the request carries the search, which evaluates candidates on ``model`` with
         ``job``'s calibration tokens (``label`` names it in the trials and its resume record)."""
-        from prunekit.pruning.slicing import count_params, layouts
+        from prunekit.models.size import count_params
+        from prunekit.pruning.slicing import layouts
 
         lays = layouts(model, adapter, list(self.units), self.layers(model, adapter))
         current = count_params(model)
@@ -92,13 +93,13 @@ class Cut:
             req = PlanRequest(fraction, current, lays, dict(self.round_to), self.tolerance)
         else:
             req = PlanRequest.of_original(fraction, original, current, lays, dict(self.round_to), self.tolerance)
-        if self.allocation == "search":
+        if ALLOCATIONS.get(self.allocation).evaluates_candidates:
             req = dataclasses.replace(req, search=self.searcher(model, adapter, job, label))
         return req
 
     def searcher(self, model: nn.Module, adapter: ModelAdapter, job: PruneJob | None, label: str) -> Any:
         """The allocation search of a cut of ``model``: candidates scored as this cut would produce them."""
-        from prunekit.pruning.allocation_search import AllocationSearch, candidate_objective
+        from prunekit.pruning.allocations.search import AllocationSearch, candidate_objective
 
         if job is None:
             raise ValueError("allocation 'search' evaluates candidates on calibration tokens: give the request a job")
@@ -151,7 +152,7 @@ class PruneJob:
     training_blocks: Callable[[int], torch.Tensor] | None = None  # seq_len -> (N, seq_len) training tokens
     calibration: Callable[[], torch.Tensor] | None = None  # -> (N, T) tokens for rescoring (kshot)
     score_batch_size: int = 8
-    score_options: dict[str, Any] = field(default_factory=dict)  # the criterion's settings (``score.*``)
+    score_options: ScoreParams = field(default_factory=ScoreParams)  # the criterion's settings (``score.*``)
     state_dir: Path | None = None  # checkpoints of a long schedule (a killed run resumes from them)
     state_key: str = ""  # fingerprint of the params and inputs a checkpoint belongs to
     _dense: nn.Module | None = field(default=None, init=False, repr=False)
@@ -237,6 +238,8 @@ class Schedule(ABC):
     name = ""
     # Whether the schedule trains (LoRA): it then runs on ``model.device``; a one-shot cut slices on the CPU.
     trains: bool = True
+    # Whether it cuts one decoder layer at a time, so ``model.offload: layerwise`` can hold the model.
+    layer_by_layer: bool = False
 
     def problems(self, cut: Cut) -> list[str]:
         """What in ``cut`` this schedule cannot do, one sentence each naming the params key (params check)."""
@@ -256,7 +259,7 @@ def prune_model(job: PruneJob, schedule: str) -> PruneResult:
     Bias compensation adds biases the plan does not count (o_proj/down_proj, and zeros on q/k/v/gate/up), so the
     reported parameters are those of the returned model.
     """
-    from prunekit.pruning.slicing import count_params
+    from prunekit.models.size import count_params
 
     dense_names = {name for name, _ in job.model.named_parameters()}
     result = SCHEDULES.get(schedule).run(job)

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pruning.plan import Plan, PlanRequest, make_plan
+from prunekit.pruning.allocations import ALLOCATIONS, make_plan
+from prunekit.pruning.plan import Plan, PlanRequest
 from prunekit.pruning.schedules.base import SCHEDULES, Cut, PruneJob, PruneResult, Schedule
 from prunekit.pruning.schedules.state import read_state, write_state
 from prunekit.pruning.units import UNITS
@@ -347,26 +348,27 @@ class Iterative(Schedule):
 
     def problems(self, cut: Cut) -> list[str]:
         out = []
-        if set(cut.units) & {"layer", "hidden_channel"}:
+        beyond = [u for u in cut.units if u in UNITS and (UNITS.get(u).whole_layer or UNITS.get(u).model_wide)]
+        if beyond:
             out.append(
                 "params.yaml key 'prune.units': the iterative schedule masks widths inside layers; "
-                "'layer' and 'hidden_channel' need prune.schedule: oneshot or kshot"
+                f"{', '.join(repr(u) for u in beyond)} need prune.schedule: oneshot or kshot"
             )
         if cut.bias_compensation:
             out.append(
                 "params.yaml key 'prune.bias_compensation': not available with prune.schedule 'iterative' "
                 "(the schedules retrain after each cut); use prune.schedule: oneshot"
             )
-        if cut.allocation == "search":
+        if cut.allocation in ALLOCATIONS and ALLOCATIONS.get(cut.allocation).evaluates_candidates:
             out.append(
-                "params.yaml key 'prune.allocation': the iterative schedule re-plans at every mask update; 'search' "
-                "needs prune.schedule: oneshot or kshot"
+                "params.yaml key 'prune.allocation': the iterative schedule re-plans at every mask update; "
+                f"'{cut.allocation}' evaluates candidates on the model and needs prune.schedule: oneshot or kshot"
             )
         return out
 
     def run(self, job: PruneJob) -> PruneResult:
+        from prunekit.models.size import count_params
         from prunekit.pruning.criteria.lora import missing_targets
-        from prunekit.pruning.slicing import count_params
         from prunekit.training.lora import LoraSettings, check_targets
 
         sc, units = job.schedule, list(job.cut.units)

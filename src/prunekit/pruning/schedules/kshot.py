@@ -157,9 +157,11 @@ def kshot_prune(
     killed (tests); the state folder keeps the last checkpoint.
     """
     from prunekit.models.loading import load_model
+    from prunekit.models.saving import save_model
+    from prunekit.models.size import count_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.reconstruction import summary
-    from prunekit.pruning.slicing import apply_plan, count_params, save_model
+    from prunekit.pruning.slicing import apply_plan
     from prunekit.training.lora import train_lora
 
     model, adapter, cut = job.model, job.adapter, job.cut

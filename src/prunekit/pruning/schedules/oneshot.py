@@ -10,10 +10,12 @@ class OneShot(Schedule):
 
     name = "oneshot"
     trains = False
+    layer_by_layer = True
 
     def run(self, job: PruneJob) -> PruneResult:
+        from prunekit.models.size import count_params
         from prunekit.pruning.compensation import compensate
-        from prunekit.pruning.slicing import apply_plan, count_params
+        from prunekit.pruning.slicing import apply_plan
 
         before = count_params(job.model)
         req = job.cut.request(job.model, job.adapter, job.cut.target, before, job)

@@ -50,13 +50,13 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.pipeline.params import AllocationSearchParams
-from prunekit.pruning.plan import ALLOCATIONS, Plan, PlanRequest, UnitLayout, plan_of_counts, removed_params
+from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
+from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, plan_of_counts, removed_params
 
 log = logging.getLogger(__name__)
 
 KNOT_RANGE = (0.05, 1.0)
 SHARE_RANGE = (-2.0, 2.0)
-Counts = dict[tuple[str, int], int]
 
 
 @dataclass(frozen=True)
@@ -227,15 +227,22 @@ class AllocationSearch:
         write_json(self.state_file, {"fingerprint": self.state_key, "label": self.label, "candidates": done})
 
 
-@ALLOCATIONS.register("search")
-def searched(scores: dict[str, torch.Tensor], req: PlanRequest) -> Counts:
-    """Per-layer, per-unit-type fractions chosen by a search on the model (module docstring)."""
-    if req.search is None:
-        raise PrunekitError(
-            "prune.allocation 'search' evaluates candidates on the model: it runs inside a prune schedule "
-            "(oneshot or kshot), which gives the plan request a search"
-        )
-    return req.search.run(scores, req)
+class Searched(Allocation):
+    """Per-layer, per-unit-type fractions chosen by Bayesian optimisation on the model (prune.search)."""
+
+    name = "search"
+    evaluates_candidates = True
+
+    def counts(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Counts:
+        if req.search is None:
+            raise PrunekitError(
+                "prune.allocation 'search' evaluates candidates on the model: it runs inside a prune schedule "
+                "(oneshot or kshot), which gives the plan request a search"
+            )
+        return req.search.run(scores, req)
+
+
+ALLOCATIONS.register(Searched.name)(Searched())
 
 
 def candidate_objective(
