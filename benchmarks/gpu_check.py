@@ -27,6 +27,8 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from prunekit.models.loading import load_pretrained
+
 SHAPES = {  # published config fields (sizes only; the family contract tests hold the whole files)
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
@@ -39,7 +41,7 @@ SHAPES = {  # published config fields (sizes only; the family contract tests hol
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        return load_pretrained(args.model, dtype=dtype).to(device).eval()  # stock or pruned directories
     shape = dict(SHAPES[args.shape])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
@@ -62,7 +64,9 @@ def main() -> None:
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.plan import PlanRequest
     from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
-    from prunekit.quant.apply import fake_quantized, lora_custom_modules, quant_targets, realise
+    from prunekit.quant.backend import lora_custom_modules
+    from prunekit.quant.plan import quant_targets
+    from prunekit.quant.realise import fake_quantized, realise
     from prunekit.quant.schemes import QuantSettings
     from prunekit.training.lora import LoraSettings, train_lora
     from prunekit.training.loss import lm_loss

@@ -34,7 +34,8 @@ def main() -> None:
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.models.loading import load_model
     from prunekit.pipeline.params import load_params
-    from prunekit.quant.apply import plan_cost_of_model, quantized_weight_bytes, read_plan, realise
+    from prunekit.quant.plan import read_plan
+    from prunekit.quant.realise import plan_cost_of_model, quantized_weight_bytes, realise
 
     params = load_params(args.params)
     setup = make_setup(args)

@@ -124,7 +124,8 @@ def _pipeline(
     machines land in one experiment table."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from prunekit.cli import cmd_report
+    from prunekit.cli import REPORT, cmd_report
+    from prunekit.evaluation.report import with_plot_path
 
     root = Path(repo).resolve()
     overrides = dict(overrides or {})
@@ -146,9 +147,13 @@ def _pipeline(
         table=rows,
         description=f"Metrics after `{' '.join(cmd)}`",
     )
-    # The comparison of every experiment so far (reports/experiments.md + .png), also as a Prefect artifact.
+    # The comparison of every experiment so far (reports/experiments.md + .png), also as a Prefect artifact (which
+    # cannot show the PNG beside the file: it names its path instead).
     report = cmd_report(None, repo=str(root))
-    create_markdown_artifact(key="prunekit-report", markdown=report, description="prunekit experiments")
+    png = (root / REPORT).with_suffix(".png")
+    create_markdown_artifact(
+        key="prunekit-report", markdown=with_plot_path(report, png), description="prunekit experiments"
+    )
     return rows
 
 

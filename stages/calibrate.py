@@ -16,8 +16,8 @@ def calibrate(params: Params, model_dir: Path, text: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     from prunekit.data.tokens import random_windows, token_stream
-    from prunekit.pipeline.files import atomic_file
-    from prunekit.pipeline.stageio import read_documents
+    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.outputs import atomic_file
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream(tokenizer, read_documents(text, "calibration"))

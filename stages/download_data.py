@@ -16,7 +16,7 @@ log = logging.getLogger("prunekit.stages.download_data")
 def download_data(params: Params, out: Path) -> None:
     """Write ``<role>.jsonl`` for every role of ``data`` to ``out``."""
     from prunekit.data.sources import ROLES, load_documents
-    from prunekit.pipeline.files import atomic_dir
+    from prunekit.pipeline.outputs import atomic_dir
 
     with atomic_dir(out) as tmp:
         for role in ROLES:

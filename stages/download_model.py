@@ -15,7 +15,7 @@ def download_model(params: Params, out: Path) -> None:
     from prunekit.models.loading import load_config
     from prunekit.models.provenance import write_model_record
     from prunekit.models.sources import materialize_model
-    from prunekit.pipeline.files import atomic_dir
+    from prunekit.pipeline.outputs import atomic_dir
 
     with atomic_dir(out) as tmp:
         provenance = materialize_model(params.model.source, tmp)

@@ -9,24 +9,22 @@ from prunekit.pipeline.params import Params
 from prunekit.pipeline.runtime import exit_after, run_stage
 
 
-def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metrics: Path | None = None) -> None:
+def evaluate(params: Params, model_dir: Path, text: Path, out: Path, made_from: str,
+             dense_metrics: Path | None = None) -> None:  # fmt: skip
     """Perplexity protocols, zero-shot accuracy, size, cost and speed of ``model_dir`` (plain or quantized),
-    written to ``out``; ``dense_metrics`` (optional) gives a quantized model its size ratio to the dense one."""
+    written to ``out`` with the digest of the params it was made with (``made_from``: dense, pruned, recovered or
+    quantized); ``dense_metrics`` (optional) gives a quantized model its size ratio to the dense one."""
     from prunekit.data.sources import data_name
-    from prunekit.evaluation.run import evaluate_layerwise, evaluate_model
+    from prunekit.evaluation.made_with import made_with
+    from prunekit.evaluation.model_metrics import evaluate_layerwise, evaluate_model
     from prunekit.models.families import adapter_for
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import library_versions
     from prunekit.models.size import count_params, weight_bytes
-    from prunekit.pipeline.files import read_json, write_json
-    from prunekit.pipeline.stageio import read_documents
-    from prunekit.quant.apply import (
-        is_quantized_dir,
-        load_quantized,
-        logical_param_count,
-        plan_cost_of_model,
-        quantized_weight_bytes,
-    )
+    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.outputs import read_json, write_json
+    from prunekit.quant.realise import logical_param_count, plan_cost_of_model, quantized_weight_bytes
+    from prunekit.quant.saving import is_quantized_dir, load_quantized
 
     m = params.model
     quantized = is_quantized_dir(model_dir)
@@ -54,6 +52,7 @@ def evaluate(params: Params, model_dir: Path, text: Path, out: Path, dense_metri
                 dense = read_json(dense_metrics, "dense model metrics")
                 metrics["bytes_vs_dense_16bit"] = round(metrics["weight_bytes"] / (2 * dense["params"]), 4)
         metrics |= evaluate_model(model, tokenizer, adapter, params.evaluate, params.seed, rows, name)
+    metrics["made_with"] = made_with(params.model_dump(mode="json"), made_from)
     metrics["versions"] = library_versions()  # what produced these numbers (not in the hashed model directories)
     write_json(out, metrics)
 
@@ -63,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, dest="model_dir", required=True)
     parser.add_argument("--text", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="metrics (.json)")
+    parser.add_argument("--made-from", required=True, choices=["dense", "pruned", "recovered", "quantized"],
+                        help="which model of the pipeline this is (its params digest goes in the metrics)")  # fmt: skip
     parser.add_argument(
         "--dense-metrics", type=Path, help="the dense model's metrics (.json): bytes ratio to its 16-bit size"
     )

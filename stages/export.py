@@ -19,8 +19,8 @@ def export(
     from prunekit.export.lora import ADAPTER_GGUF
     from prunekit.export.tensor_types import choose_types
     from prunekit.export.tokenizer import TOKENIZER_GGUF
-    from prunekit.pipeline.files import write_json
-    from prunekit.quant.apply import ADAPTER_DIR
+    from prunekit.pipeline.outputs import write_json
+    from prunekit.quant.saving import ADAPTER_DIR
 
     e = params.export
     types = choose_types(e.types, plan_file, unplanned=e.unplanned, embedding=e.embedding, output=e.output)

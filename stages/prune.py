@@ -16,8 +16,8 @@ def prune(params: Params, model_dir: Path, scores_file: Path, out: Path, plan_fi
     (``out``), the plan of what was kept (``plan_file``), the metrics, every candidate of an allocation search
     (``trials_file``; [] for the other allocations), and keep a long schedule's or search's progress in ``state``
     while it runs."""
-    from prunekit.pipeline.files import write_json
-    from prunekit.pruning.run import PruneInputs, prune_directory
+    from prunekit.pipeline.outputs import write_json
+    from prunekit.pruning.directory import PruneInputs, prune_directory
     from prunekit.pruning.schedules import Cut
     from prunekit.pruning.scoring import ModelSource
 

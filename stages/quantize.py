@@ -17,9 +17,12 @@ def quantize(
     from prunekit.data.tokens import chunks, token_stream
     from prunekit.evaluation.plots import line_plot
     from prunekit.models.loading import load_model
-    from prunekit.pipeline.files import write_json
-    from prunekit.pipeline.stageio import read_documents
-    from prunekit.quant.apply import check_plan, lora_custom_modules, quant_targets, read_plan, realise, save_quantized
+    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.outputs import write_json
+    from prunekit.quant.backend import lora_custom_modules
+    from prunekit.quant.plan import check_plan, quant_targets, read_plan
+    from prunekit.quant.realise import realise
+    from prunekit.quant.saving import save_quantized
     from prunekit.quant.schemes import QuantSettings
     from prunekit.training.lora import LoraSettings, train_lora
 

@@ -19,8 +19,8 @@ def recover(params: Params, model_dir: Path, teacher: Path, text: Path, out: Pat
     from prunekit.models.loading import load_model
     from prunekit.models.provenance import write_model_record
     from prunekit.models.saving import save_model
-    from prunekit.pipeline.files import atomic_dir, write_json
-    from prunekit.pipeline.stageio import read_documents
+    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.outputs import atomic_dir, write_json
     from prunekit.training.lora import LoraSettings, recovery_loss, train_full, train_lora
 
     r, m = params.recover, params.model

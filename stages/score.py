@@ -14,8 +14,8 @@ def score(params: Params, model_dir: Path, calibration_file: Path, out: Path) ->
     windows in ``calibration_file``; the scores (and side data such as channel means) go to ``out`` (.safetensors)."""
     from safetensors.torch import save_file
 
-    from prunekit.pipeline.files import atomic_file
-    from prunekit.pipeline.stageio import read_tensors
+    from prunekit.pipeline.inputs import read_tensors
+    from prunekit.pipeline.outputs import atomic_file
     from prunekit.pruning.scoring import ModelSource, QuantizedBase, score_directory
     from prunekit.quant.schemes import QuantSettings
 

@@ -19,8 +19,8 @@ def search(
     from prunekit.data.tokens import random_windows, token_stream
     from prunekit.evaluation.plots import scatter_plot
     from prunekit.models.loading import load_model
-    from prunekit.pipeline.files import write_json
-    from prunekit.pipeline.stageio import read_documents
+    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.outputs import write_json
     from prunekit.quant.schemes import QuantSettings
     from prunekit.quant.search import search_model
 

@@ -20,7 +20,7 @@ STAMP = "params.yaml is valid\n"  # constant: downstream stages see the same dep
 def validate(params: Params, out: Path) -> None:
     """Write the stamp ``out`` (``params`` were checked, registry names and the model's family included, by
     :func:`prunekit.pipeline.validation.check_choices` before this runs)."""
-    from prunekit.pipeline.files import atomic_file
+    from prunekit.pipeline.outputs import atomic_file
 
     with atomic_file(out) as tmp:
         tmp.write_text(STAMP)

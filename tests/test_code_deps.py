@@ -89,3 +89,10 @@ def test_params_validation_and_the_command_line_import_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_ruff_lints_and_formats_the_whole_repository() -> None:
+    """The house style (pyproject.toml's ruff settings) holds on every file: CI fails on a lint or format slip."""
+    for args in (["check", "."], ["format", "--check", "."]):
+        out = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]

@@ -16,10 +16,11 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.saving import save_model
 from prunekit.models.size import count_params
 from prunekit.pipeline.params import parse_params
@@ -280,10 +281,10 @@ def test_compensated_pruned_equals_mean_replaced_dense(layout: str, tmp_path: Pa
     save_model(pruned, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
-    assert cfg["model_type"] == ("llama" if layout == "uniform" else "prunekit_llama")
+    assert cfg["model_type"] == "llama" and ("layer_sizes" in cfg) == (layout != "uniform")
     if layout == "query_heads":  # layer 0 loses heads 1, 2, 5, 6 (query heads) and 2, 3 (KV group 1)
         assert cfg["layer_sizes"][0]["num_attention_heads"] == 3 and len(removed(keep, "o_proj", 0)) == 5 * HD
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    loaded = load_pretrained(tmp_path, dtype=torch.float64).eval()
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))
     assert not loaded.model.layers[0].self_attn.q_proj.bias.any()  # the zero biases Llama's switch adds
     if layout == "uniform":  # stock transformers alone reloads it
@@ -330,10 +331,8 @@ def test_compensation_in_families_without_a_bias_switch(family: str, layout: str
     assert (logits(plain, ids) - reference).abs().max().item() > 1e-3
     save_model(pruned, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert (
-        cfg["model_type"] == f"prunekit_{dense.config.model_type}" and cfg["output_bias"] is True
-    )  # uniform widths too
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert cfg["model_type"] == dense.config.model_type and cfg["output_bias"] is True  # uniform widths too
+    loaded = load_pretrained(tmp_path, dtype=torch.float64).eval()
     assert loaded.model.layers[1].self_attn.o_proj.bias.abs().max() > 0
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))
 
@@ -383,7 +382,7 @@ def test_score_and_prune_stages_compensate(tiny_model_dir: Path, tmp_path: Path)
         calibration=None,
         state=tmp_path / "state",
     )
-    loaded = AutoModelForCausalLM.from_pretrained(out)
+    loaded = load_pretrained(out)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # The reported size is the saved model's, compensation biases included.
     assert metrics["params_after"] == count_params(loaded)

@@ -356,8 +356,8 @@ def test_every_backend_gives_back_the_weight_it_computes_with(scheme: str) -> No
 def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_weights(scheme: str) -> None:
     """score.base_quant: LoRAPrune on a frozen quantized base gives the scores of the float criterion on a model
     whose target weights are their dequantized images (same adapters, same steps), and leaves the base quantized."""
-    from prunekit.quant.apply import quantize_linears
     from prunekit.quant.backend import backend_for, is_quantized
+    from prunekit.quant.realise import quantize_linears
     from prunekit.quant.schemes import SCHEMES, QuantSettings
 
     s, settings = SCHEMES.get(scheme), QuantSettings(group_size=16)

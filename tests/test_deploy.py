@@ -20,6 +20,7 @@ from test_pruning import logits
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.modeling import REMOTE_CODE_FILE
 from prunekit.models.saving import save_model
 from prunekit.pruning.compensation import add_zero_biases
@@ -122,6 +123,55 @@ def test_modeling_file_is_written_again_by_a_remote_save(tmp_path, tokenizer) ->
     assert second.read_text() == first.read_text()
     cfg_a, cfg_b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("a", "b"))
     assert cfg_b["auto_map"] == cfg_a["auto_map"] and cfg_b["layer_sizes"] == cfg_a["layer_sizes"]
+
+
+# Stock transformers without prunekit, stdin closed (a prompt would read EOF and fail): the tokenizer and the config
+# of a pruned directory load as any other's, with no question about custom code.
+TOKENIZER_WITHOUT_PRUNEKIT = WITHOUT_PRUNEKIT.split("import torch")[0] + textwrap.dedent(
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    directory = sys.argv[1]
+    tok = AutoTokenizer.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
+    print(type(config).__name__, len(tok("def f(x):")["input_ids"]))
+    """
+)
+
+
+def test_pruned_directorys_tokenizer_and_config_load_without_a_custom_code_prompt(tmp_path, tokenizer) -> None:
+    dense = tiny_family("llama", False, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, ["attn_kv_group", "mlp_channel"], seed=3)
+    _, sliced = masked_and_sliced(dense, plan)
+    save_model(sliced, adapter, tokenizer, tmp_path / "m")
+    env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_WITHOUT_PRUNEKIT, str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["LlamaConfig", str(len(tokenizer("def f(x):")["input_ids"]))]
+    assert "custom code" not in proc.stderr and "model of type" not in proc.stderr, proc.stderr
+
+
+def test_a_directory_saved_with_the_earlier_prunekit_model_type_still_loads(tmp_path, tokenizer) -> None:
+    """Directories written when a pruned config said ``model_type: prunekit_<family>`` load with prunekit's classes."""
+    dense = tiny_family("qwen2", False, len(tokenizer))
+    adapter = adapter_for(dense.config)
+    plan = grouped_plan(dense, ["attn_kv_group", "mlp_channel"], seed=5)
+    masked, sliced = masked_and_sliced(dense, plan)
+    save_model(sliced, adapter, tokenizer, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "prunekit_qwen2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained(tmp_path).eval()
+    assert type(loaded) is adapter.pruned[2] and loaded.config.model_type == "qwen2"
+    ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
 
 
 def lm_eval_samples(directory, tmp_path, tag: str) -> dict[int, list[float]]:
@@ -544,7 +594,7 @@ def test_export_command_line(tmp_path, bpe_tokenizer, capsys: pytest.CaptureFixt
     """``prunekit export DIR --out F [--plan P]``: the plan's llama.cpp types per module, the rest --type; bad
     inputs exit 2 with one line and leave no file."""
     from prunekit.cli import main
-    from prunekit.pipeline.files import write_json
+    from prunekit.pipeline.outputs import write_json
 
     (_, model), adapter = pruned("qwen2", bpe_tokenizer)
     save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
@@ -584,8 +634,9 @@ def test_a_plan_with_the_embedding_exports_the_quantized_models_weights(tmp_path
 
     from prunekit.export.directory import export_directory
     from prunekit.export.tensor_types import choose_types, rounded
-    from prunekit.pipeline.files import write_json
-    from prunekit.quant.apply import quant_targets, realise
+    from prunekit.pipeline.outputs import write_json
+    from prunekit.quant.plan import quant_targets
+    from prunekit.quant.realise import realise
     from prunekit.quant.schemes import QuantSettings
 
     model = gguf_model("llama", len(bpe_tokenizer))
@@ -626,7 +677,10 @@ def test_qlora_adapters_run_in_llama_cpp_as_a_lora_file(family: str, tmp_path, b
     quantized model with its adapters (0.02 max abs logits, llama.cpp's 8-bit activation rounding), while the
     adapters alone move the logits by more than ten times that."""
     from prunekit.cli import main
-    from prunekit.quant.apply import load_quantized, lora_custom_modules, quant_targets, realise, save_quantized
+    from prunekit.quant.backend import lora_custom_modules
+    from prunekit.quant.plan import quant_targets
+    from prunekit.quant.realise import realise
+    from prunekit.quant.saving import load_quantized, save_quantized
     from prunekit.quant.schemes import QuantSettings
     from prunekit.training.lora import LoraSettings, train_lora
 

@@ -352,3 +352,38 @@ def test_hub_tasks_reach_the_network_boundary(monkeypatch: pytest.MonkeyPatch, t
     model = tiny_model(vocab_size=len(tokenizer))
     with pytest.raises(PrunekitError, match=r"could not load the tasks \['piqa'\].*baber/piqa.*local_dir"):
         zero_shot(model, tokenizer, ["piqa"], batch_size=2)
+
+
+def test_report_marks_the_metrics_an_experiment_only_carries(tmp_path: Path) -> None:
+    """An experiment that reran only the pruned model's stages still carries the recovered model's evaluation of an
+    earlier run: its digest of the params is not the experiment's, so the report marks it and leaves it off the
+    plot; the pruned model's, made with the experiment's params, stands unmarked. The Prefect artifact names the
+    plot's path instead of an image it cannot show."""
+    from prunekit.evaluation.made_with import made_with
+    from prunekit.evaluation.report import markdown, with_plot_path
+
+    def digest(raw: dict, model: str) -> str:
+        return made_with(parse_params(raw).model_dump(mode="json"), model)
+
+    base, changed = {"prune": {"target": 0.2}}, {"prune": {"target": 0.3}}
+    evaluation = {"params": 100, "ppl.python-docs.test.128": 30.0, "zero_shot.average.acc": 0.5}
+
+    def rev(name: str, raw: dict, recovered_from: dict) -> dict:
+        metrics = {
+            "metrics/prune.json": {"data": {"achieved_fraction": raw["prune"]["target"]}},
+            "metrics/eval/pruned.json": {"data": {**evaluation, "made_with": digest(raw, "pruned")}},
+            "metrics/eval/recovered.json": {"data": {**evaluation, "made_with": digest(recovered_from, "recovered")}},
+        }
+        return {"rev": name, "name": name, "data": {"params": {"params.yaml": {"data": raw}}, "metrics": metrics}}
+
+    entries = [{**rev("main", base, base), "experiments": [{"revs": [rev("partial", changed, base)]}]}]
+    rows, _ = parse_exp_show(entries)
+    assert [(r.name, r.produced("pruned"), r.produced("recovered")) for r in rows] == [
+        ("main", True, True),
+        ("partial", True, False),
+    ]
+    text = markdown(rows, [], "experiments.png")
+    partial = next(line for line in text.splitlines() if line.startswith("| partial"))
+    assert partial.endswith("| 30 | 0.5 | 30* | 0.5* |") and "not produced by this experiment" in text
+    assert "![" not in with_plot_path(text, tmp_path / "experiments.png")
+    assert f"The plot: `{tmp_path / 'experiments.png'}`" in with_plot_path(text, tmp_path / "experiments.png")

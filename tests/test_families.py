@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from test_pruning import WIDTH_UNITS, assert_generate_matches, logits, random_plan
-from transformers import AutoModelForCausalLM
 
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.saving import save_model
 from prunekit.pruning.slicing import apply_plan
 
@@ -80,8 +80,8 @@ def test_family_prune_save_reload(family: str, tie: bool, tmp_path, tokenizer) -
     assert (logits(sliced, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
     save_model(sliced, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == f"prunekit_{dense.config.model_type}" and cfg["tie_word_embeddings"] is tie
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert cfg["model_type"] == dense.config.model_type and cfg["tie_word_embeddings"] is tie
+    loaded = load_pretrained(tmp_path).eval()
     assert type(loaded).__name__ == f"Pruned{adapter.prefix}ForCausalLM"
     assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
     assert_generate_matches(loaded, masked, ids)
@@ -201,8 +201,8 @@ def test_a_family_is_one_module(tmp_path, tokenizer, monkeypatch: pytest.MonkeyP
     ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
     assert (logits(sliced, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
     save_model(sliced, adapter, tokenizer, tmp_path / "model")
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "prunekit_granite"
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "granite"
+    loaded = load_pretrained(tmp_path / "model").eval()
     assert type(loaded).__name__ == "PrunedGraniteForCausalLM"
     assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_deploy import PROMPT, LlamaCpp, gguf_model
-from transformers import AutoModelForCausalLM
 
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.saving import save_model
 from prunekit.models.size import count_params
 from prunekit.pipeline.params import parse_params
@@ -86,12 +86,12 @@ def test_every_stage_runs_for_every_family(family: str, tmp_path: Path, bpe_toke
                            m / "search.json", m / "sensitivity.json", m / "search.png")  # fmt: skip
     stage("quantize").quantize(params, recovered, m / "quant_plan.json", text, quantized, m / "qlora.json",
                                m / "qlora.png")  # fmt: skip
-    stage("evaluate").evaluate(params, quantized, text, m / "eval.json")
+    stage("evaluate").evaluate(params, quantized, text, m / "eval.json", "quantized")
     stage("export").export(params, recovered, base, m / "quant_plan.json", quantized, tmp_path / "m.gguf",
                            m / "export.json")  # fmt: skip
 
     prune_metrics = json.loads((m / "prune.json").read_text())
-    loaded = AutoModelForCausalLM.from_pretrained(pruned)
+    loaded = load_pretrained(pruned)
     assert abs(prune_metrics["achieved_fraction"] - 0.2) <= 0.05 and prune_metrics["params_after"] == count_params(
         loaded
     )
@@ -105,7 +105,7 @@ def test_every_stage_runs_for_every_family(family: str, tmp_path: Path, bpe_toke
         family == "qwen2" and export["architecture"] == "deci"  # query heads no longer span the hidden size
     )
     # llama.cpp runs the exported file with the recovered model's logits (F16 weights, as the file holds them).
-    reference = AutoModelForCausalLM.from_pretrained(recovered).eval()
+    reference = load_pretrained(recovered).eval()
     with torch.no_grad():
         for p in reference.parameters():
             if p.dim() == 2:

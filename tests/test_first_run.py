@@ -25,7 +25,7 @@ from prunekit.errors import ParamsError, PrunekitError
 from prunekit.evaluation.summary import model_rows, summary_table
 from prunekit.models.loading import load_model
 from prunekit.models.saving import save_model
-from prunekit.pipeline.files import atomic_dir
+from prunekit.pipeline.outputs import atomic_dir
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
 
@@ -279,7 +279,7 @@ def test_a_killed_writer_leaves_nothing_after_the_next_write(tmp_path: Path) -> 
     code = textwrap.dedent(
         f"""
         import sys, time
-        from prunekit.pipeline.files import atomic_dir
+        from prunekit.pipeline.outputs import atomic_dir
         with atomic_dir({str(final)!r}) as tmp:
             (tmp / "model.safetensors").write_bytes(b"x" * 1000)
             print(tmp, flush=True)

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 from test_families import tiny_family
 from test_pruning import assert_generate_matches, logits
-from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from prunekit.errors import PrunekitError
 from prunekit.models.compat import cache_of
 from prunekit.models.families import ADAPTERS, adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.modeling import HeadDimAttention, check_layer_sizes
 from prunekit.models.saving import save_model
 from prunekit.models.size import count_params
@@ -204,7 +204,7 @@ def test_save_reload_generate_matches_masked(family: str, tmp_path, tokenizer) -
     masked, sliced = masked_and_sliced(dense, plan)
     save_model(sliced, adapter, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == f"prunekit_{dense.config.model_type}"
+    assert cfg["model_type"] == dense.config.model_type
     assert "qk_head_dim" not in cfg["layer_sizes"][0]
     for idx in (1, 2):
         entry = cfg["layer_sizes"][idx]
@@ -214,7 +214,7 @@ def test_save_reload_generate_matches_masked(family: str, tmp_path, tokenizer) -
         pairs = [[p % 4 for p in kept_qk if p // 4 == g] for g in plan.keep["attn_kv_group"][idx]]
         assert entry["rope_pairs"] == pairs
     assert "model.layers.1.self_attn.rope_index" in load_file(tmp_path / "model.safetensors")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = load_pretrained(tmp_path).eval()
     assert type(loaded) is ADAPTERS.get(family).pruned[2]
     attns = [layer.self_attn for layer in loaded.model.layers]
     assert not isinstance(attns[0], HeadDimAttention) and all(isinstance(a, HeadDimAttention) for a in attns[1:])
@@ -230,9 +230,9 @@ def test_uniform_head_dims_save_a_prunekit_config(tmp_path, tokenizer) -> None:
     masked, sliced = masked_and_sliced(dense, plan)
     save_model(sliced, adapter_for(dense.config), tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == "prunekit_llama"
+    assert cfg["model_type"] == "llama"
     assert {(e["qk_head_dim"], e["v_head_dim"]) for e in cfg["layer_sizes"]} == {(4, 5)}
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = load_pretrained(tmp_path).eval()
     ids = tokenizer("import os", return_tensors="pt")["input_ids"]
     assert_generate_matches(loaded, masked, ids)
 
@@ -396,7 +396,7 @@ def test_query_heads_and_head_dims_in_one_plan(
     masked, sliced = masked_and_sliced(dense, plan)
     assert count_params(sliced) == plan.params_after
     save_model(sliced, adapter, tokenizer, tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = load_pretrained(tmp_path).eval()
     ids = tokenizer("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
     assert (logits(loaded, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
     assert_generate_matches(loaded, masked, ids)

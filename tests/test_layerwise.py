@@ -208,7 +208,9 @@ def test_evaluate_stage_measures_the_same_perplexity_in_both_modes(tiny_model_di
             "evaluate": {"seq_lens": [16], "max_chunks": 6, "zero_shot": {"tasks": []},
                          "speed": {"batch_sizes": [1], "prompt_len": 4, "new_tokens": 2, "repeats": 1}},
         })  # fmt: skip
-        load_stage("evaluate").evaluate(params, model_dir=tiny_model_dir, text=text, out=tmp_path / f"{offload}.json")
+        load_stage("evaluate").evaluate(
+            params, model_dir=tiny_model_dir, text=text, out=tmp_path / f"{offload}.json", made_from="dense"
+        )
         got[offload] = json.loads((tmp_path / f"{offload}.json").read_text())
     assert got["layerwise"]["offload"] == "layerwise" and got["layerwise"]["params"] == got["none"]["params"]
     assert got["layerwise"]["ppl"].keys() == got["none"]["ppl"].keys()

@@ -23,9 +23,10 @@ from prunekit.models.families import adapter_for
 from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.loading import load_model
 from prunekit.models.saving import save_model
+from prunekit.models.shards import INDEX_FILE
 from prunekit.pipeline.params import parse_params
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-from prunekit.pruning.layerwise import INDEX_FILE, prune_layerwise
+from prunekit.pruning.layerwise import prune_layerwise
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model, split_scores
 
 CASES = {

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import run, tiny_params
 
+from prunekit.models.loading import load_pretrained
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {
     "validate",
@@ -50,7 +52,6 @@ def assert_export_runs_in_llama_cpp(repo: Path) -> None:
     architecture; llama.cpp's logits are those of the recovered model with float16-rounded weights to 2e-3."""
     import llama_cpp
     import torch
-    from transformers import AutoModelForCausalLM
 
     import prunekit.models.families  # noqa: F401  (the pruned classes)
     from prunekit.export.tensor_types import TensorTypes, rounded
@@ -58,7 +59,7 @@ def assert_export_runs_in_llama_cpp(repo: Path) -> None:
     summary = json.loads((repo / "metrics/export.json").read_text())
     assert summary["architecture"] == "deci" and summary["bytes"] == (repo / "models/export/model.gguf").stat().st_size
     assert set(summary["tensor_types"]) == {"F16", "F32"}
-    model = AutoModelForCausalLM.from_pretrained(repo / "models/recovered").eval()
+    model = load_pretrained(repo / "models/recovered").eval()
     reference = rounded(model, TensorTypes(default="F16"))
     ids = [5, 17, 33, 60, 2, 99, 140, 7, 8, 9]
     llm = llama_cpp.Llama(str(repo / "models/export/model.gguf"), n_ctx=32, logits_all=True, verbose=False,

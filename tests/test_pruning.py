@@ -9,10 +9,11 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from conftest import tiny_config, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
+from prunekit.models.loading import load_pretrained
 from prunekit.models.saving import save_model
 from prunekit.models.size import count_params
 from prunekit.pruning.allocations import make_plan
@@ -83,7 +84,7 @@ def test_masking_other_units_changes_output() -> None:
 def save_and_reload(model, tokenizer, tmp_path):
     adapter = adapter_for(model.config)
     save_model(model, adapter, tokenizer, tmp_path)
-    return AutoModelForCausalLM.from_pretrained(tmp_path).eval(), json.loads((tmp_path / "config.json").read_text())
+    return load_pretrained(tmp_path).eval(), json.loads((tmp_path / "config.json").read_text())
 
 
 def assert_generate_matches(model, reference, ids: torch.Tensor, n: int = 8) -> None:
@@ -115,7 +116,7 @@ def test_heterogeneous_roundtrip_generate(tmp_path, tokenizer) -> None:
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
-    assert cfg["model_type"] == "prunekit_llama"
+    assert cfg["model_type"] == "llama"
     assert cfg["architectures"] == ["PrunedLlamaForCausalLM"]
     assert [s["intermediate_size"] for s in cfg["layer_sizes"]] == [len(k) for k in plan.keep["mlp_channel"].values()]
     assert [s["num_key_value_heads"] for s in cfg["layer_sizes"]] == [

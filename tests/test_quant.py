@@ -12,18 +12,11 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.families import adapter_for
-from prunekit.quant.apply import (
-    fake_quantized,
-    load_quantized,
-    logical_param_count,
-    lora_custom_modules,
-    plan_cost,
-    quant_targets,
-    quantized_weight_bytes,
-    realise,
-    save_quantized,
-)
+from prunekit.quant.backend import lora_custom_modules
+from prunekit.quant.plan import plan_cost, quant_targets
+from prunekit.quant.realise import fake_quantized, logical_param_count, quantized_weight_bytes, realise
 from prunekit.quant.rtn import RTNLinear, pack_bits, rtn_dequantize, rtn_quantize, unpack_bits
+from prunekit.quant.saving import load_quantized, save_quantized
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 from prunekit.quant.search import Budget, build_space, greedy_index, repair, search, uniform_index
 from prunekit.training.lora import LoraSettings, train_lora
@@ -112,7 +105,7 @@ def test_unknown_module_or_scheme_in_a_plan() -> None:
     model = tiny_model()
     with pytest.raises(PrunekitError, match="Unknown quantization scheme 'nf5'. Did you mean 'nf4'"):
         realise(model, {"model.layers.0.mlp.up_proj": "nf5"}, SETTINGS)
-    from prunekit.quant.apply import check_plan
+    from prunekit.quant.plan import check_plan
 
     with pytest.raises(PrunekitError, match="model.layers.9.mlp.up_proj"):
         check_plan({"model.layers.9.mlp.up_proj": "nf4"}, quant_targets(model, adapter_for(model.config)))
@@ -236,7 +229,7 @@ def test_embedding_refused_by_formats_that_cannot_look_up() -> None:
     from prunekit.errors import ParamsError
     from prunekit.pipeline.params import parse_params
     from prunekit.pipeline.validation import check_choices
-    from prunekit.quant.apply import check_plan
+    from prunekit.quant.plan import check_plan
 
     model = tiny_model(hidden_size=64)
     targets = quant_targets(model, adapter_for(model.config), embeddings=True)

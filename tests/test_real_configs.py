@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunekit.errors import ParamsError
 from prunekit.models.families import ADAPTERS, family_of_model_type
-from prunekit.models.loading import load_model
+from prunekit.models.loading import load_model, load_pretrained
 from prunekit.models.saving import save_model
 from prunekit.models.size import count_params
 from prunekit.pruning.allocations import make_plan
@@ -290,7 +290,7 @@ def test_score_prune_save_reload_generate(name: str, unit: str, tmp_path: Path, 
     sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
     assert count_params(sliced) == plan.params_after < count_params(dense)
     save_model(sliced, adapter, tokenizer, tmp_path / "pruned")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    reloaded = load_pretrained(tmp_path / "pruned").eval()
     ids = tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
     assert torch.equal(logits(reloaded, ids), logits(sliced, ids))
     if masked is not None:  # the pruned model computes what the dense one does with the unit zeroed

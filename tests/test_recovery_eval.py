@@ -12,7 +12,7 @@ from conftest import tiny_model
 from prunekit.data.tokens import chunks, random_windows
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.perplexity import perplexity
-from prunekit.pipeline.files import atomic_dir, atomic_file
+from prunekit.pipeline.outputs import atomic_dir, atomic_file
 from prunekit.training.lora import LoraSettings, train_lora
 
 

@@ -110,7 +110,7 @@ def test_query_heads_heterogeneous_save_reload_generate(family: str, tmp_path, t
     plan = random_plan(dense, ["attn_query_head"], seed=12, counts={0: 4, 1: 8, 2: 4})
     sliced, masked = sliced_and_masked(dense, plan)
     loaded, cfg = save_and_reload(sliced, tokenizer, tmp_path)
-    assert cfg["model_type"] == f"prunekit_{dense.config.model_type}"
+    assert cfg["model_type"] == dense.config.model_type
     assert [s["num_attention_heads"] for s in cfg["layer_sizes"]] == [4, 8, 4]
     assert [s["num_key_value_heads"] for s in cfg["layer_sizes"]] == [4, 4, 4]
     assert [layer.self_attn.num_key_value_groups for layer in loaded.model.layers] == [1, 2, 1]

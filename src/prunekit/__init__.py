@@ -1,9 +1,8 @@
 """prunekit: structured pruning, LoRA recovery and mixed-precision quantization of language models.
 
 Importing prunekit imports nothing heavy: the params, their validation and the command line parse without torch.
-Loading a model registers prunekit's pruned model classes with transformers' Auto classes (importing
-:mod:`prunekit.models.families` does), so that ``AutoModelForCausalLM.from_pretrained(path)`` loads checkpoints
-whose layers differ in width.
+Checkpoints whose layers differ in width load with :func:`prunekit.models.loading.load_pretrained` (prunekit's
+classes) or, without prunekit, with ``trust_remote_code=True`` (the modeling file saved beside them).
 """
 
 from __future__ import annotations

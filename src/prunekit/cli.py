@@ -125,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from prunekit.export.directory import export_directory
     from prunekit.export.tensor_types import choose_types
-    from prunekit.quant.apply import ADAPTER_DIR
+    from prunekit.quant.saving import ADAPTER_DIR
 
     types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,
                          unplanned=args.type, embedding=args.embedding, output=args.output)  # fmt: skip

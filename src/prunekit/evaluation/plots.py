@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from prunekit.pipeline.files import atomic_file
+from prunekit.pipeline.outputs import atomic_file
 
 
 def line_plot(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
-from prunekit.pipeline.files import atomic_file
+from prunekit.pipeline.outputs import atomic_file
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,11 +38,29 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @dataclass
 class Experiment:
-    """One row: its name, flattened params, and metrics per file (flattened)."""
+    """One row: its name, flattened params, and metrics per file (flattened); ``made_with``: the digest of the
+    params each evaluated model of this experiment would be made with (None where its params do not validate)."""
 
     name: str
     params: dict[str, Any]
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    raw_params: dict[str, Any] = field(default_factory=dict)
+
+    def produced(self, model: str) -> bool:
+        """Whether the model's evaluation was made with this experiment's params: False for the metrics an
+        experiment carries from a run it did not repeat (the workspace's earlier result)."""
+        from prunekit.errors import ParamsError
+        from prunekit.evaluation.made_with import UPSTREAM, made_with
+        from prunekit.pipeline.params import parse_params
+
+        recorded = self.eval_metrics(model).get("made_with")
+        if recorded is None or model not in UPSTREAM:
+            return True  # an evaluation from before the digest was recorded: nothing to compare
+        try:
+            params = parse_params(self.raw_params).model_dump(mode="json")
+        except ParamsError:
+            return True
+        return made_with(params, model) == recorded
 
     def fraction(self) -> float | None:
         """The fraction of parameters the prune stage removed."""
@@ -74,7 +92,7 @@ def _rev_entry(rev: Mapping[str, Any], name: str) -> Experiment | None:
     if params is None:
         return None
     metrics = {f: flatten(entry.get("data") or {}) for f, entry in (data.get("metrics") or {}).items()}
-    return Experiment(name, flatten(params), {f: m for f, m in metrics.items() if m})
+    return Experiment(name, flatten(params), {f: m for f, m in metrics.items() if m}, dict(params))
 
 
 def parse_exp_show(entries: list[Mapping[str, Any]]) -> tuple[list[Experiment], list[str]]:
@@ -141,12 +159,18 @@ def markdown(rows: list[Experiment], skipped: list[str], plot_name: str | None) 
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+    carried = False
     for r in rows:
         cells = [r.name, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.fraction())]
         for m in models:
             p = r.ppl(m)
-            cells += [_fmt(p[1] if p else None), _fmt(r.accuracy(m))]
+            mark = "" if r.produced(m) else "*"
+            carried |= bool(mark) and (p is not None or r.accuracy(m) is not None)
+            cells += [_fmt(p[1] if p else None) + mark, _fmt(r.accuracy(m)) + mark]
         lines.append("| " + " | ".join(cells) + " |")
+    if carried:
+        lines += ["", "\\* not produced by this experiment: it did not rerun that model's stages, so these are the "
+                  "results of an earlier run it carries (`dvc exp run` without targets reruns them)."]  # fmt: skip
     if skipped:
         lines += ["", "Without metrics (running, queued or failed): " + ", ".join(skipped)]
     if plot_name:
@@ -168,7 +192,7 @@ def plot(rows: list[Experiment], path: Path) -> None:
         pts = [
             (0.0 if model == models[0] else r.fraction(), r.ppl(model), r.accuracy(model), r.name)
             for r in rows
-            if r.fraction() is not None
+            if r.fraction() is not None and r.produced(model)  # not the results an experiment only carries
         ]
         ppl = [(f, p[1], n) for f, p, _, n in pts if p]
         acc = [(f, a, n) for f, _, a, n in pts if a is not None]
@@ -187,6 +211,15 @@ def plot(rows: list[Experiment], path: Path) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def with_plot_path(text: str, png: Path) -> str:
+    """The report with its image line replaced by the plot's path: for a viewer that cannot resolve the relative
+    image (a Prefect artifact)."""
+    return "\n".join(
+        f"The plot: `{png}`" if line.startswith("![") and line.endswith(f"({png.name})") else line
+        for line in text.split("\n")
+    )
 
 
 def dvc_json(repo: Path, *command: str) -> Any:

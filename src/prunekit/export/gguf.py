@@ -22,7 +22,7 @@ from prunekit.export.architecture import PAIR_ROPE_ARCHS, check_exportable, pair
 from prunekit.export.tensor_types import TensorTypes
 from prunekit.export.tokenizer import add_tokenizer
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pipeline.files import atomic_file
+from prunekit.pipeline.outputs import atomic_file
 from prunekit.quant.gguf_types import check_fits, encode, qtype
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.export.architecture import PAIR_ROPE_ARCHS, check_exportable, pair_rows
 from prunekit.models.adapters import ModelAdapter
-from prunekit.pipeline.files import atomic_file
+from prunekit.pipeline.outputs import atomic_file
 
 log = logging.getLogger(__name__)
 

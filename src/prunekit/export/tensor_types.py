@@ -94,7 +94,7 @@ def choose_types(
         raise PrunekitError(
             "GGUF export with the plan's types needs the plan: give its file (or a type for every weight)"
         )
-    from prunekit.quant.apply import read_plan
+    from prunekit.quant.plan import read_plan
 
     if not plan_file.exists():
         raise PrunekitError(f"quantization plan '{plan_file}' does not exist; run the search stage (dvc repro search)")

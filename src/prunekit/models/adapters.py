@@ -26,6 +26,7 @@ from prunekit.models.modeling import (
     ClassNames,
     HeadDimAttention,
     PrunedClasses,
+    PrunedConfig,
     pruned_classes,
 )
 from prunekit.registry import Registry
@@ -237,7 +238,7 @@ class ModelAdapter:
             raise ValueError("stock attention has one head_dim for q, k and v and no kept rotary pairs")
         if getattr(config, OUTPUT_BIAS, False):
             raise ValueError(f"the stock {self.family} config has no o_proj / down_proj biases")
-        stock_cls = type(config).__mro__[1] if config.model_type.startswith("prunekit_") else type(config)
+        stock_cls = type(config).__mro__[1] if isinstance(config, PrunedConfig) else type(config)
         data = config.to_dict()
         for key in ("layer_sizes", "model_type", "architectures", "transformers_version"):
             data.pop(key, None)

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
-from prunekit.models.families import adapter_for
+from prunekit.models.families import adapter_for, family_of_model_type
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,36 @@ def check_device(device: str) -> None:
 
 
 def load_config(path: str | Path) -> Any:
-    """The config of a model directory, or an error saying what is missing or broken."""
+    """The config of a model directory (a pruned model's: its family's pruned config class), or an error saying
+    what is missing or broken."""
+    import json
+
     from transformers import AutoConfig
+
+    from prunekit.models.modeling import LEGACY_PREFIX, is_pruned_config
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise PrunekitError(f"no model at '{p}' (config.json missing); run the stage that writes it (dvc repro)")
     try:
-        return AutoConfig.from_pretrained(p)
-    except (ValueError, OSError, KeyError) as e:
+        data = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not is_pruned_config(data):
+            return AutoConfig.from_pretrained(p)
+        data["model_type"] = str(data.get("model_type", "")).removeprefix(LEGACY_PREFIX)
+        family = family_of_model_type(data["model_type"])
+        if family is None:
+            raise ValueError(f"no family reads model_type '{data['model_type']}'")
+        return family.pruned.config.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+    except (ValueError, OSError, KeyError, TypeError) as e:
         raise PrunekitError(f"config.json at '{p}' cannot be read: {e}") from e
+
+
+def load_pretrained(path: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """``from_pretrained`` of a model directory with the class its config describes (prunekit's pruned classes for
+    a pruned model; safetensors only); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, config=load_config(path), use_safetensors=True, **kwargs)
 
 
 def check_weights(path: Path) -> None:
@@ -100,7 +120,7 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PrunekitError(
             f"model at '{path}' cannot be loaded, it is corrupt or incomplete ({str(e).splitlines()[0]}); "

@@ -2,7 +2,9 @@
 
 A pruned checkpoint whose layers all keep the same widths is saved with the stock config of its family,
 so stock transformers loads it without prunekit. When layers differ, the config is a subclass of the
-family's config with ``layer_sizes`` (one dict per decoder layer) and ``model_type = "prunekit_<family>"``.
+family's config with ``layer_sizes`` (one dict per decoder layer); its ``model_type`` stays the family's (so stock
+transformers reads the config, and the tokenizer beside it, like any other: no prompt for custom code) and its
+``architectures`` name the pruned class.
 The model classes subclass the family's own modules (no vendored modeling code): each decoder layer is built
 from a copy of the config carrying that layer's sizes. Layers whose head dims are pruned (q/k and v widths of
 their own, which no stock config can express) get the family's attention with :class:`HeadDimAttention`
@@ -17,8 +19,9 @@ Loading without prunekit: this module imports nothing but the standard library, 
 a pruned config writes this module's source, followed by the lines that make the checkpoint family's classes,
 as ``modeling_prunekit.py`` beside ``config.json``, and an ``auto_map`` to it in the config, so
 ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` (lm-eval's ``hf`` model, vLLM's and TGI's
-transformers back-ends) loads the checkpoint where prunekit is not installed. With prunekit imported, its
-registered classes (made by the same code) load it without ``trust_remote_code``.
+transformers back-ends) loads the checkpoint where prunekit is not installed. prunekit loads it with its own
+classes (made by the same code: :func:`prunekit.models.loading.load_pretrained`), no ``trust_remote_code``.
+Checkpoints written before the config kept its family's ``model_type`` (``prunekit_<family>``) load too.
 """
 
 from __future__ import annotations
@@ -41,9 +44,18 @@ HEAD_DIM_KEYS = ("qk_head_dim", "v_head_dim", "rope_pairs")
 LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", *HEAD_DIM_KEYS)
 # A pruned config's switch for o_proj / down_proj biases the family's stock config cannot express.
 OUTPUT_BIAS = "output_bias"
+# A config.json with either key describes a pruned model (prunekit's classes); earlier ones said
+# ``model_type: prunekit_<family>``.
+PRUNED_KEYS = ("layer_sizes", OUTPUT_BIAS)
+LEGACY_PREFIX = "prunekit_"
 # The file a pruned config's save writes beside config.json, and the line after which its family's classes follow.
 REMOTE_CODE_FILE = "modeling_prunekit.py"
 _FAMILY_MARKER = "# ---- the classes of this checkpoint's family ----"
+
+
+def is_pruned_config(data: dict[str, Any]) -> bool:
+    """Whether a config.json's fields describe a model of prunekit's per-layer classes."""
+    return any(data.get(key) for key in PRUNED_KEYS) or str(data.get("model_type", "")).startswith(LEGACY_PREFIX)
 
 
 def add_bias(linear: nn.Linear) -> bool:
@@ -376,7 +388,6 @@ def pruned_classes(modeling: ModuleType, prefix: str, names: ClassNames | None =
         family_module = modeling
 
     class Config(PrunedConfig, stock_config):  # type: ignore[misc, valid-type]
-        model_type = f"prunekit_{stock_config.model_type}"
         family_module = modeling.__name__
         family_classes = names
         layer_sizes: list | None = None

@@ -232,7 +232,7 @@ def _search(params: Params, problems: _Problems) -> None:
     if len(s.choices) < 2:
         problems.key("search.choices", "list at least two schemes to choose between")
     if s.embeddings:
-        from prunekit.quant.apply import check_embedding_scheme
+        from prunekit.quant.plan import check_embedding_scheme
 
         for i, c in enumerate(s.choices):
             if c in SCHEMES:

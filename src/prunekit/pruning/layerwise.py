@@ -19,25 +19,20 @@ beyond), the embedding rows of the calibration tokens; the embedding and output 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.layerwise import LAYERS_PREFIX, LayerwiseModel
+from prunekit.models.shards import ShardWriter
+from prunekit.pruning.plan import Plan
 from prunekit.pruning.schedules.base import PruneJob, PruneResult
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def shard_name(i: int, n: int) -> str:
-    """Shard ``i`` (1-based) of ``n``, as transformers names them."""
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
 @torch.no_grad()
@@ -46,10 +41,12 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     empty folder), one decoder layer in memory at a time; the result's model is ``lw``'s (on ``meta``, with the
     pruned shapes). Everything that can be checked from shapes is checked before the first layer is read."""
     from prunekit.models.provenance import make_reproducible
+    from prunekit.models.saving import config_for
+    from prunekit.models.shards import ShardWriter, save_checked_config
     from prunekit.models.size import count_params
-    from prunekit.pruning.compensation import checked_columns, compensate_layer, mark_biases
-    from prunekit.pruning.reconstruction import check_plan, layer_output, planned_layers, reconstruct_layer
-    from prunekit.pruning.slicing import apply_plan_to_layer, check_plan_fits
+    from prunekit.pruning.compensation import checked_columns, mark_biases
+    from prunekit.pruning.reconstruction import check_plan
+    from prunekit.pruning.slicing import check_plan_fits
     from prunekit.pruning.units import UNITS
     from prunekit.pruning.units.layers import remove_layers
 
@@ -60,8 +57,7 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     plan = cut.plan(job.scores, cut.request(model, adapter, cut.target, before, job))
     check_plan_fits(model, adapter, plan)
     columns = checked_columns(model, adapter, plan, job.side) if cut.bias_compensation else None
-    refit = cut.reconstruct != "none"
-    if refit:
+    if cut.reconstruct != "none":
         check_plan(plan)
     n_layers = len(lw.layers)
     dropped = sorted({i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k})
@@ -69,14 +65,52 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     if not kept:
         raise PrunekitError(f"the plan removes all {n_layers} decoder layers; keep at least one")
     outside = _outside_layers(lw)
-    n_files = len(kept) + len(outside)  # one shard per kept layer, then one per tensor outside them (embedding, ...)
+    # one shard per kept layer, then one per tensor outside them (embedding, ...)
+    shards = ShardWriter(out_dir, len(kept) + len(outside))
+    fits, added = _cut_layers(lw, job, plan, columns, kept, shards, activations_mib)
+    # The skeleton now has the pruned shapes: drop the removed layers, describe it, copy what is outside the layers.
+    remove_layers(model, adapter, dropped)
+    if columns is not None:
+        mark_biases(model.config, adapter)
+    for name, is_param in outside.items():  # one at a time: the embedding may be the largest tensor
+        tensor = lw.read(name)
+        shards.write({name: (tensor.to(lw.dtype) if is_param else tensor).contiguous()})
+        del tensor
+    after = count_params(model)
+    if after - added != plan.params_after:
+        raise RuntimeError(f"the pruned model has {after - added} parameters, the plan expected {plan.params_after}")
+    save_checked_config(config_for(model, adapter), lw.dtype, shards.shapes(), out_dir, lw.path)
+    shards.finish()
+    job.tokenizer.save_pretrained(out_dir)
+    make_reproducible(out_dir)
+    plan.params_after = after
+    return PruneResult(model, plan, fits=fits, trials=[])
+
+
+def _cut_layers(
+    lw: LayerwiseModel,
+    job: PruneJob,
+    plan: Plan,
+    columns: Any,
+    kept: list[int],
+    shards: ShardWriter,
+    activations_mib: int,
+) -> tuple[list[Any], int]:
+    """Read, compensate or refit, slice and write every decoder layer in turn; (the refits' records, how many
+    parameters the compensation added)."""
+    from prunekit.pruning.compensation import compensate_layer
+    from prunekit.pruning.reconstruction import layer_output, planned_layers, reconstruct_layer
+    from prunekit.pruning.slicing import apply_plan_to_layer
+
+    adapter, cut = lw.adapter, job.cut
     planned = planned_layers(plan)
+    refit = cut.reconstruct != "none"
     hidden, arguments = lw.inputs(job.reconstruction_tokens(), job.score_batch_size, activations_mib) if refit else (
         None, [])  # fmt: skip
-    weight_map: dict[str, str] = {}
-    fits, added, total = [], 0, 0
+    fits: list[Any] = []
+    added = 0
     try:
-        for idx in tqdm(range(n_layers), desc="prune (layerwise)", unit="layer"):
+        for idx in tqdm(range(len(lw.layers)), desc="prune (layerwise)", unit="layer"):
             with lw.loaded(idx) as layer:
                 dense_names = {name for name, _ in layer.named_parameters()}
                 if columns is not None:
@@ -91,51 +125,22 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
                     for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                         hidden.put(b, layer_output(masked(h, **kw)))
                     del masked
-                if idx in dropped:
+                if idx not in kept:
                     continue
                 apply_plan_to_layer(adapter, layer, plan, idx, "slice")
                 # Biases the compensation added, as sliced: the plan does not count them.
                 added += sum(t.numel() for name, t in layer.named_parameters() if name not in dense_names)
                 new = kept.index(idx)
-                tensors = {
-                    f"{LAYERS_PREFIX}{new}.{k}": v.detach().to("cpu").contiguous()
-                    for k, v in layer.state_dict().items()
-                }
-                total += _write(tensors, out_dir, shard_name(new + 1, n_files), weight_map)
+                shards.write(
+                    {
+                        f"{LAYERS_PREFIX}{new}.{k}": v.detach().to("cpu").contiguous()
+                        for k, v in layer.state_dict().items()
+                    }
+                )
     finally:
         if hidden is not None:
             hidden.close()
-    # The skeleton now has the pruned shapes: drop the removed layers, describe it, copy what is outside the layers.
-    remove_layers(model, adapter, dropped)
-    if columns is not None:
-        mark_biases(model.config, adapter)
-    rest = {}
-    for k, name in enumerate(outside, start=len(kept) + 1):  # one at a time: the embedding may be the largest tensor
-        tensor = lw.read(name)
-        tensor = tensor.to(lw.dtype) if outside[name] else tensor
-        total += _write({name: tensor.contiguous()}, out_dir, shard_name(k, n_files), weight_map)
-        rest[name] = tuple(tensor.shape)
-        del tensor
-    after = count_params(model)
-    if after - added != plan.params_after:
-        raise RuntimeError(f"the pruned model has {after - added} parameters, the plan expected {plan.params_after}")
-    _save_config(lw, out_dir, weight_map, rest)
-    (out_dir / INDEX_FILE).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
-    )
-    job.tokenizer.save_pretrained(out_dir)
-    make_reproducible(out_dir)
-    plan.params_after = after
-    return PruneResult(model, plan, fits=fits, trials=[])
-
-
-def _write(tensors: dict[str, torch.Tensor], out_dir: Path, name: str, weight_map: dict[str, str]) -> int:
-    """Save ``tensors`` as the shard ``name`` and record them in ``weight_map``; their bytes."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(tensors, name))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return fits, added
 
 
 def _outside_layers(lw: LayerwiseModel) -> dict[str, bool]:
@@ -146,39 +151,3 @@ def _outside_layers(lw: LayerwiseModel) -> dict[str, bool]:
         n for n in lw.model.state_dict() if n not in params and n in lw.files and not n.startswith(LAYERS_PREFIX)
     ]
     return dict.fromkeys(params, True) | dict.fromkeys(buffers, False)
-
-
-def _save_config(lw: LayerwiseModel, out_dir: Path, weight_map: dict[str, str], rest: dict[str, tuple]) -> None:
-    """config.json for the pruned widths (as the in-memory path's), the generation config; checks that the class
-    ``from_pretrained`` will build from it expects exactly the tensors written, in their shapes."""
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import GenerationConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from prunekit.models.saving import config_for
-
-    config = config_for(lw.model, lw.adapter)
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    with init_empty_weights():
-        fresh = cls(config)
-    fresh.tie_weights()
-    expected = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    written = dict(rest)
-    for name, shard in weight_map.items():
-        if name not in written:
-            with safe_open(str(out_dir / shard), framework="pt") as f:
-                written[name] = tuple(f.get_slice(name).get_shape())
-    if expected != written:
-        diff = sorted(set(expected.items()) ^ set(written.items()))
-        raise RuntimeError(f"the written tensors do not match the pruned config's model: {diff[:3]}")
-    config.architectures = [cls.__name__]
-    config.dtype = lw.dtype
-    config.save_pretrained(out_dir)
-    source = lw.path / "generation_config.json"
-    generation = (
-        GenerationConfig.from_pretrained(lw.path) if source.is_file() else GenerationConfig.from_model_config(config)
-    )
-    generation.save_pretrained(out_dir)

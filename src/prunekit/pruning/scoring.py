@@ -39,7 +39,7 @@ def load_quantized_base(source: ModelSource, base: QuantizedBase) -> nn.Module:
     """The model of ``source`` with the ``base.targets`` of every layer quantized as that layer is read: the float
     model never exists whole (one float layer at a time on top of the quantized ones)."""
     from prunekit.models.layerwise import LayerwiseModel
-    from prunekit.quant.apply import quantize_linears
+    from prunekit.quant.realise import quantize_linears
     from prunekit.quant.schemes import SCHEMES
 
     scheme = SCHEMES.get(base.scheme)

@@ -24,7 +24,7 @@ class QuantBackend(ABC):
 
     name = ""
     # Whether its modules give back their weight (``dequantized_weight()``), so that a token embedding can be held
-    # as one (prunekit.quant.apply.QuantizedEmbedding); bitsandbytes' modules only multiply.
+    # as one (prunekit.quant.embedding.QuantizedEmbedding); bitsandbytes' modules only multiply.
     holds_embeddings = False
 
     @abstractmethod

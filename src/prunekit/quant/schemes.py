@@ -1,6 +1,6 @@
 """Quantization schemes: a name, a nominal bit width, and how a weight is realised in that format.
 
-A scheme is small and declarative; :mod:`prunekit.quant.apply` does the work. The realised formats:
+A scheme is small and declarative; its backend (:mod:`prunekit.quant.backend`) does the work. The realised formats:
 
 * ``int8`` - bitsandbytes LLM.int8: one int8 per weight, one float32 absmax per output row; at run time
   input features above ``quantize.int8_threshold`` go through a 16-bit side path (outlier decomposition).

@@ -8,7 +8,7 @@ into ``search.choices`` sorted by width, so the Gaussian process sees an ordered
 usually lower loss) rather than unrelated categories.
 
 Objective: the mean next-token NLL of held-out windows with every planned weight replaced by its
-quantize -> dequantize image (:func:`~prunekit.quant.apply.fake_quantized`), minimised with
+quantize -> dequantize image (:func:`~prunekit.quant.realise.fake_quantized`), minimised with
 scikit-optimize's ``gp_minimize``.
 
 Budget: ``search.budget_bits`` (mean nominal bits per quantized weight, weighted by weight count) or
@@ -45,8 +45,8 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.pipeline.params import SearchParams
-from prunekit.quant.apply import QuantTarget, check_embedding_scheme, plan_cost
 from prunekit.quant.backend import backend_for
+from prunekit.quant.plan import QuantTarget, check_embedding_scheme, plan_cost
 from prunekit.quant.schemes import SCHEMES, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,8 @@ def search_model(
 ) -> SearchOutcome:
     """QPruner's search on a loaded model: the objective is the LM loss of the ``held`` (N, T) windows with every
     planned weight replaced by its quantize -> dequantize image (images cached when ``cfg.cache_mib`` allows)."""
-    from prunekit.quant.apply import fake_quantized, quant_targets
+    from prunekit.quant.plan import quant_targets
+    from prunekit.quant.realise import fake_quantized
     from prunekit.training.loss import lm_loss
 
     budget = Budget(bits=cfg.budget_bits, bytes=cfg.budget_bytes)

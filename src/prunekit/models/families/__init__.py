@@ -11,6 +11,7 @@ from typing import Any
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ADAPTERS, ModelAdapter
 from prunekit.models.families import gemma3, llama, mistral, qwen2, qwen3  # noqa: F401  (registration)
+from prunekit.models.modeling import LEGACY_PREFIX
 
 __all__ = [
     "ADAPTERS",
@@ -24,17 +25,14 @@ __all__ = [
 
 
 def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load pruned configs (idempotent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    """Map every family's pruned config class to its model classes in ``AutoModel`` / ``AutoModelForCausalLM``
+    (idempotent): a pruned config (:func:`prunekit.models.loading.load_config`) builds the pruned model."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     for _, adapter in ADAPTERS.items():
         config_cls, model_cls, causal_cls, _ = adapter.pruned
-        if config_cls.model_type in CONFIG_MAPPING:
-            continue
-        AutoConfig.register(config_cls.model_type, config_cls)
-        AutoModel.register(config_cls, model_cls)
-        AutoModelForCausalLM.register(config_cls, causal_cls)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, causal_cls, exist_ok=True)
 
 
 def supported_model_types() -> list[str]:
@@ -56,9 +54,10 @@ def family_of_gguf(architecture: str | None) -> ModelAdapter | None:
 
 
 def family_of_model_type(model_type: str) -> ModelAdapter | None:
-    """The family whose configs (stock or pruned) have this ``model_type``, or None."""
+    """The family whose configs (stock or pruned; ``prunekit_<type>``: a pruned one written by an earlier version)
+    have this ``model_type``, or None."""
     for _, adapter in ADAPTERS.items():
-        if model_type in adapter.model_types or model_type == adapter.pruned.config.model_type:
+        if model_type.removeprefix(LEGACY_PREFIX) in adapter.model_types:
             return adapter
     return None
 

@@ -19,7 +19,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.sources.gguf import convert_gguf
 from prunekit.models.sources.hashing import _CHUNK, sha256_file
 from prunekit.models.sources.spec import DEFAULT_SOURCE, SOURCES, ModelSource, SourceSpec, normalize_dist
-from prunekit.pipeline.files import atomic_file, remove_stale_temporaries, temporary_prefix
+from prunekit.pipeline.outputs import atomic_file, remove_stale_temporaries, temporary_prefix
 
 log = logging.getLogger(__name__)
 

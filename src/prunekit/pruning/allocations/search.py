@@ -220,7 +220,7 @@ class AllocationSearch:
     def _save(self) -> None:
         if self.state_file is None:
             return
-        from prunekit.pipeline.files import write_json
+        from prunekit.pipeline.outputs import write_json
 
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         done = [{"point": c.point, "objective": c.objective, "achieved": c.achieved} for c in self.candidates]

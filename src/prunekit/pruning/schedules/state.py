@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prunekit.pipeline.files import atomic_dir
+from prunekit.pipeline.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 

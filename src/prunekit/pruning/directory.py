@@ -49,8 +49,8 @@ def prune_directory(
     from prunekit.models.loading import load_model, load_tokenizer, model_shapes
     from prunekit.models.provenance import write_model_record
     from prunekit.models.saving import save_model
-    from prunekit.pipeline.files import atomic_dir
-    from prunekit.pipeline.stageio import read_documents, read_tensors
+    from prunekit.pipeline.inputs import read_documents, read_tensors
+    from prunekit.pipeline.outputs import atomic_dir
     from prunekit.pruning.allocations import ALLOCATIONS
     from prunekit.pruning.layerwise import prune_layerwise
     from prunekit.pruning.schedules import SCHEDULES, PruneJob, digest, fingerprint, prune_model, split_scores
