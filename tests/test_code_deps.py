@@ -96,3 +96,11 @@ def test_ruff_lints_and_formats_the_whole_repository() -> None:
     for args in (["check", "."], ["format", "--check", "."]):
         out = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
+
+
+def test_mypy_finds_no_type_errors_in_the_library(tmp_path) -> None:
+    """src/prunekit type-checks (pyproject.toml's mypy settings): a call with the wrong argument types, a None not
+    handled, a return of the wrong type fails CI."""
+    cmd = [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]

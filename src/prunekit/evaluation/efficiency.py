@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class LayerCost:
     kv_numbers_per_token: int
 
 
-def layer_costs(model: nn.Module, adapter: ModelAdapter) -> list[LayerCost]:
+def layer_costs(model: CausalLM, adapter: ModelAdapter) -> list[LayerCost]:
     """The cost of every decoder layer, from its sizes (:meth:`ModelAdapter.all_layer_sizes`)."""
     hidden = model.get_input_embeddings().embedding_dim
     default_head = adapter.head_dim(model)
@@ -52,7 +53,7 @@ def layer_costs(model: nn.Module, adapter: ModelAdapter) -> list[LayerCost]:
     return out
 
 
-def efficiency(model: nn.Module, adapter: ModelAdapter, seq_lens: list[int]) -> dict[str, int | float]:
+def efficiency(model: CausalLM, adapter: ModelAdapter, seq_lens: list[int]) -> dict[str, int | float]:
     """MACs per token (linear, per context token, and mean over a causal chunk of each length) and KV bytes."""
     costs = layer_costs(model, adapter)
     emb = model.get_input_embeddings()

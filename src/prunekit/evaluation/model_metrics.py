@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
-from torch import nn
 
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import EvaluateParams
 
 
 def evaluate_model(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: object,
     adapter: object,
     settings: EvaluateParams,
@@ -93,8 +94,8 @@ def _perplexities(
 
 
 def _zero_shot(
-    model: nn.Module, tokenizer: object, e: EvaluateParams, seed: int, default_rows: list[str]
-) -> dict[str, object]:
+    model: CausalLM, tokenizer: object, e: EvaluateParams, seed: int, default_rows: list[str]
+) -> dict[str, Any]:
     from prunekit.evaluation.zeroshot import AUTO_MC, auto_mc_rows, zero_shot
 
     z = e.zero_shot
@@ -107,7 +108,7 @@ def _zero_shot(
 
 
 def _efficiency(
-    model: nn.Module, tokenizer: object, adapter: object, e: EvaluateParams, default_rows: list[str]
+    model: CausalLM, tokenizer: object, adapter: object, e: EvaluateParams, default_rows: list[str]
 ) -> dict[str, object]:
     """Size and cost per token, then prefill / decode speed and peak memory at each batch size."""
     from prunekit.data.tokens import token_stream

@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.data.tokens import chunks, token_stream
 from prunekit.evaluation.datasets import PplText, metric_name
 from prunekit.models.layerwise import LayerwiseModel
+from prunekit.models.types import CausalLM
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, chunked: torch.Tensor, batch_size: int) -> dict[str, float]:
+def perplexity(model: CausalLM, chunked: torch.Tensor, batch_size: int) -> dict[str, float]:
     """exp(mean token NLL) over non-overlapping chunks, each predicted from its own start (no context
     carried across chunks), as LLM-Pruner's ``PPLMetric`` does. Returns ppl, nll and token count."""
     device = next(model.parameters()).device

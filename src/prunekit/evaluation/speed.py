@@ -6,7 +6,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
+
+from prunekit.models.types import CausalLM
 
 
 def _sync(device: torch.device) -> None:
@@ -25,7 +26,7 @@ def speed_prompts(stream: torch.Tensor, batch_size: int, prompt_len: int) -> tor
 
 
 @torch.no_grad()
-def speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+def speed(model: CausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
     """Prefill and decode tokens/s at batch ``prompt.shape[0]``: median over ``repeats`` after one warm-up.
 
     Prefill = one forward over the prompt; decode = ``new_tokens`` greedy single-token steps on the KV cache.

@@ -32,7 +32,7 @@ class ModelRow:
 
 def model_rows(metrics: Mapping[str, Any]) -> list[ModelRow]:
     """The evaluated models of the workspace's metrics (``dvc metrics show --json``)."""
-    revision = metrics.get("workspace") or next(iter(metrics.values()), {})
+    revision: Mapping[str, Any] = metrics.get("workspace") or next(iter(metrics.values()), {})
     rows = []
     for file, entry in ((revision or {}).get("data") or {}).items():
         data = (entry or {}).get("data") or {}

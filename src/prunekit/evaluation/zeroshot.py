@@ -32,9 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 from prunekit.registry import suggest
 
 log = logging.getLogger(__name__)
@@ -188,7 +187,7 @@ def write_task_yamls(
 
 
 def zero_shot(
-    model: torch.nn.Module,
+    model: CausalLM,
     tokenizer: Any,
     tasks: Sequence[str],
     *,

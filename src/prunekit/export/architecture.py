@@ -16,16 +16,16 @@ context where the family's graph has none, rotary types the family's graph does 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.modeling import HeadDimAttention
+from prunekit.models.types import CausalLM
 
 PAIR_ROPE_ARCHS = ("llama", "deci")  # llama.cpp archs whose rope rotates consecutive dims (the others: halves)
 
 
-def check_exportable(model: nn.Module, adapter: ModelAdapter) -> str:
+def check_exportable(model: CausalLM, adapter: ModelAdapter) -> str:
     """The llama.cpp architecture ``model`` is written as (what its family declares), or an error naming what
     llama.cpp cannot run and what to set instead."""
     config = model.config
@@ -79,7 +79,7 @@ def check_exportable(model: nn.Module, adapter: ModelAdapter) -> str:
 _UNIFORM_CUT = "a uniform cut of all layers (prune.skip_first: 0, prune.skip_last: 0, prune.allocation: uniform)"
 
 
-def _has_output_bias(model: nn.Module, adapter: ModelAdapter) -> bool:
+def _has_output_bias(model: CausalLM, adapter: ModelAdapter) -> bool:
     """Whether any o_proj or down_proj has a bias (FLAP's compensation, least squares, a Llama config switch)."""
     return any(
         getattr(adapter.attention(layer), adapter.o).bias is not None

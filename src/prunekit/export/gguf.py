@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.export.architecture import PAIR_ROPE_ARCHS, check_exportable, pair_rows
 from prunekit.export.tensor_types import TensorTypes
 from prunekit.export.tokenizer import add_tokenizer
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.outputs import atomic_file
 from prunekit.quant.gguf_types import check_fits, encode, qtype
 
@@ -57,7 +57,7 @@ def _file_type(kinds: list[str]) -> int:
 
 def _write(
     writer: Any,
-    model: nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     arch: str,
     plan: list[tuple[str, torch.Tensor, str]],
@@ -108,7 +108,7 @@ def _write(
 
 
 def write_gguf(
-    model: nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     out: Path,
     types: TensorTypes,

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.export.architecture import PAIR_ROPE_ARCHS, check_exportable, pair_rows
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.outputs import atomic_file
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LoraTensors:
 
 
 def lora_tensors(
-    model: nn.Module, adapter: ModelAdapter, lora: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]
+    model: CausalLM, adapter: ModelAdapter, lora: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]
 ) -> LoraTensors:
     """:func:`read_lora`'s adapters, trained on ``model``, named and permuted as :func:`write_gguf` names and
     permutes the weights (a PrunekitError if an adapter does not fit its weight)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 from prunekit.quant.gguf_types import check_encoder, fake_quantize
 
 
@@ -42,7 +43,7 @@ class TensorTypes:
             check_encoder(name, f"GGUF type of {module}")
 
 
-def rounded(model: nn.Module, types: TensorTypes) -> nn.Module:
+def rounded(model: CausalLM, types: TensorTypes) -> nn.Module:
     """A copy of ``model`` whose 2-D weights are rounded as a file of these types stores them: the float model
     that computes what the file computes, up to the runtime's own arithmetic."""
     out = copy.deepcopy(model)

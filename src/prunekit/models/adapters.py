@@ -29,6 +29,7 @@ from prunekit.models.modeling import (
     PrunedConfig,
     pruned_classes,
 )
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.registry import Registry
 
 
@@ -70,7 +71,7 @@ class RootLink(nn.Module):
     is forwarded to the model, which is what ``get_submodule`` / ``get_parameter`` walk.
     """
 
-    def __init__(self, model: nn.Module | None) -> None:
+    def __init__(self, model: CausalLM | None) -> None:
         super().__init__()
         self.__dict__["_target"] = weakref.ref(model) if model is not None else None
 
@@ -155,7 +156,7 @@ class ModelAdapter:
         """Those of ``units`` this family prunes."""
         return [u for u in units if u not in self.refused_units]
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: CausalLM) -> nn.ModuleList:
         layers = model.get_decoder().layers
         for layer in layers:
             # Model-wide units (units/hidden.py) own parameters outside any layer, and every caller
@@ -163,24 +164,24 @@ class ModelAdapter:
             layer.__dict__[ROOT_ATTR] = RootLink(model)
         return layers
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Submodule) -> Submodule:
         return layer.get_submodule(self.attn_path)
 
-    def mlp(self, layer: nn.Module) -> nn.Module:
+    def mlp(self, layer: Submodule) -> Submodule:
         return layer.get_submodule(self.mlp_path)
 
-    def head_dim(self, model: nn.Module) -> int:
+    def head_dim(self, model: CausalLM) -> int:
         return int(self.attention(self.layers(model)[0]).head_dim)
 
-    def qk_head_dim(self, attn: nn.Module) -> int:
+    def qk_head_dim(self, attn: Submodule) -> int:
         """Width of one query or key head: ``head_dim`` unless the layer's q/k dims are pruned."""
         return int(attn.qk_head_dim if isinstance(attn, HeadDimAttention) else attn.head_dim)
 
-    def v_head_dim(self, attn: nn.Module) -> int:
+    def v_head_dim(self, attn: Submodule) -> int:
         """Width of one value head (and of each query head's o_proj columns)."""
         return int(attn.v_head_dim if isinstance(attn, HeadDimAttention) else attn.head_dim)
 
-    def layer_sizes(self, model: nn.Module, layer_idx: int) -> LayerSizes:
+    def layer_sizes(self, model: CausalLM, layer_idx: int) -> LayerSizes:
         """Read the sizes of one layer from its weights (the source of truth after slicing)."""
         layer = self.layers(model)[layer_idx]
         attn, mlp = self.attention(layer), self.mlp(layer)
@@ -194,12 +195,12 @@ class ModelAdapter:
             sizes = replace(sizes, qk_head_dim=qk, v_head_dim=attn.v_head_dim, rope_pairs=attn.rope_pairs())
         return sizes
 
-    def refresh_layer(self, layer: nn.Module) -> None:
+    def refresh_layer(self, layer: Submodule) -> None:
         """Recompute attributes that modules derive from their sizes, after slicing."""
         attn = self.attention(layer)
         attn.num_key_value_groups = getattr(attn, self.q).out_features // getattr(attn, self.k).out_features
 
-    def all_layer_sizes(self, model: nn.Module) -> list[LayerSizes]:
+    def all_layer_sizes(self, model: CausalLM) -> list[LayerSizes]:
         return [self.layer_sizes(model, i) for i in range(len(self.layers(model)))]
 
     @property
@@ -213,7 +214,7 @@ class ModelAdapter:
         """The family's classes with per-layer widths (config, base model, causal LM, head-dim attention)."""
         return pruned_classes(self.modeling, self.prefix, self.class_names)
 
-    def enable_head_dims(self, attn: nn.Module) -> HeadDimAttention:
+    def enable_head_dims(self, attn: Submodule) -> HeadDimAttention:
         """Turn the family's stock attention into its head-dim subclass in place: same weights, same outputs.
 
         The subclass adds only state (widths equal to head_dim, identity rotary index), so switching the class
@@ -262,7 +263,7 @@ class ModelAdapter:
 
     # --- GGUF export hooks (prunekit.export.gguf) ---------------------------------------------------------------
 
-    def llama_cpp_uniform_refusal(self, model: nn.Module, sizes: list[LayerSizes]) -> str | None:
+    def llama_cpp_uniform_refusal(self, model: CausalLM, sizes: list[LayerSizes]) -> str | None:
         """Why a model of uniform widths cannot be written as ``llama_cpp_arch`` (None: it can)."""
         return None
 
@@ -270,13 +271,13 @@ class ModelAdapter:
         """The rotary settings of the full-attention layers (``rope_type``, ``rope_theta``, scaling)."""
         return dict(getattr(config, "rope_parameters", None) or {})
 
-    def gguf_tensor(self, name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    def gguf_tensor(self, name: str, tensor: torch.Tensor, model: CausalLM) -> torch.Tensor:
         """Parameter ``name`` as llama.cpp's graph for the family reads it: norm weights shifted by ``norm_offset``."""
         if self.norm_offset and tensor.dim() == 1 and name.endswith("norm.weight"):
             return tensor + self.norm_offset
         return tensor
 
-    def gguf_metadata(self, writer: Any, model: nn.Module) -> None:
+    def gguf_metadata(self, writer: Any, model: CausalLM) -> None:
         """Metadata beyond the shared keys (head counts, widths, rope base, norm epsilon) the family's graph reads."""
 
 

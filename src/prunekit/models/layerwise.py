@@ -33,6 +33,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.families import adapter_for
 from prunekit.models.loading import DTYPES, check_weights, load_config
+from prunekit.models.types import CausalLM, Submodule
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class _StopForward(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder layer while its arguments are recorded; passes the hidden states through."""
 
-    def __init__(self, layer: nn.Module, seen: list[dict[str, Any]]) -> None:
+    def __init__(self, layer: Submodule, seen: list[dict[str, Any]]) -> None:
         super().__init__()
         self.seen = seen
         if hasattr(layer, "attention_type"):
@@ -324,7 +325,7 @@ def _raise_stop(_module: nn.Module, _args: tuple[Any, ...]) -> None:
     raise _StopForward
 
 
-def _module_prefix(model: nn.Module, module: nn.Module) -> str:
+def _module_prefix(model: CausalLM, module: nn.Module) -> str:
     """``"model.norm."`` for the module ``model.model.norm``: its path in ``model``, with a trailing dot."""
     for name, m in model.named_modules():
         if m is module:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.families import adapter_for, family_of_model_type
+from prunekit.models.types import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,13 @@ def load_config(path: str | Path) -> Any:
         family = family_of_model_type(data["model_type"])
         if family is None:
             raise ValueError(f"no family reads model_type '{data['model_type']}'")
-        return family.pruned.config.from_dict({k: v for k, v in data.items() if k != "auto_map"})
+        config_cls: Any = family.pruned.config
+        return config_cls.from_dict({k: v for k, v in data.items() if k != "auto_map"})
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise PrunekitError(f"config.json at '{p}' cannot be read: {e}") from e
 
 
-def load_pretrained(path: str | Path, **kwargs: Any) -> torch.nn.Module:
+def load_pretrained(path: str | Path, **kwargs: Any) -> CausalLM:
     """``from_pretrained`` of a model directory with the class its config describes (prunekit's pruned classes for
     a pruned model; safetensors only); ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``)."""
     from transformers import AutoModelForCausalLM
@@ -85,7 +87,7 @@ def check_weights(path: Path) -> None:
         )
 
 
-def model_shapes(path: str | Path) -> tuple[torch.nn.Module, ModelAdapter]:
+def model_shapes(path: str | Path) -> tuple[CausalLM, ModelAdapter]:
     """(the model of a directory's config with every parameter on the meta device, its adapter): its shapes for
     checks that must come before reading any weight (milliseconds, no memory)."""
     from accelerate import init_empty_weights
@@ -103,7 +105,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     device_map: str | None = None,
-) -> tuple[torch.nn.Module, Any, ModelAdapter]:
+) -> tuple[CausalLM, Any, ModelAdapter]:
     """(model in eval mode, tokenizer, adapter) from a Hugging Face directory.
 
     ``device_map="auto"`` lets accelerate spread a model larger than one device over all of them.
@@ -120,7 +122,7 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise PrunekitError(
             f"model at '{path}' cannot be loaded, it is corrupt or incomplete ({str(e).splitlines()[0]}); "

@@ -31,7 +31,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -140,10 +140,18 @@ class HeadDimAttention(nn.Module):
     qk_head_dim: int
     v_head_dim: int
     rope_index: torch.Tensor
+    # What the family's attention sets up (its constructor runs first).
+    config: Any
+    layer_idx: int
+    head_dim: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
 
     def __init__(self, config: Any, layer_idx: int) -> None:
         """Build from a per-layer config carrying ``qk_head_dim``, ``v_head_dim`` and ``rope_pairs``."""
-        super().__init__(config, layer_idx)  # type: ignore[call-arg]  # the family's attention
+        super().__init__(config, layer_idx)  # the family's attention
         qk, v = int(config.qk_head_dim), int(config.v_head_dim)
         heads, kv = config.num_attention_heads, config.num_key_value_heads
         # The stock constructor made dense projections; replace them with the pruned widths.
@@ -265,7 +273,7 @@ def build_layer(
         layer.self_attn = attention_cls(cfg, idx)
     if getattr(cfg, OUTPUT_BIAS, False):
         for path in outputs:
-            add_bias(layer.get_submodule(path))
+            add_bias(cast(nn.Linear, layer.get_submodule(path)))
     return layer
 
 
@@ -335,7 +343,7 @@ class PrunedClasses(NamedTuple):
     attention: type  # the family's attention with pruned head dims
 
 
-def remote_code(config_cls: type) -> str:
+def remote_code(config_cls: type[PrunedConfig]) -> str:
     """The source of ``modeling_prunekit.py`` for a pruned config class: this module and its family's line."""
     lines = Path(__file__).read_text(encoding="utf-8").splitlines()
     end = lines.index(_FAMILY_MARKER) if _FAMILY_MARKER in lines else len(lines)  # a saved copy: up to its family
@@ -367,7 +375,7 @@ class PrunedConfig:
         """Save config.json with an ``auto_map`` to ``modeling_prunekit.py``, written beside it."""
         name = type(self).__name__.removesuffix("Config")
         module = REMOTE_CODE_FILE.removesuffix(".py")
-        self.auto_map = {  # type: ignore[attr-defined]
+        self.auto_map = {
             "AutoConfig": f"{module}.{name}Config",
             "AutoModel": f"{module}.{name}Model",
             "AutoModelForCausalLM": f"{module}.{name}ForCausalLM",
@@ -381,23 +389,23 @@ def pruned_classes(modeling: ModuleType, prefix: str, names: ClassNames | None =
     """The per-layer-width classes of the family whose transformers modeling module is ``modeling``, named
     ``Pruned<prefix>Config``, ... after the family's classes ``names`` (default ``<prefix>Config``,
     ``<prefix>Model``, ...: :meth:`ClassNames.of`), made once per process."""
-    names = names or ClassNames.of(prefix)
-    stock_config = getattr(modeling, names.config)
+    classes = names or ClassNames.of(prefix)
+    stock_config = getattr(modeling, classes.config)
 
-    class Attention(HeadDimAttention, getattr(modeling, names.attention)):  # type: ignore[misc]
+    class Attention(HeadDimAttention, getattr(modeling, classes.attention)):  # type: ignore[misc]
         family_module = modeling
 
     class Config(PrunedConfig, stock_config):  # type: ignore[misc, valid-type]
         family_module = modeling.__name__
-        family_classes = names
+        family_classes = classes
         layer_sizes: list | None = None
 
-    class Model(PerLayerModel, getattr(modeling, names.model)):  # type: ignore[misc]
+    class Model(PerLayerModel, getattr(modeling, classes.model)):  # type: ignore[misc]
         config_class = Config
-        decoder_layer_cls = getattr(modeling, names.decoder_layer)
+        decoder_layer_cls = getattr(modeling, classes.decoder_layer)
         attention_cls = Attention
 
-    class CausalLM(PerLayerCausalLM, getattr(modeling, names.causal_lm)):  # type: ignore[misc]
+    class CausalLM(PerLayerCausalLM, getattr(modeling, classes.causal_lm)):  # type: ignore[misc]
         config_class = Config
         base_model_cls = Model
 

@@ -9,15 +9,15 @@ from typing import Any
 
 from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 
 log = logging.getLogger(__name__)
 
 
-def config_for(model: nn.Module, adapter: ModelAdapter) -> Any:
+def config_for(model: CausalLM, adapter: ModelAdapter) -> Any:
     """The config describing the model's current widths: stock when uniform and stock accepts it."""
     sizes = adapter.all_layer_sizes(model)
     if len(set(sizes)) == 1:
@@ -29,11 +29,11 @@ def config_for(model: nn.Module, adapter: ModelAdapter) -> Any:
     return adapter.pruned_config(model.config, sizes)
 
 
-def rebuild(model: nn.Module, adapter: ModelAdapter) -> nn.Module:
+def rebuild(model: CausalLM, adapter: ModelAdapter) -> CausalLM:
     """A fresh instance of the class that ``from_pretrained`` would pick, holding the model's weights."""
     config = config_for(model, adapter)
     config._attn_implementation = model.config._attn_implementation
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with init_empty_weights():
         fresh = cls(config)
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
@@ -45,7 +45,7 @@ def rebuild(model: nn.Module, adapter: ModelAdapter) -> nn.Module:
     return fresh.to(next(model.parameters()).device).eval()
 
 
-def save_model(model: nn.Module, adapter: ModelAdapter, tokenizer: Any, out_dir: Path) -> None:
+def save_model(model: CausalLM, adapter: ModelAdapter, tokenizer: Any, out_dir: Path) -> None:
     """Save weights (safetensors), config and tokenizer in ``out_dir``."""
     from prunekit.models.provenance import make_reproducible
 

@@ -62,7 +62,7 @@ def save_checked_config(config: Any, dtype: torch.dtype, shapes: dict[str, tuple
     from transformers import GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # a causal LM class (the mapping's type says a pair)
     with init_empty_weights():
         fresh = cls(config)
     fresh.tie_weights()

@@ -8,6 +8,7 @@ Names that come from registries (criteria, units, data sources, ...) are checked
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -413,7 +414,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _explain(err: dict[str, Any]) -> str:
+def _explain(err: Mapping[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.modeling import OUTPUT_BIAS, add_bias
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.activations import mean_key, projection
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.units import UNITS
@@ -37,7 +38,7 @@ from prunekit.pruning.units.base import CONSUMERS
 log = logging.getLogger(__name__)
 
 
-def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict[tuple[str, int], torch.Tensor]:
+def removed_columns(model: CausalLM, adapter: ModelAdapter, plan: Plan) -> dict[tuple[str, int], torch.Tensor]:
     """Input columns of o_proj / down_proj that the plan removes, per (projection, layer) -> sorted indices.
 
     Every unit type of a plan numbers the dense layer's units, so the columns of several unit types on
@@ -62,7 +63,7 @@ def removed_columns(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> dict
     return out
 
 
-def add_zero_biases(model: nn.Module, adapter: ModelAdapter) -> int:
+def add_zero_biases(model: CausalLM, adapter: ModelAdapter) -> int:
     """Give o_proj and down_proj a bias (zeros where they had none), and what else the family's config needs to
     say so: with a stock switch (Llama) every q/k/v/o and gate/up/down projection; else ``output_bias`` in the
     config, which the pruned classes read. Returns how many biases were added."""
@@ -71,7 +72,7 @@ def add_zero_biases(model: nn.Module, adapter: ModelAdapter) -> int:
     return added
 
 
-def add_layer_biases(adapter: ModelAdapter, layer: nn.Module) -> int:
+def add_layer_biases(adapter: ModelAdapter, layer: Submodule) -> int:
     """:func:`add_zero_biases` for one decoder layer (its config left as it is): how many biases were added."""
     stock = adapter.output_bias
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
@@ -82,7 +83,7 @@ def add_layer_biases(adapter: ModelAdapter, layer: nn.Module) -> int:
     )
 
 
-def mark_biases(config: object, adapter: ModelAdapter) -> None:
+def mark_biases(config: Any, adapter: ModelAdapter) -> None:
     """Say in ``config`` that every layer has the biases :func:`add_layer_biases` adds (the model classes build
     them from it: save and reload)."""
     if adapter.output_bias:
@@ -93,7 +94,7 @@ def mark_biases(config: object, adapter: ModelAdapter) -> None:
 
 
 def checked_columns(
-    model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]
+    model: CausalLM, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]
 ) -> dict[tuple[str, int], torch.Tensor]:
     """:func:`removed_columns`, after checking that ``means`` has every mean they need, in the right shape (reads
     only shapes: the model's weights may still be on disk, ``meta``)."""
@@ -118,7 +119,7 @@ def checked_columns(
 @torch.no_grad()
 def compensate_layer(
     adapter: ModelAdapter,
-    layer: nn.Module,
+    layer: Submodule,
     idx: int,
     columns: Mapping[tuple[str, int], torch.Tensor],
     means: Mapping[str, torch.Tensor],
@@ -137,12 +138,12 @@ def compensate_layer(
     added = add_layer_biases(adapter, layer)
     for role, delta in deltas.items():
         bias = projection(adapter, layer, role).bias
-        bias += delta.to(bias.dtype)
+        bias.add_(delta.to(bias.dtype))
     return added
 
 
 @torch.no_grad()
-def compensate(model: nn.Module, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]) -> None:
+def compensate(model: CausalLM, adapter: ModelAdapter, plan: Plan, means: Mapping[str, torch.Tensor]) -> None:
     """b += W[:, removed] @ mean_x[removed] on o_proj / down_proj of every layer the plan prunes, in place.
 
     Call before slicing (the removed columns are still there). ``means`` maps ``aux.mean.<proj>.<layer>``

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import CONSUMERS, consumer_path
@@ -97,7 +98,7 @@ class _Gram:
         self.n += xp.shape[0]
 
 
-def removed_inputs(adapter: ModelAdapter, layer: nn.Module, plan: Plan, idx: int, role: str) -> torch.Tensor:
+def removed_inputs(adapter: ModelAdapter, layer: Submodule, plan: Plan, idx: int, role: str) -> torch.Tensor:
     """Input columns of ``role`` in dense layer ``idx`` that the plan removes (sorted), from the unit members."""
     path, cols = consumer_path(adapter, role), set()
     for unit, per_layer in plan.keep.items():
@@ -124,7 +125,7 @@ def check_plan(plan: Plan) -> None:
 
 @torch.no_grad()
 def reconstruct(
-    model: nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     plan: Plan,
     calibration: torch.Tensor,
@@ -207,7 +208,8 @@ def _refit(
     whose projection outputs are the targets), solve, and write W' into the masked layer (whose current weights
     are the ridge's prior)."""
     path = consumer_path(adapter, role).removesuffix(".weight")
-    dense_proj, masked_proj = dense_l.get_submodule(path), masked_l.get_submodule(path)
+    dense_proj: Submodule = dense_l.get_submodule(path)
+    masked_proj: Submodule = masked_l.get_submodule(path)
     b = dense_proj.bias.detach().double() if dense_proj.bias is not None else None
     if (b is None) != (masked_proj.bias is None):
         raise PrunekitError(f"prune.reconstruct: layer {idx} {path} has a bias in one model and not the other")
@@ -228,10 +230,11 @@ def _refit(
     return ProjectionFit(idx, role, int(keep.sum()), *errors)
 
 
-def _copy_kept(adapter: ModelAdapter, src: nn.Module, dst: nn.Module, role: str, removed: torch.Tensor) -> None:
+def _copy_kept(adapter: ModelAdapter, src: Submodule, dst: Submodule, role: str, removed: torch.Tensor) -> None:
     """The refit kept columns (and bias) of ``role`` from the masked layer into the model's layer."""
     path = consumer_path(adapter, role).removesuffix(".weight")
-    s, d = src.get_submodule(path), dst.get_submodule(path)
+    s: Submodule = src.get_submodule(path)
+    d: Submodule = dst.get_submodule(path)
     keep = torch.ones(s.weight.shape[1], dtype=torch.bool)
     keep[removed] = False
     d.weight[:, keep] = s.weight[:, keep]
@@ -301,7 +304,7 @@ def layer_output(out: Any) -> torch.Tensor:
 
 
 def _layer_inputs(
-    model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int
+    model: CausalLM, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
     """Layer 0's input per calibration batch, and the keyword arguments every layer receives (masks, rotary
     embeddings, positions: the same on the pruned path, they do not depend on the hidden states)."""

@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.saving import config_for
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.plan import Plan, UnitLayout
 from prunekit.pruning.units import UNITS
 
@@ -26,7 +27,7 @@ def prunable_layers(n_layers: int, skip_first: int, skip_last: int) -> list[int]
     return list(range(skip_first, n_layers - skip_last))
 
 
-def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> list[UnitLayout]:
+def layouts(model: CausalLM, adapter: ModelAdapter, units: list[str], layers: list[int]) -> list[UnitLayout]:
     """The unit counts and sizes the planner needs, for the given unit types and layers.
 
     A model-wide unit type (``hidden_channel``) gets one layout, named by layer 0 (whatever ``layers``), for
@@ -45,7 +46,7 @@ def layouts(model: nn.Module, adapter: ModelAdapter, units: list[str], layers: l
     return out
 
 
-def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
+def _layout(model: CausalLM, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
     ut, layer = UNITS.get(name), adapter.layers(model)[idx]
     tensors: tuple[tuple[str, int], ...] = ()
     if not (ut.whole_layer or ut.model_wide):  # their members are the whole layer / reach beyond it
@@ -64,7 +65,7 @@ def _layout(model: nn.Module, adapter: ModelAdapter, name: str, idx: int) -> Uni
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = "slice") -> nn.Module:
+def apply_plan(model: CausalLM, adapter: ModelAdapter, plan: Plan, mode: str = "slice") -> nn.Module:
     """Keep only the plan's units, in place. ``mode="mask"`` zeroes the others instead of removing them.
 
     Every index in a plan numbers the units of the model the plan was made for (the dense model). Unit
@@ -86,14 +87,14 @@ def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: Plan, mode: str = 
     return model
 
 
-def check_plan_fits(model: nn.Module, adapter: ModelAdapter, plan: Plan) -> None:
+def check_plan_fits(model: CausalLM, adapter: ModelAdapter, plan: Plan) -> None:
     """PrunekitError unless every unit and layer the plan names exists in ``model`` (reads only shapes)."""
     for unit in plan.keep:
         _check_keep(model, adapter, unit, plan.keep[unit])
 
 
 @torch.no_grad()
-def apply_plan_to_layer(adapter: ModelAdapter, layer: nn.Module, plan: Plan, idx: int, mode: str) -> nn.Module:
+def apply_plan_to_layer(adapter: ModelAdapter, layer: Submodule, plan: Plan, idx: int, mode: str) -> nn.Module:
     """What :func:`apply_plan` does to decoder layer ``idx`` (dense numbering), for a model held one layer at a
     time. A layer the plan removes is zeroed in ``mode="mask"`` (the identity) and left as it is in ``"slice"``:
     the caller drops it (:func:`prunekit.pruning.units.layers.remove_layers` on the whole model)."""
@@ -113,7 +114,7 @@ def apply_plan_to_layer(adapter: ModelAdapter, layer: nn.Module, plan: Plan, idx
     return layer
 
 
-def _check_keep(model: nn.Module, adapter: ModelAdapter, unit: str, per_layer: dict[int, list[int]]) -> None:
+def _check_keep(model: CausalLM, adapter: ModelAdapter, unit: str, per_layer: dict[int, list[int]]) -> None:
     """PrunekitError unless ``per_layer`` names existing layers and units and keeps equal counts per group."""
     ut = UNITS.get(unit)
     layers = adapter.layers(model)

@@ -9,16 +9,15 @@ line per problem, each naming its params.yaml key, before any work.
 
 from __future__ import annotations
 
-from torch import nn
-
 from prunekit.errors import ParamsError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pruning.units import UNITS
 
 
 def support_problems(
     adapter: ModelAdapter,
-    model: nn.Module | None,
+    model: CausalLM | None,
     units: list[str],
     criterion: str | None = None,
     compensation: bool = False,
@@ -33,7 +32,7 @@ def support_problems(
             why = UNITS.get(unit).refusal(adapter, model)
         if why is not None:
             problems.append(f"params.yaml key 'prune.units[{i}]': {name} cannot prune '{unit}': {why}")
-    if criterion in adapter.refused_criteria:
+    if criterion is not None and criterion in adapter.refused_criteria:
         problems.append(
             f"params.yaml key 'score.criterion': {name} cannot be scored by '{criterion}': "
             f"{adapter.refused_criteria[criterion]}"
@@ -47,7 +46,7 @@ def support_problems(
 
 def check_support(
     adapter: ModelAdapter,
-    model: nn.Module | None,
+    model: CausalLM | None,
     units: list[str],
     criterion: str | None = None,
     compensation: bool = False,

@@ -11,6 +11,7 @@ lines (:mod:`prunekit.quant.schemes`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,8 +50,9 @@ class QuantBackend(ABC):
     def holds(self, module: nn.Module) -> bool:
         """Whether ``module`` is one this backend realised (it counts as a Linear of in x out weights)."""
 
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
-        """The (out x in) weight ``module`` computes with, in float32 (what its codes and statistics encode)."""
+    def dequantize(self, module: Any) -> torch.Tensor:
+        """The (out x in) weight ``module`` computes with, in float32 (what its codes and statistics encode);
+        ``module``: one this backend realised (its attributes are the backend's own)."""
         return module.dequantized_weight().float()
 
     def gguf_type(self, scheme: Scheme) -> str | None:

@@ -8,6 +8,7 @@ layout. Every realised ``Linear4bit`` gets ``support_avx512bf16_for_cpu = False`
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class BnbInt8(_Bnb):
         codes, stats, _ = bnbf.int8_vectorwise_quant(w.detach().half().contiguous())
         return bnbf.int8_vectorwise_dequant(codes, stats).to(w.dtype)
 
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
+    def dequantize(self, module: Any) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
         return bnbf.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).float()
@@ -98,7 +99,7 @@ class Bnb4bit(_Bnb):
         )
         return bnbf.dequantize_4bit(packed, state).to(w.dtype)
 
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
+    def dequantize(self, module: Any) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -131,7 +132,7 @@ class Bnb4bit(_Bnb):
         return module
 
 
-def _guard_repacking(module: nn.Module) -> None:
+def _guard_repacking(module: Any) -> None:
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ class QuantizedEmbedding(nn.Module):
     module with ``dequantized_weight()``); looking tokens up dequantizes the rows they need (``dequantize_rows``
     where the module has it, else the whole matrix). A tied output head is ``linear`` itself."""
 
-    def __init__(self, linear: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, linear: Any, dtype: torch.dtype) -> None:
         super().__init__()
         self.linear, self.dtype = linear, dtype  # dtype: of the vectors it gives (the model's)
         self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features

@@ -52,6 +52,9 @@ class GGMLLinear(nn.Module):
     """A Linear whose weight is stored in a llama.cpp block format (``kind``: ``Q4_0`` ...), dequantized on each
     forward pass (in ``compute_dtype``); nothing is cached."""
 
+    qweight: torch.Tensor
+    bias: nn.Parameter | None
+
     def __init__(
         self, in_features: int, out_features: int, kind: str, bias: bool, compute_dtype: torch.dtype = torch.float32
     ) -> None:
@@ -73,7 +76,7 @@ class GGMLLinear(nn.Module):
         w = linear.weight
         out = cls(linear.in_features, linear.out_features, kind, linear.bias is not None, w.dtype).to(w.device)
         out.qweight.copy_(torch.from_numpy(encode(w, kind)))
-        if linear.bias is not None:
+        if linear.bias is not None and out.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out
 

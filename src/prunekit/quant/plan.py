@@ -17,6 +17,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pipeline.outputs import read_json
 from prunekit.quant.backend import backend_for, storage_bits
 from prunekit.quant.embedding import QuantizedEmbedding
@@ -42,25 +43,25 @@ class QuantTarget:
         return self.rows * self.cols
 
 
-def _is_tied(model: nn.Module) -> bool:
+def _is_tied(model: CausalLM) -> bool:
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(embedding, QuantizedEmbedding):
         return head is embedding.linear
     return head is not None and head.weight is embedding.weight
 
 
-def _head_name(model: nn.Module) -> str:
+def _head_name(model: CausalLM) -> str:
     """The output head's name (``lm_head``), also where it is the quantized embedding's own module."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     inside = _module_names(model)[id(embedding)] + "."
     return next(n for n, m in model.named_modules(remove_duplicate=False) if m is head and not n.startswith(inside))
 
 
-def _module_names(model: nn.Module) -> dict[int, str]:
+def _module_names(model: CausalLM) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
-def quant_targets(model: nn.Module, adapter: ModelAdapter, embeddings: bool = False) -> list[QuantTarget]:
+def quant_targets(model: CausalLM, adapter: ModelAdapter, embeddings: bool = False) -> list[QuantTarget]:
     """Every Linear of every decoder layer, in model order; with ``embeddings``, the token embedding first and an
     untied output head last (a tied head is the embedding's matrix: it follows the embedding's scheme)."""
     names = {id(layer): i for i, layer in enumerate(adapter.layers(model))}
@@ -88,7 +89,7 @@ def quant_targets(model: nn.Module, adapter: ModelAdapter, embeddings: bool = Fa
     return out
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def _shape(module: Submodule) -> tuple[int, int]:
     """(rows, cols) of a Linear's, an embedding's or a quantized module's weight."""
     if isinstance(module, (QuantizedEmbedding, nn.Embedding)):
         return module.num_embeddings, module.embedding_dim

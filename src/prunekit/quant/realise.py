@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.quant.backend import backend_for, is_quantized
 from prunekit.quant.embedding import QuantizedEmbedding
 from prunekit.quant.plan import _is_tied, _shape, check_embedding_scheme
@@ -30,7 +31,7 @@ def fake_quantize_weight(w: torch.Tensor, scheme: Scheme, settings: QuantSetting
 
 @contextmanager
 def fake_quantized(
-    model: nn.Module,
+    model: CausalLM,
     plan: Mapping[str, str],
     settings: QuantSettings,
     cache: dict[tuple[str, str], torch.Tensor] | None = None,
@@ -58,7 +59,7 @@ def fake_quantized(
             module.weight.data = data
 
 
-def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) -> nn.Module:
+def realise(model: CausalLM, plan: Mapping[str, str], settings: QuantSettings) -> nn.Module:
     """Replace each planned Linear by its quantized module (in place); returns ``model``."""
     tied = _is_tied(model)
     for name, scheme_name in plan.items():
@@ -66,7 +67,7 @@ def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) 
         scheme = SCHEMES.get(scheme_name)
         if isinstance(linear, nn.Embedding):
             check_embedding_scheme(scheme, f"the token embedding {name}")
-            module = QuantizedEmbedding(
+            module: nn.Module = QuantizedEmbedding(
                 backend_for(scheme).realise(_as_linear(linear), scheme, settings), linear.weight.dtype
             )
         elif isinstance(linear, nn.Linear):
@@ -78,7 +79,7 @@ def realise(model: nn.Module, plan: Mapping[str, str], settings: QuantSettings) 
     return model
 
 
-def quantize_linears(layer: nn.Module, names: Sequence[str], scheme: Scheme, settings: QuantSettings) -> None:
+def quantize_linears(layer: Submodule, names: Sequence[str], scheme: Scheme, settings: QuantSettings) -> None:
     """Replace (in place) every Linear of ``layer`` whose own name is in ``names`` by ``scheme``'s module."""
     for path, module in list(layer.named_modules()):
         if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in names:
@@ -95,7 +96,7 @@ def _as_linear(embedding: nn.Embedding) -> nn.Linear:
     return linear
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module, tied: bool) -> None:
+def _replace(model: CausalLM, name: str, module: nn.Module, tied: bool) -> None:
     """Put ``module`` at ``name``; a quantized embedding of a tied model is its output head too."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
@@ -107,7 +108,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module, tied: bool) -> None
         model.all_tied_weights_keys = {}
 
 
-def logical_param_count(model: nn.Module) -> tuple[int, int]:
+def logical_param_count(model: CausalLM) -> tuple[int, int]:
     """(model parameters as their float shapes count them, LoRA adapter parameters); tied weights once.
 
     A quantized Linear counts in x out (+ bias) whatever its storage; adapter weights are counted apart.
@@ -132,7 +133,7 @@ def logical_param_count(model: nn.Module) -> tuple[int, int]:
     return params, adapters
 
 
-def plan_cost_of_model(model: nn.Module, plan: Mapping[str, str]) -> float:
+def plan_cost_of_model(model: CausalLM, plan: Mapping[str, str]) -> float:
     """Mean nominal bits per planned weight of a realised (or plain) model, from module shapes."""
     bits = weights = 0
     for name, scheme in plan.items():
@@ -143,7 +144,7 @@ def plan_cost_of_model(model: nn.Module, plan: Mapping[str, str]) -> float:
     return bits / weights if weights else 0.0
 
 
-def quantized_weight_bytes(model: nn.Module) -> int:
+def quantized_weight_bytes(model: CausalLM) -> int:
     """Bytes of every parameter and buffer of ``model`` as stored (codes, statistics, float weights),
     LoRA adapter weights excluded (see :func:`logical_param_count` for their count)."""
     seen: set[int] = set()

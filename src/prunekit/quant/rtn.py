@@ -88,6 +88,11 @@ class RTNLinear(nn.Module):
     cached, so memory stays at the packed size between calls.
     """
 
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_features: int,
@@ -121,7 +126,7 @@ class RTNLinear(nn.Module):
         out.qweight.copy_(pack_bits(codes, bits))
         out.scales.copy_(scale)
         out.zeros.copy_(zero)
-        if linear.bias is not None:
+        if linear.bias is not None and out.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out
 
@@ -144,6 +149,8 @@ class RTNLinear(nn.Module):
 class Float16Linear(nn.Module):
     """A Linear kept unquantized in a 16-bit dtype; inputs are cast to it and outputs back."""
 
+    bias: nn.Parameter | None
+
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -154,7 +161,7 @@ class Float16Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> Float16Linear:
         out = cls(linear.in_features, linear.out_features, dtype, linear.bias is not None).to(linear.weight.device)
         out.weight.data.copy_(linear.weight.detach())
-        if linear.bias is not None:
+        if linear.bias is not None and out.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out
 

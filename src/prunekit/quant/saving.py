@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.outputs import atomic_dir, write_json
 from prunekit.quant.backend import backend_for, lora_custom_modules
 from prunekit.quant.embedding import QuantizedEmbedding
@@ -25,13 +26,13 @@ ADAPTER_DIR = "adapter"
 
 
 def save_quantized(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: Any,
     plan: Mapping[str, str],
     settings: QuantSettings,
     dtype: str,
     out_dir: Path,
-    peft_model: nn.Module | None = None,
+    peft_model: CausalLM | None = None,
 ) -> None:
     """Write a quantized model directory (atomically): config, tokenizer, weights, plan, adapters."""
     from safetensors.torch import save_file
@@ -52,7 +53,7 @@ def save_quantized(
         make_reproducible(tmp)
 
 
-def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def base_state(model: CausalLM) -> dict[str, torch.Tensor]:
     """The state of a model peft has injected adapters into, as it was before: ``x.base_layer.y`` keys
     back to ``x.y`` and no adapter weights (those are saved by peft, in ``adapter/``)."""
     out = {}
@@ -88,7 +89,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
 
     tied = _is_tied(model)
     check_plan(plan, quant_targets(model, adapter_for(config), embeddings=True))
-    planned = {name: {} for name in plan}
+    planned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in plan}
     for key in list(state):
         owner = key.rsplit(".", 1)[0]
         while owner and owner not in planned:
@@ -110,7 +111,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         if isinstance(skeleton, nn.Embedding):
             sub = {k.removeprefix("linear."): v for k, v in planned[name].items()}
             loaded = backend_for(scheme).load(_as_linear(skeleton), scheme, settings, sub, device)
-            module = QuantizedEmbedding(loaded, skeleton.weight.dtype)
+            module: nn.Module = QuantizedEmbedding(loaded, skeleton.weight.dtype)
         else:
             module = backend_for(scheme).load(skeleton, scheme, settings, planned[name], device)
         _replace(model, name, module, tied)

@@ -44,6 +44,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import SearchParams
 from prunekit.quant.backend import backend_for
 from prunekit.quant.plan import QuantTarget, check_embedding_scheme, plan_cost
@@ -90,6 +91,7 @@ class SearchSpace:
         bits, nbytes = self.cost(index)
         if budget.bits is not None:
             return bits <= budget.bits + 1e-9
+        assert budget.bytes is not None  # Budget holds exactly one of the two
         return nbytes <= budget.bytes
 
     def group_weights(self) -> list[int]:
@@ -294,7 +296,7 @@ class SearchOutcome:
 
 
 def search_model(
-    model: torch.nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     held: torch.Tensor,
     cfg: SearchParams,

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 from prunekit.rng import seeded
 from prunekit.training.loss import lm_loss
 
@@ -68,7 +69,7 @@ class LoraSettings:
         return cls(**(fields | overrides), seed=seed, key=key)
 
 
-def check_targets(model: nn.Module, targets: list[str], key: str) -> None:
+def check_targets(model: CausalLM, targets: list[str], key: str) -> None:
     """Every LoRA target must name Linear(-like) modules of the model (error lists the ones it has)."""
     names = {
         n.rsplit(".", 1)[-1]
@@ -80,7 +81,7 @@ def check_targets(model: nn.Module, targets: list[str], key: str) -> None:
         raise PrunekitError(f"{key} {missing} match no Linear module of the model; available: {sorted(names)}")
 
 
-def attach_lora(model: nn.Module, cfg: LoraSettings, custom_modules: dict[type, type] | None = None) -> nn.Module:
+def attach_lora(model: CausalLM, cfg: LoraSettings, custom_modules: dict[type, type] | None = None) -> CausalLM:
     """Fresh adapters on ``cfg.target_modules`` (of ``cfg.layers``); the peft model, base frozen.
 
     ``custom_modules`` maps module types peft does not know (quantized layers) to the LoRA layer that wraps them.
@@ -91,7 +92,7 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, custom_modules: dict[type, 
     check_targets(model, cfg.target_modules, f"{cfg.key}.target_modules")
     config = LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by alpha / r in float
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
@@ -121,7 +122,7 @@ class LoraTrainer:
     """
 
     def __init__(
-        self, peft_model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings, loss: LossFn | None = None
+        self, peft_model: CausalLM, blocks: torch.Tensor, cfg: LoraSettings, loss: LossFn | None = None
     ) -> None:
         self.model, self.blocks, self.cfg = peft_model, blocks, cfg
         self.loss = loss or lm_loss
@@ -197,14 +198,14 @@ class LoraTrainer:
 
 
 def train_lora(
-    model: nn.Module,
+    model: CausalLM,
     blocks: torch.Tensor,
     cfg: LoraSettings,
     merge: bool = True,
     custom_modules: dict[type, type] | None = None,
     desc: str = "LoRA",
     loss: LossFn | None = None,
-) -> tuple[nn.Module, list[float]]:
+) -> tuple[CausalLM, list[float]]:
     """Train fresh LoRA adapters on ``blocks`` (N, T) for ``cfg.steps`` steps; return (model, loss per step).
 
     With ``merge`` the adapters are merged into the weights and the plain model comes back; without it (a
@@ -223,7 +224,7 @@ def train_lora(
 
 
 def train_full(
-    model: nn.Module, blocks: torch.Tensor, cfg: LoraSettings, desc: str = "fine-tuning", loss: LossFn | None = None
+    model: CausalLM, blocks: torch.Tensor, cfg: LoraSettings, desc: str = "fine-tuning", loss: LossFn | None = None
 ) -> tuple[nn.Module, list[float]]:
     """Full fine-tuning: every parameter of ``model`` trained, with the trainer, batches, schedule and loss of
     :func:`train_lora` (``cfg``'s adapter fields unused); the model (in eval mode) and the loss per step.
@@ -244,7 +245,7 @@ def train_full(
     return model, losses
 
 
-def recovery_loss(kind: str, teacher: nn.Module | None, temperature: float) -> LossFn:
+def recovery_loss(kind: str, teacher: CausalLM | None, temperature: float) -> LossFn:
     """``recover.loss``: lm (next-token NLL), kd (distillation from ``teacher``: temperature^2 * KL of the softened
     distributions) or lm_kd (their sum)."""
     from prunekit.training.loss import kd_loss

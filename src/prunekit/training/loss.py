@@ -24,11 +24,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 
 LOSS_CHUNK_ELEMENTS = 2**21
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: CausalLM) -> CausalLM:
     """The transformers ``*ForCausalLM`` inside ``model`` (itself, or the model a peft wrapper adapts)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -38,7 +39,7 @@ def _chunk_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+def lm_loss(model: CausalLM, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean NLL of every next token of every window of ``input_ids`` (B, T): the value and gradient of
     transformers' ``model(input_ids=x, labels=x).loss`` for unpadded windows, the logits computed
     ``chunk_tokens`` tokens at a time (default: from :data:`LOSS_CHUNK_ELEMENTS` and the vocabulary)."""
@@ -67,8 +68,8 @@ def _chunk_kd_sum(
 
 
 def kd_loss(
-    model: nn.Module,
-    teacher: nn.Module,
+    model: CausalLM,
+    teacher: CausalLM,
     input_ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
@@ -85,7 +86,7 @@ def kd_loss(
 
 
 @torch.no_grad()
-def teacher_states(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def teacher_states(teacher: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     """The teacher's last hidden states at every position that predicts a next token, (B * (T - 1), hidden):
     all of the teacher that :func:`kd_loss_from` needs besides its output head (a caller scoring many students
     against one teacher computes them once)."""
@@ -95,7 +96,7 @@ def teacher_states(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss_from(
-    model: nn.Module,
+    model: CausalLM,
     t_hidden: torch.Tensor,
     t_head: nn.Module,
     input_ids: torch.Tensor,
@@ -120,7 +121,7 @@ def kd_loss_from(
 
 
 @contextmanager
-def layer_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+def layer_checkpointing(model: CausalLM, enabled: bool = True) -> Iterator[None]:
     """Inside: every decoder layer of ``model`` runs under activation checkpointing (non-reentrant, so
     frozen inputs still pass gradients). Dropout stays as the modules' own train/eval flags set it:
     only the layer objects themselves are flagged as training, which transformers requires to checkpoint.
@@ -140,7 +141,7 @@ def layer_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None
     try:
         for m in layers:
             m.gradient_checkpointing = True
-            m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            m.__dict__["_gradient_checkpointing_func"] = partial(checkpoint, use_reentrant=False)
             m.training = True  # this object only: its attention and MLP keep their own flags
         yield
     finally:

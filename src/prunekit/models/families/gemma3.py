@@ -25,11 +25,11 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.models.gemma3 import modeling_gemma3
 
 from prunekit.models.adapters import ADAPTERS, QK_NORM_REFUSAL, ModelAdapter
 from prunekit.models.modeling import ClassNames
+from prunekit.models.types import CausalLM
 
 POST_NORMS = (
     "Gemma-3 normalises the attention and MLP outputs (post-attention / post-FFN norms) before they reach the "
@@ -107,7 +107,7 @@ class Gemma3Adapter(ModelAdapter):
     def rope_parameters(self, config: Any) -> dict[str, Any]:
         return dict((getattr(config, "rope_parameters", None) or {}).get("full_attention") or {})
 
-    def llama_cpp_uniform_refusal(self, model: nn.Module, sizes: list[Any]) -> str | None:
+    def llama_cpp_uniform_refusal(self, model: CausalLM, sizes: list[Any]) -> str | None:
         config = model.config
         if getattr(config, "attn_logit_softcapping", None) is not None:
             return "it soft-caps attention logits (attn_logit_softcapping), which that graph does not"
@@ -118,21 +118,21 @@ class Gemma3Adapter(ModelAdapter):
             return f"its sliding layers scale their rotary frequencies ({local.get('rope_type')}); that graph does not"
         return None
 
-    def attention_scale_ratio(self, model: nn.Module) -> float:
+    def attention_scale_ratio(self, model: CausalLM) -> float:
         """The config's attention scale over the one llama.cpp's gemma3 graph applies."""
         config = model.config
         n_layers, heads = len(self.layers(model)), self.layer_sizes(model, 0).num_attention_heads
         width = config.hidden_size / heads if n_layers == 62 else self.head_dim(model)  # llama.cpp: its 27B by depth
         return math.sqrt(width / float(config.query_pre_attn_scalar))
 
-    def gguf_tensor(self, name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    def gguf_tensor(self, name: str, tensor: torch.Tensor, model: CausalLM) -> torch.Tensor:
         out = super().gguf_tensor(name, tensor, model)
         if name.endswith("self_attn.q_norm.weight"):
             ratio = self.attention_scale_ratio(model)
             return out * ratio if ratio != 1.0 else out
         return out
 
-    def gguf_metadata(self, writer: Any, model: nn.Module) -> None:
+    def gguf_metadata(self, writer: Any, model: CausalLM) -> None:
         import gguf
 
         config = model.config

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from transformers.models.qwen2 import modeling_qwen2
 
 from prunekit.models.adapters import ADAPTERS, ModelAdapter
+from prunekit.models.types import CausalLM
 
 
 class Qwen2Adapter(ModelAdapter):
@@ -21,7 +21,7 @@ class Qwen2Adapter(ModelAdapter):
     llama_cpp_arch = "qwen2"
     llama_cpp_per_layer_arch = "deci"  # it reads q/k/v, o_proj and down_proj biases too
 
-    def llama_cpp_uniform_refusal(self, model: nn.Module, sizes: list[Any]) -> str | None:
+    def llama_cpp_uniform_refusal(self, model: CausalLM, sizes: list[Any]) -> str | None:
         # llama.cpp's qwen2 graph sizes q_proj by the embedding width.
         if sizes[0].num_attention_heads * self.head_dim(model) != model.config.hidden_size:
             return "its query heads x head_dim differ from the hidden size, which that graph sizes q_proj by"

@@ -260,9 +260,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         with _memoized_tensor_name_map():
             config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             # Config values transformers' GGUF reader leaves out for the family (Qwen3's head_dim, Gemma-3's layers)
-            family_of_gguf(summary["architecture"]).complete_gguf_config(
-                config, summary["metadata"], summary["architecture"]
-            )
+            family = family_of_gguf(summary["architecture"])
+            assert family is not None, "_check_gguf_file refuses architectures no family reads"
+            family.complete_gguf_config(config, summary["metadata"], summary["architecture"])
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, config=config, dtype=torch.float32
             ).eval()

@@ -192,6 +192,8 @@ def _materialize_hf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
+    assert spec.repo_id is not None, "an hf: spec names its repository (_parse_hf)"
+
     log.info("downloading %s (revision %s) from the Hugging Face Hub", spec.repo_id, spec.revision or "main")
     try:
         # config.json first: an architecture no family reads is refused before any weight is downloaded.

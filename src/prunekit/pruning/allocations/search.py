@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import AllocationSearchParams
 from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
 from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, plan_of_counts, removed_params
@@ -246,7 +247,7 @@ ALLOCATIONS.register(Searched.name)(Searched())
 
 
 def candidate_objective(
-    model: nn.Module,
+    model: CausalLM,
     adapter: Any,
     calibration: torch.Tensor,
     batch_size: int,

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.base import LayerCriterion, ScoreRequest, Scores
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import CONSUMERS, DOWN_PROJ, O_PROJ
@@ -53,7 +54,7 @@ def mean_key(role: str, layer: int) -> str:
     return f"{AUX_MEAN_PREFIX}{role}.{layer}"
 
 
-def projection(adapter: ModelAdapter, layer: nn.Module, role: str) -> nn.Linear:
+def projection(adapter: ModelAdapter, layer: Submodule, role: str) -> nn.Linear:
     """The ``o_proj`` or ``down_proj`` module of ``layer``."""
     if role == O_PROJ:
         return getattr(adapter.attention(layer), adapter.o)
@@ -115,7 +116,7 @@ class ChannelStats:
 
 @contextmanager
 def input_stats_hooks(
-    model: nn.Module, adapter: ModelAdapter, layers: list[int]
+    model: CausalLM, adapter: ModelAdapter, layers: list[int]
 ) -> Iterator[dict[tuple[str, int], ChannelStats]]:
     """Forward pre-hooks that stream the inputs of o_proj / down_proj of ``layers`` into ChannelStats.
 
@@ -145,7 +146,7 @@ def input_stats_hooks(
 
 @torch.no_grad()
 def collect_input_stats(
-    model: nn.Module, adapter: ModelAdapter, layers: list[int], calibration: torch.Tensor, batch_size: int
+    model: CausalLM, adapter: ModelAdapter, layers: list[int], calibration: torch.Tensor, batch_size: int
 ) -> dict[tuple[str, int], ChannelStats]:
     """Statistics of the o_proj / down_proj inputs of ``layers`` over all calibration tokens (on the CPU).
 
@@ -178,7 +179,7 @@ class LayerChannels:
         return self.o if role == O_PROJ else self.down
 
 
-def layer_geometry(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int, int]:
+def layer_geometry(adapter: ModelAdapter, layer: Submodule) -> tuple[int, int, int]:
     """(o_proj columns per query head, query heads, k/v heads) of ``layer``, true after slicing too.
 
     The k/v head count comes from k_proj's rows (per q/k head width) and the query heads per k/v head from
@@ -216,14 +217,14 @@ class ActivationCriterion(LayerCriterion):
                     f"criterion '{self.name}' does not support unit type '{unit}' (supported: {', '.join(supported)})"
                 )
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
+    def check(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> None:
         self.check_units(req.units)
 
-    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _StatsProbe:
+    def probe(self, adapter: ModelAdapter, idx: int, layer: Submodule, req: ScoreRequest) -> _StatsProbe:
         return _StatsProbe(self, adapter, idx, layer, list(req.units))
 
     def layer_scores(
-        self, adapter: ModelAdapter, idx: int, layer: nn.Module, units: list[str], stats: dict[str, ChannelStats]
+        self, adapter: ModelAdapter, idx: int, layer: Submodule, units: list[str], stats: dict[str, ChannelStats]
     ) -> tuple[Scores, dict[str, torch.Tensor]]:
         """(scores, channel means) of layer ``idx`` from its projections' input statistics (``stats[role]``)."""
         hd, heads, kv = layer_geometry(adapter, layer)
@@ -249,7 +250,7 @@ class _StatsProbe:
     """Input statistics of one layer's o_proj and down_proj, turned into its scores at the end."""
 
     def __init__(
-        self, criterion: ActivationCriterion, adapter: ModelAdapter, idx: int, layer: nn.Module, units: list[str]
+        self, criterion: ActivationCriterion, adapter: ModelAdapter, idx: int, layer: Submodule, units: list[str]
     ) -> None:
         self.criterion, self.adapter, self.idx, self.layer, self.units = criterion, adapter, idx, layer, units
         self.stats = {role: ChannelStats() for role in ROLES}

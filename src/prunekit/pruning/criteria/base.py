@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pipeline.params import ScoreParams
 from prunekit.pruning.units import UNITS
 from prunekit.registry import Registry
@@ -48,7 +48,7 @@ class Criterion(ABC):
     quantized_base = False
 
     @abstractmethod
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def score(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         """Importance of each unit of each requested type and layer."""
 
 
@@ -73,18 +73,18 @@ class LayerCriterion(Criterion):
     # False: the scores read only the weights (no calibration forward pass).
     needs_forward = True
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
+    def check(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> None:
         """Refuse unsupported requests before any work (``model``'s shapes are real, its weights may be meta)."""
 
     @abstractmethod
-    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> LayerProbe:
+    def probe(self, adapter: ModelAdapter, idx: int, layer: Submodule, req: ScoreRequest) -> LayerProbe:
         """Attach to layer ``idx`` (its weights loaded) before the calibration batches pass it."""
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def score(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         return self.score_with_aux(model, adapter, req)[0]
 
     def score_with_aux(
-        self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest
+        self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest
     ) -> tuple[Scores, dict[str, torch.Tensor]]:
         """(scores, side data such as channel means) of a model held in memory."""
         self.check(model, adapter, req)
@@ -119,7 +119,7 @@ class LayerCriterion(Criterion):
         parts: list[tuple[Scores, dict[str, torch.Tensor]]] = []
 
         @contextmanager
-        def around(idx: int, layer: nn.Module):  # type: ignore[no-untyped-def]
+        def around(idx: int, layer: Submodule) -> Iterator[None]:
             if idx not in wanted:
                 yield
                 return
@@ -152,7 +152,7 @@ def _merge(parts: Any) -> tuple[Scores, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def forward_decoder(model: nn.Module, calibration: torch.Tensor, batch_size: int) -> None:
+def forward_decoder(model: CausalLM, calibration: torch.Tensor, batch_size: int) -> None:
     """The decoder alone over the calibration windows, in eval mode, no KV cache (probes read its layers)."""
     from tqdm.auto import tqdm
 
@@ -168,7 +168,7 @@ def forward_decoder(model: nn.Module, calibration: torch.Tensor, batch_size: int
 
 
 def reduce_elementwise(
-    model: nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     req: ScoreRequest,
     elementwise: Callable[[torch.Tensor], torch.Tensor],
@@ -185,7 +185,7 @@ def reduce_elementwise(
 def reduce_layer(
     adapter: ModelAdapter,
     idx: int,
-    layer: nn.Module,
+    layer: Submodule,
     units: list[str],
     elementwise: Callable[[torch.Tensor], torch.Tensor],
 ) -> Scores:

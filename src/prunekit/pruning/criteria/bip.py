@@ -63,6 +63,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.base import CRITERIA, LayerCriterion, ScoreRequest, Scores, forward_decoder
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import DOWN_PROJ, O_PROJ
@@ -118,7 +119,7 @@ def _spectral(w: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(w, ord=2))
 
 
-def _layer_constants(adapter: ModelAdapter, layer: nn.Module, lip_cache: dict[str, float]) -> _LayerConstants:
+def _layer_constants(adapter: ModelAdapter, layer: Submodule, lip_cache: dict[str, float]) -> _LayerConstants:
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     w_g = getattr(mlp, adapter.gate).weight.detach()
     # Half-precision models are bounded in float32; float64 models keep float64.
@@ -236,7 +237,7 @@ class _LayerRecorder:
     def __init__(
         self,
         idx: int,
-        layer: nn.Module,
+        layer: Submodule,
         adapter: ModelAdapter,
         consts: _LayerConstants,
         units: list[str],
@@ -321,7 +322,7 @@ class BIPCriterion(LayerCriterion):
     def __init__(self) -> None:
         self.lip_cache: dict[str, float] = {}  # sup |act'| per activation function (deterministic)
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
+    def check(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> None:
         layers = adapter.layers(model)
         for unit in req.units:
             ut = UNITS.get(unit)
@@ -332,13 +333,13 @@ class BIPCriterion(LayerCriterion):
 
     @torch.no_grad()
     def probe(
-        self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest, sink: Sink | None = None
+        self, adapter: ModelAdapter, idx: int, layer: Submodule, req: ScoreRequest, sink: Sink | None = None
     ) -> _LayerRecorder:
         consts = _layer_constants(adapter, layer, self.lip_cache)
         units, bound = list(req.units), req.options.bip_bound
         return _LayerRecorder(idx, layer, adapter, consts, units, bound, sink, int(req.calibration.numel()))
 
-    def token_bounds(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def token_bounds(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         """Per-token bounds, ``"<unit>.<layer>" -> (N * T, count)`` in calibration order (for checks)."""
         parts: dict[str, list[torch.Tensor]] = {}
         self.check(model, adapter, req)

@@ -20,6 +20,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.base import CRITERIA, LayerCriterion, ScoreRequest, Scores
 from prunekit.pruning.units import UNITS
 
@@ -31,7 +32,7 @@ class BlockInfluence(LayerCriterion):
 
     name = "block_influence"
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> None:
+    def check(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> None:
         for unit in req.units:
             if not UNITS.get(unit).whole_layer:
                 whole = [n for n, u in UNITS.items() if u.whole_layer]
@@ -40,19 +41,19 @@ class BlockInfluence(LayerCriterion):
                     f"{', '.join(whole)} (whole decoder layers)"
                 )
 
-    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _CosineProbe:
+    def probe(self, adapter: ModelAdapter, idx: int, layer: Submodule, req: ScoreRequest) -> _CosineProbe:
         return _CosineProbe(idx, layer, int(req.calibration.numel()))
 
 
 class _CosineProbe:
     """Sum over tokens of cos(layer input, layer output), in float64, from hooks on the layer."""
 
-    def __init__(self, idx: int, layer: nn.Module, n_tokens: int) -> None:
+    def __init__(self, idx: int, layer: Submodule, n_tokens: int) -> None:
         self.idx, self.n_tokens = idx, n_tokens
         self.total = torch.zeros((), dtype=torch.float64)
         self.handle = layer.register_forward_hook(self._add, with_kwargs=True)
 
-    def _add(self, _m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+    def _add(self, _m: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
         h_in = args[0] if args else kwargs["hidden_states"]
         a, b = h_in.detach().to(torch.float64), _hidden(out).detach().to(h_in.device, torch.float64)
         self.total += F.cosine_similarity(a, b, dim=-1).sum().cpu()

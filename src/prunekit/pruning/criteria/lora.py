@@ -52,6 +52,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores
 from prunekit.pruning.criteria.taylor import accumulate_lm_gradients, gradient_scope
 from prunekit.pruning.units import UNITS
@@ -71,7 +72,7 @@ def lora_gradient_estimate(
     return scaling * (grad_b @ a + b @ grad_a - lr * (grad_b @ grad_a))
 
 
-def missing_targets(adapter: ModelAdapter, layer: nn.Module, units: list[str], targets: list[str]) -> list[str]:
+def missing_targets(adapter: ModelAdapter, layer: Submodule, units: list[str], targets: list[str]) -> list[str]:
     """Weight members of ``units`` in ``layer`` whose module is not a LoRA target (paths, sorted)."""
     missing = set()
     for unit in units:
@@ -83,7 +84,7 @@ def missing_targets(adapter: ModelAdapter, layer: nn.Module, units: list[str], t
 
 
 @contextmanager
-def attached_lora(model: nn.Module, lc: LoraSettings) -> Iterator[nn.Module]:
+def attached_lora(model: CausalLM, lc: LoraSettings) -> Iterator[nn.Module]:
     """Fresh LoRA adapters on ``lc.target_modules`` of ``lc.layers`` (the one trainer's :func:`attach_lora`).
 
     On exit the adapters are unloaded without merging and every ``requires_grad`` flag is restored
@@ -112,14 +113,14 @@ class LoraFactors:
     scaling: float
 
 
-def collect_factors(model: nn.Module) -> dict[nn.Module, LoraFactors]:
+def collect_factors(model: CausalLM) -> dict[nn.Module, LoraFactors]:
     """The adapters of every peft LoRA layer in ``model``, keyed by the base module they adapt (a Linear or a
     quantized module of a frozen quantized base).
 
     The factors are small (r * (in + out) each): keeping them lets the adapters go before the
     weight-sized importances are built, one layer at a time.
     """
-    out: dict[nn.Parameter, LoraFactors] = {}
+    out: dict[nn.Module, LoraFactors] = {}
     for module in model.modules():
         if ADAPTER in getattr(module, "lora_A", {}):
             a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
@@ -127,7 +128,7 @@ def collect_factors(model: nn.Module) -> dict[nn.Module, LoraFactors]:
     return out
 
 
-def frozen_weight(module: nn.Module) -> torch.Tensor:
+def frozen_weight(module: Submodule) -> torch.Tensor:
     """The (out x in) weight a base module computes with: a Linear's own, a quantized module's dequantized."""
     from prunekit.quant.backend import backend_of, is_quantized
 
@@ -146,7 +147,7 @@ class LoraCriterion(Criterion):
     name = "lora"
     quantized_base = True
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def score(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         cfg = req.options
         lc = LoraSettings.from_params(cfg.lora, req.seed, "score.lora", layers=tuple(req.layers))
         layers = adapter.layers(model)
@@ -185,7 +186,7 @@ class LoraCriterion(Criterion):
 
 
 def unit_importance(
-    adapter: ModelAdapter, layer: nn.Module, unit: str, factors: dict[nn.Module, LoraFactors], lr: float
+    adapter: ModelAdapter, layer: Submodule, unit: str, factors: dict[nn.Module, LoraFactors], lr: float
 ) -> torch.Tensor:
     """The scores of ``unit``'s units in ``layer``: each member read through its module (a quantized base module
     has no float weight parameter, only its codes)."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.criteria.base import CRITERIA, Criterion, LayerCriterion, ScoreRequest, Scores, reduce_layer
 from prunekit.pruning.units import UNITS
 
@@ -16,7 +16,7 @@ class RandomCriterion(Criterion):
     name = "random"
     shapes_only = True  # reads the unit counts only: scores a model whose weights are still on disk
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def score(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         gen = torch.Generator().manual_seed(req.seed)
         layers = adapter.layers(model)
         return {
@@ -46,10 +46,11 @@ class MagnitudeCriterion(LayerCriterion):
 
     @staticmethod
     def elementwise(w: torch.Tensor) -> torch.Tensor:
+        """What each weight contributes."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def probe(self, adapter: ModelAdapter, idx: int, layer: nn.Module, req: ScoreRequest) -> _WeightProbe:
+    def probe(self, adapter: ModelAdapter, idx: int, layer: Submodule, req: ScoreRequest) -> _WeightProbe:
         units = [u for u in req.units if idx in UNITS.get(u).score_layers(req.layers)]
         return _WeightProbe(reduce_layer(adapter, idx, layer, units, lambda p: self.elementwise(p.detach())))
 
@@ -58,14 +59,20 @@ class L1Criterion(MagnitudeCriterion):
     """Sum over the unit's weights of |w| (LLM-Pruner ``l1``)."""
 
     name = "l1"
-    elementwise = staticmethod(torch.abs)
+
+    @staticmethod
+    def elementwise(w: torch.Tensor) -> torch.Tensor:
+        return w.abs()
 
 
 class L2Criterion(MagnitudeCriterion):
     """Sum over the unit's weights of w^2: the squared L2 norm (LLM-Pruner ``l2``; same ranking as the norm)."""
 
     name = "l2"
-    elementwise = staticmethod(torch.square)
+
+    @staticmethod
+    def elementwise(w: torch.Tensor) -> torch.Tensor:
+        return w.square()
 
 
 for _c in (RandomCriterion(), L1Criterion(), L2Criterion()):

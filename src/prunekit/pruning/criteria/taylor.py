@@ -37,17 +37,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pruning.criteria.base import CRITERIA, Criterion, ScoreRequest, Scores, reduce_elementwise
 from prunekit.pruning.units import UNITS
 from prunekit.training.loss import layer_checkpointing, lm_loss
 
 log = logging.getLogger(__name__)
 
-GradMap = dict[nn.Parameter, torch.Tensor]  # parameter (by identity) -> a tensor of its shape
+GradMap = dict[torch.Tensor, torch.Tensor]  # parameter (by identity) -> a tensor of its shape
 
 
 def accumulate_lm_gradients(
-    model: nn.Module,
+    model: CausalLM,
     calibration: torch.Tensor,
     batch_size: int,
     after_batch: Callable[[], None] | None = None,
@@ -77,7 +78,7 @@ def accumulate_lm_gradients(
         model.train(was_training)
 
 
-def member_parameters(model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> list[nn.Parameter]:
+def member_parameters(model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> list[nn.Parameter]:
     """The parameters the requested units own in the requested layers (each once, in model order)."""
     layers = adapter.layers(model)
     wanted = {
@@ -90,7 +91,7 @@ def member_parameters(model: nn.Module, adapter: ModelAdapter, req: ScoreRequest
 
 
 @contextmanager
-def gradient_scope(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Iterator[None]:
+def gradient_scope(model: CausalLM, trainable: Iterable[nn.Parameter]) -> Iterator[None]:
     """Inside: exactly ``trainable`` requires grad, starting from ``.grad = None``. On exit every
     parameter gets back its ``requires_grad`` flag and its previous ``.grad`` (criteria leave no trace).
 
@@ -111,14 +112,14 @@ def gradient_scope(model: nn.Module, trainable: Iterable[nn.Parameter]) -> Itera
             p.requires_grad_(flag)
 
 
-def mean_gradients(model: nn.Module, params: list[nn.Parameter], req: ScoreRequest) -> GradMap:
+def mean_gradients(model: CausalLM, params: list[nn.Parameter], req: ScoreRequest) -> GradMap:
     """g = dL/dw of the mean NLL over all calibration windows, batched by ``req.batch_size``."""
     accumulate_lm_gradients(model, req.calibration, req.batch_size, checkpointing=req.options.gradient_checkpointing)
     return {p: p.grad for p in params if p.grad is not None}
 
 
 def per_sample_statistics(
-    model: nn.Module, params: list[nn.Parameter], req: ScoreRequest, with_mean: bool
+    model: CausalLM, params: list[nn.Parameter], req: ScoreRequest, with_mean: bool
 ) -> tuple[GradMap | None, GradMap]:
     """(g, F): the mean gradient (only if ``with_mean``) and the diagonal empirical Fisher
     ``F = 1/N * sum_s g_s^2`` from one backward pass per calibration window (LLM-Pruner's ``acc_grad``).
@@ -127,8 +128,8 @@ def per_sample_statistics(
     ``g = sum_s (g_s / N)`` and ``F = N * sum_s (g_s / N)^2``. Accumulators are float32.
     """
     n = req.calibration.shape[0]
-    fisher = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
-    mean = {p: torch.zeros_like(p, dtype=torch.float32) for p in params} if with_mean else None
+    fisher: GradMap = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
+    mean: GradMap | None = {p: torch.zeros_like(p, dtype=torch.float32) for p in params} if with_mean else None
 
     def collect() -> None:
         for p in params:
@@ -168,7 +169,7 @@ class TaylorCriterion(Criterion):
         """Turn a unit's summed elementwise quantity into its score (identity by default)."""
         return unit_sum
 
-    def score(self, model: nn.Module, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
+    def score(self, model: CausalLM, adapter: ModelAdapter, req: ScoreRequest) -> Scores:
         params = member_parameters(model, adapter, req)
         with gradient_scope(model, params):
             if self.needs_fisher:
@@ -195,6 +196,7 @@ class ParamFirst(TaylorCriterion):
     name = "param_first"
 
     def elementwise(self, w: torch.Tensor, g: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
+        assert g is not None  # needs_mean
         return (w * g).abs()
 
 
@@ -209,6 +211,7 @@ class Vectorize(TaylorCriterion):
     name = "vectorize"
 
     def elementwise(self, w: torch.Tensor, g: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
+        assert g is not None  # needs_mean
         return w.double() * g.double()
 
     def finish(self, unit_sum: torch.Tensor) -> torch.Tensor:
@@ -223,6 +226,7 @@ class ParamSecond(TaylorCriterion):
     needs_fisher = True
 
     def elementwise(self, w: torch.Tensor, g: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
+        assert f is not None  # needs_fisher
         return w * f * w
 
 
@@ -233,6 +237,7 @@ class ParamMix(TaylorCriterion):
     needs_fisher = True
 
     def elementwise(self, w: torch.Tensor, g: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
+        assert g is not None and f is not None  # needs_mean, needs_fisher
         return (w * g - 0.5 * w * f * w).abs()
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import AllocationSearchParams, PruneParams, ScheduleParams, ScoreParams
 from prunekit.pruning.allocations import ALLOCATIONS, make_plan
 from prunekit.pruning.plan import Plan, PlanRequest
@@ -65,7 +66,7 @@ class Cut:
         values = {name: getattr(prune, name) for name in shared}
         return cls(**values | {"units": list(prune.units), "round_to": dict(prune.round_to), "criterion": criterion})
 
-    def layers(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
+    def layers(self, model: CausalLM, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
         from prunekit.pruning.slicing import prunable_layers
 
@@ -73,7 +74,7 @@ class Cut:
 
     def request(
         self,
-        model: nn.Module,
+        model: CausalLM,
         adapter: ModelAdapter,
         fraction: float,
         original: int,
@@ -97,7 +98,7 @@ class Cut:
             req = dataclasses.replace(req, search=self.searcher(model, adapter, job, label))
         return req
 
-    def searcher(self, model: nn.Module, adapter: ModelAdapter, job: PruneJob | None, label: str) -> Any:
+    def searcher(self, model: CausalLM, adapter: ModelAdapter, job: PruneJob | None, label: str) -> Any:
         """The allocation search of a cut of ``model``: candidates scored as this cut would produce them."""
         from prunekit.pruning.allocations.search import AllocationSearch, candidate_objective
 
@@ -123,7 +124,7 @@ class Cut:
         return req.search.rows() if req.search is not None else []
 
     def refit(
-        self, model: nn.Module, adapter: ModelAdapter, plan: Plan, job: PruneJob, reference: nn.Module | None = None
+        self, model: CausalLM, adapter: ModelAdapter, plan: Plan, job: PruneJob, reference: nn.Module | None = None
     ) -> list[Any]:
         """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: []).
         ``reference``: the dense model of ``model``'s shapes whose layer outputs the refit follows (default:
@@ -141,7 +142,7 @@ class PruneJob:
     """Everything a schedule may need. Training data and calibration tokens are only read by schedules
     that train or rescore, so they come as loaders."""
 
-    model: nn.Module
+    model: CausalLM
     tokenizer: Any
     adapter: ModelAdapter
     scores: dict[str, torch.Tensor]  # "<unit>.<layer>" -> scores of ``model``'s units (the score stage's)
@@ -201,7 +202,7 @@ class PruneJob:
 
 @dataclass
 class PruneResult:
-    model: nn.Module  # the smaller model (physically sliced)
+    model: CausalLM  # the smaller model (physically sliced)
     plan: Plan  # kept units, numbered as in the job's model; params_after counts the returned model
     log: list[dict[str, Any]] = field(default_factory=list)  # per step or per shot, for the metrics
     fits: list[Any] = field(default_factory=list)  # reconstruction.ProjectionFit of every refit projection

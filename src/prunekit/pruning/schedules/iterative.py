@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.allocations import ALLOCATIONS, make_plan
 from prunekit.pruning.plan import Plan, PlanRequest
 from prunekit.pruning.schedules.base import SCHEDULES, Cut, PruneJob, PruneResult, Schedule
@@ -90,7 +91,7 @@ class UnitMasks:
     module sits at each path when :meth:`attach` runs (a peft LoRA layer wraps base and adapter together).
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int]) -> None:
+    def __init__(self, model: CausalLM, adapter: ModelAdapter, units: list[str], layers: list[int]) -> None:
         self.adapter, self.units, self.layers = adapter, list(units), list(layers)
         self.slots: list[_Slot] = []
         self.sizes: dict[tuple[int, str, str], int] = {}
@@ -125,7 +126,7 @@ class UnitMasks:
                 masks[(s.layer, s.module, s.side)] *= keep.float()
         self.masks = masks
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: CausalLM) -> None:
         """Hook every masked module of ``model`` (its current modules: plain or LoRA-wrapped)."""
         self.detach()
         layers = self.adapter.layers(model)
@@ -163,7 +164,7 @@ class UnitMasks:
 
 
 def training_lora_scores(
-    peft_model: nn.Module, adapter: ModelAdapter, units: list[str], layers: list[int], lr: float
+    peft_model: CausalLM, adapter: ModelAdapter, units: list[str], layers: list[int], lr: float
 ) -> dict[str, torch.Tensor]:
     """``"<unit>.<layer>"`` -> lora importance per unit from the adapters being trained and their current grads."""
     from prunekit.pruning.criteria.lora import ADAPTER, LoraFactors, element_importance
@@ -177,7 +178,7 @@ def training_lora_scores(
             values = {}
             for m in ut.members(adapter, layer):
                 module_path, attr = m.path.rsplit(".", 1)
-                mod = layer.get_submodule(module_path)
+                mod: Submodule = layer.get_submodule(module_path)
                 if ADAPTER not in getattr(mod, "lora_A", {}):
                     raise PrunekitError(f"schedule.lora.target_modules must cover '{module_path}' (unit {unit})")
                 base = mod.get_base_layer()
@@ -229,7 +230,7 @@ class IterativeSettings:
 class _Masking:
     """The schedule's pruning state: smoothed scores, the plan the masks follow, the log per step."""
 
-    def __init__(self, peft_model: nn.Module, adapter: ModelAdapter, masks: UnitMasks, req: PlanRequest,
+    def __init__(self, peft_model: CausalLM, adapter: ModelAdapter, masks: UnitMasks, req: PlanRequest,
                  allocation: str, cfg: IterativeSettings) -> None:  # fmt: skip
         self.peft_model, self.adapter, self.masks, self.req = peft_model, adapter, masks, req
         self.allocation, self.cfg = allocation, cfg
@@ -287,7 +288,7 @@ class _Masking:
 
 
 def iterative_prune(
-    model: nn.Module,
+    model: CausalLM,
     adapter: ModelAdapter,
     blocks: torch.Tensor,
     req: PlanRequest,

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.schedules.base import SCHEDULES, Cut, PruneJob, PruneResult, Schedule
 from prunekit.pruning.schedules.state import read_state, write_state
@@ -44,7 +45,7 @@ class KeptUnits:
     their parent is kept; a removed layer takes its units with it.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, units: list[str]) -> None:
+    def __init__(self, model: CausalLM, adapter: ModelAdapter, units: list[str]) -> None:
         layers = adapter.layers(model)
         self.units = list(units)
         self.layer_ids = list(range(len(layers)))  # current layer -> dense layer
@@ -61,7 +62,7 @@ class KeptUnits:
     def _count(adapter: ModelAdapter, layers: nn.ModuleList, unit: str, idx: int) -> int:
         return UNITS.get(unit).count(adapter, layers[idx])
 
-    def cut(self, model: nn.Module, adapter: ModelAdapter, plan: Plan) -> None:
+    def cut(self, model: CausalLM, adapter: ModelAdapter, plan: Plan) -> None:
         """Record ``plan``, made for ``model`` as it is now (call before applying it)."""
         layers = adapter.layers(model)
         dropped = {cur for u in plan.keep if UNITS.get(u).whole_layer for cur, kept in plan.keep[u].items() if not kept}
@@ -149,7 +150,7 @@ class KShotSettings:
 
 def kshot_prune(
     job: PruneJob, cfg: KShotSettings, stop_after: int | None = None
-) -> tuple[nn.Module, Plan, list[dict[str, Any]]]:
+) -> tuple[CausalLM, Plan, list[dict[str, Any]]]:
     """TransAct's k shots (module docstring); returns (final model, plan on the dense model, a record per shot).
 
     Shot 1 cuts with ``job.scores``; later shots score the current model with ``job.cut.criterion`` on
@@ -171,7 +172,7 @@ def kshot_prune(
     records: list[dict[str, Any]] = []
     start = 1
     state = read_state(job.state_dir, job.state_key) if job.state_dir is not None else None
-    if state is not None:
+    if state is not None and job.state_dir is not None:
         p = next(model.parameters())
         dtype, device = str(p.dtype).removeprefix("torch."), str(p.device)
         model, _, adapter = load_model(job.state_dir / "model", dtype, device)
@@ -184,9 +185,9 @@ def kshot_prune(
         if shot == 1:
             scores = job.scores
         else:
-            req = ScoreRequest(list(cut.units), cut.layers(model, adapter), job.calibration_tokens(),
-                               job.score_batch_size, job.seed + shot, job.score_options)  # fmt: skip
-            scores = CRITERIA.get(cut.criterion).score(model, adapter, req)
+            score_req = ScoreRequest(list(cut.units), cut.layers(model, adapter), job.calibration_tokens(),
+                                     job.score_batch_size, job.seed + shot, job.score_options)  # fmt: skip
+            scores = CRITERIA.get(cut.criterion).score(model, adapter, score_req)
         req = cut.request(model, adapter, fraction, original, job, label=f"shot {shot}")
         plan = cut.plan(scores, req)
         trials = cut.trials(req)
@@ -203,7 +204,7 @@ def kshot_prune(
         if job.state_dir is not None and shot < cfg.shots:
             record = {"shot": shot, "records": records, "original_params": original, "kept": kept.to_json()}
 
-            def write(tmp: Path, model: nn.Module = model, adapter: ModelAdapter = adapter) -> None:
+            def write(tmp: Path, model: CausalLM = model, adapter: ModelAdapter = adapter) -> None:
                 save_model(model, adapter, job.tokenizer, tmp / "model")
 
             write_state(job.state_dir, job.state_key, record, write)

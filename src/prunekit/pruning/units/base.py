@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.registry import Registry
 
 
@@ -69,7 +70,7 @@ class UnitType(ABC):
     # columns, and FLAP's compensation folds their means into that projection's bias. "": neither applies.
     input_of = ""
 
-    def input_width(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def input_width(self, adapter: ModelAdapter, layer: Submodule) -> int:
         """Input columns of ``input_of`` one unit owns: unit u owns ``[u * width, (u + 1) * width)``."""
         path = consumer_path(adapter, self.input_of)
         for m in self.members(adapter, layer):
@@ -92,22 +93,22 @@ class UnitType(ABC):
         return 0 if self.parent else 1
 
     @abstractmethod
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         """Number of units of this type in ``layer``."""
 
     @abstractmethod
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         """The weight slices each unit owns in ``layer``."""
 
-    def groups(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def groups(self, adapter: ModelAdapter, layer: Submodule) -> int:
         """Units form this many equal groups that must keep equal counts (1: no constraint)."""
         return 1
 
-    def refusal(self, adapter: ModelAdapter, model: nn.Module) -> str | None:
+    def refusal(self, adapter: ModelAdapter, model: CausalLM) -> str | None:
         """Why this unit type cannot prune ``model`` (read from its shapes), or None. Default: it always can."""
         return None
 
-    def params_per_unit(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def params_per_unit(self, adapter: ModelAdapter, layer: Submodule) -> int:
         """Parameters one unit holds in this layer (all members, biases included)."""
         total = 0
         for m in self.members(adapter, layer):
@@ -115,7 +116,7 @@ class UnitType(ABC):
             total += m.width * (p.numel() // p.shape[m.dim])
         return total
 
-    def reduce(self, adapter: ModelAdapter, layer: nn.Module, elementwise: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reduce(self, adapter: ModelAdapter, layer: Submodule, elementwise: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum a per-element quantity (keyed by member path) over each unit's slices -> (count,)."""
         n = self.count(adapter, layer)
         out = torch.zeros(n, dtype=torch.float64)
@@ -123,7 +124,7 @@ class UnitType(ABC):
             out += m.per_unit(elementwise[m.path], n).sum(dim=1).to(torch.float64).cpu()
         return out
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+    def apply(self, adapter: ModelAdapter, layer: Submodule, keep: torch.Tensor, mode: str) -> None:
         """Keep only units ``keep`` (sorted indices): ``mode="slice"`` shrinks, ``"mask"`` zeroes the rest."""
         for m in self.members(adapter, layer):
             owner, attr = _owner(layer, m.path)
@@ -138,7 +139,7 @@ class UnitType(ABC):
                 drop[rows] = False
                 p.data.index_fill_(m.dim, drop.nonzero().squeeze(1), 0.0)
 
-    def apply_model(self, model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
+    def apply_model(self, model: CausalLM, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
         """Apply ``keep`` (layer index -> kept unit indices) to the model; unit types that change the
         layer list (``whole_layer``) override this."""
         layers = adapter.layers(model)
@@ -167,7 +168,7 @@ def unit_indices(keep: torch.Tensor, width: int) -> torch.Tensor:
     return (keep.long().unsqueeze(1) * width + torch.arange(width)).reshape(-1)
 
 
-def _owner(layer: nn.Module, path: str) -> tuple[nn.Module, str]:
+def _owner(layer: Submodule, path: str) -> tuple[nn.Module, str]:
     module_path, _, attr = path.rpartition(".")
     return layer.get_submodule(module_path), attr
 

@@ -17,11 +17,11 @@ that a removed KV group takes its dims with it.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.modeling import HeadDimAttention
+from prunekit.models.types import Submodule
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 
@@ -37,14 +37,14 @@ def head_entries(kv: int, per_kv: int, n_rep: int, head_width: int, offsets: tup
     return ((g * n_rep + j) * head_width + i + off).reshape(kv * per_kv, -1)
 
 
-def _geometry(adapter: ModelAdapter, attn: nn.Module) -> tuple[int, int, int, int]:
+def _geometry(adapter: ModelAdapter, attn: Submodule) -> tuple[int, int, int, int]:
     """(k/v heads, query heads per k/v head, q/k head width, v head width), read from the weights."""
     qk, v = adapter.qk_head_dim(attn), adapter.v_head_dim(attn)
     kv = getattr(attn, adapter.k).out_features // qk
     return kv, getattr(attn, adapter.q).out_features // (kv * qk), qk, v
 
 
-def _kept_per_group(unit: str, attn: nn.Module, keep: torch.Tensor, kv: int, per_kv: int) -> int:
+def _kept_per_group(unit: str, attn: Submodule, keep: torch.Tensor, kv: int, per_kv: int) -> int:
     """The number of units every group keeps; PrunekitError unless all groups keep the same number (>= 1)."""
     counts = torch.bincount(keep.long() // per_kv, minlength=kv)
     if (counts != counts[0]).any() or counts[0] == 0:
@@ -63,14 +63,14 @@ class AttnQKDim(UnitType):
     description = "q/k rotary pair of a KV group: dims i and i+d/2 of its k head and all its query heads"
     parent = "attn_kv_group"
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         kv, _, qk, _ = _geometry(adapter, adapter.attention(layer))
         return kv * (qk // 2)
 
-    def groups(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def groups(self, adapter: ModelAdapter, layer: Submodule) -> int:
         return _geometry(adapter, adapter.attention(layer))[0]
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         attn = adapter.attention(layer)
         kv, n_rep, qk, _ = _geometry(adapter, attn)
         pairs = qk // 2
@@ -86,7 +86,7 @@ class AttnQKDim(UnitType):
                 out.append(Member(f"{a}.{proj}.bias", 0, index.shape[1], index))
         return out
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+    def apply(self, adapter: ModelAdapter, layer: Submodule, keep: torch.Tensor, mode: str) -> None:
         attn = adapter.attention(layer)
         kv, _, qk, _ = _geometry(adapter, attn)
         pairs = qk // 2
@@ -108,14 +108,14 @@ class AttnVODim(UnitType):
     description = "v/o dim of a KV group: a v_proj row of its k/v head and the o_proj column of each query head"
     parent = "attn_kv_group"
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         kv, _, _, v = _geometry(adapter, adapter.attention(layer))
         return kv * v
 
-    def groups(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def groups(self, adapter: ModelAdapter, layer: Submodule) -> int:
         return _geometry(adapter, adapter.attention(layer))[0]
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         attn = adapter.attention(layer)
         kv, n_rep, _, v = _geometry(adapter, attn)
         a = adapter.attn_path
@@ -126,7 +126,7 @@ class AttnVODim(UnitType):
             out.append(Member(f"{a}.{adapter.v}.bias", 0, 1))
         return out
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+    def apply(self, adapter: ModelAdapter, layer: Submodule, keep: torch.Tensor, mode: str) -> None:
         attn = adapter.attention(layer)
         kv, _, _, v = _geometry(adapter, attn)
         if mode != "slice":

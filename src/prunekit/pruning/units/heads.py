@@ -12,9 +12,8 @@ groups; ``parent`` tells the planner that a removed KV group already takes its q
 
 from __future__ import annotations
 
-from torch import nn
-
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import Submodule
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 
@@ -26,15 +25,15 @@ class AttnQueryHead(UnitType):
     parent = "attn_kv_group"
     input_of = "o_proj"
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         attn = adapter.attention(layer)
         return getattr(attn, adapter.q).out_features // adapter.qk_head_dim(attn)
 
-    def groups(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def groups(self, adapter: ModelAdapter, layer: Submodule) -> int:
         attn = adapter.attention(layer)
         return getattr(attn, adapter.k).out_features // adapter.qk_head_dim(attn)
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         attn = adapter.attention(layer)
         # q/k and v/o head widths differ once head dims are pruned (units/head_dims.py).
         qk, v = adapter.qk_head_dim(attn), adapter.v_head_dim(attn)

@@ -50,16 +50,16 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ROOT_ATTR, ModelAdapter, RootLink, config_head_dim
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 log = logging.getLogger(__name__)
 
 
-def model_of(adapter: ModelAdapter, layer: nn.Module) -> nn.Module:
+def model_of(adapter: ModelAdapter, layer: Submodule) -> CausalLM:
     """The model ``layer`` belongs to, through the link ``adapter.layers(model)`` set on it."""
     link = layer.__dict__.get(ROOT_ATTR)
     model = link.target if isinstance(link, RootLink) else None
@@ -69,7 +69,7 @@ def model_of(adapter: ModelAdapter, layer: nn.Module) -> nn.Module:
     return model
 
 
-def hidden_norms(adapter: ModelAdapter, model: nn.Module) -> list[nn.Module]:
+def hidden_norms(adapter: ModelAdapter, model: CausalLM) -> list[Submodule]:
     """Every RMSNorm over the hidden dimension: the family's per decoder layer, then the final norm."""
     norms = [layer.get_submodule(n) for layer in adapter.layers(model) for n in adapter.hidden_norms]
     return [*norms, model.get_decoder().norm]
@@ -85,10 +85,10 @@ class HiddenChannel(UnitType):
     )
     model_wide = True
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         return getattr(adapter.attention(layer), adapter.q).in_features
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         model = model_of(adapter, layer)
         # Model-relative names; a tied lm_head shares the embedding's parameter and is listed once.
         names = {id(p): n for n, p in model.named_parameters()}
@@ -99,7 +99,8 @@ class HiddenChannel(UnitType):
         out = [member(model.get_input_embeddings().weight, 1)]
         for lay in adapter.layers(model):
             attn, mlp = adapter.attention(lay), adapter.mlp(lay)
-            out += [member(lay.get_submodule(n).weight, 0) for n in adapter.hidden_norms]
+            norms: list[Submodule] = [lay.get_submodule(n) for n in adapter.hidden_norms]
+            out += [member(norm.weight, 0) for norm in norms]
             out += [member(getattr(attn, p).weight, 1) for p in (adapter.q, adapter.k, adapter.v)]
             out += [member(getattr(mlp, p).weight, 1) for p in (adapter.gate, adapter.up)]
             for proj in (getattr(attn, adapter.o), getattr(mlp, adapter.down)):
@@ -112,7 +113,7 @@ class HiddenChannel(UnitType):
             out.append(member(head.weight, 1))
         return out
 
-    def apply_model(self, model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
+    def apply_model(self, model: CausalLM, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
         layers = adapter.layers(model)
         d = self.count(adapter, layers[0])
         kept = sorted(set().union(*keep.values())) if keep else list(range(d))
@@ -142,7 +143,7 @@ class HiddenChannel(UnitType):
             )
 
 
-def rescale_norms(model: nn.Module, adapter: ModelAdapter, d: int, d_kept: int) -> None:
+def rescale_norms(model: CausalLM, adapter: ModelAdapter, d: int, d_kept: int) -> None:
     """Make RMSNorms over ``d_kept`` channels compute what they computed over ``d`` channels, of which
     ``d - d_kept`` were zero: weights times sqrt(d / d_kept), epsilon times d / d_kept (module docstring)."""
     ratio = d / d_kept
@@ -155,10 +156,10 @@ def rescale_norms(model: nn.Module, adapter: ModelAdapter, d: int, d_kept: int) 
     for layer in adapter.layers(model):
         attn = adapter.attention(layer)
         for proj, name in ((adapter.q, "q_norm"), (adapter.k, "k_norm")):
-            norm = getattr(attn, name, None)
-            if norm is None:
+            qk_norm = getattr(attn, name, None)
+            if qk_norm is None:
                 continue
-            norm.variance_epsilon = norm.variance_epsilon * ratio
+            qk_norm.variance_epsilon = qk_norm.variance_epsilon * ratio
             linear = getattr(attn, proj)
             linear.weight.data.mul_(math.sqrt(ratio))
             if linear.bias is not None:

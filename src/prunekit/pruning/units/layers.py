@@ -24,10 +24,10 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,13 @@ class DecoderLayerUnit(UnitType):
     description = "a whole decoder layer (depth pruning, ShortGPT): removed from the model"
     whole_layer = True
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         return 1
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         return [Member(path, 0, p.shape[0]) for path, p in layer.named_parameters()]
 
-    def apply_model(self, model: nn.Module, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
+    def apply_model(self, model: CausalLM, adapter: ModelAdapter, keep: dict[int, list[int]], mode: str) -> None:
         drop = sorted(idx for idx, kept in keep.items() if not kept)
         if mode == "slice":
             remove_layers(model, adapter, drop)
@@ -59,7 +59,7 @@ class DecoderLayerUnit(UnitType):
             self.apply(adapter, layers[idx], torch.zeros(0, dtype=torch.long), mode)
 
 
-def remove_layers(model: nn.Module, adapter: ModelAdapter, drop: list[int]) -> None:
+def remove_layers(model: CausalLM, adapter: ModelAdapter, drop: list[int]) -> None:
     """Delete decoder layers ``drop`` in place, renumber the rest and update the config."""
     layers = adapter.layers(model)
     n_old = len(layers)
@@ -73,7 +73,7 @@ def remove_layers(model: nn.Module, adapter: ModelAdapter, drop: list[int]) -> N
     for new_idx, layer in enumerate(layers):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
+                setattr(module, "layer_idx", new_idx)  # noqa: B010  (transformers' attribute on any submodule)
     configs = {id(c): c for c in (getattr(model, "config", None), getattr(model.get_decoder(), "config", None))}
     for config in configs.values():
         if config is not None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.modeling import HeadDimAttention
+from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.units.base import UNITS, Member, UnitType
 
 
@@ -17,11 +17,11 @@ class AttnKVGroup(UnitType):
     description = "attention KV group: one k/v head, its query heads, and their o_proj columns"
     input_of = "o_proj"
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         attn = adapter.attention(layer)
         return getattr(attn, adapter.k).out_features // adapter.qk_head_dim(attn)
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         attn = adapter.attention(layer)
         # q/k and v/o head widths differ once head dims are pruned (units/head_dims.py).
         qk, v = adapter.qk_head_dim(attn), adapter.v_head_dim(attn)
@@ -39,7 +39,7 @@ class AttnKVGroup(UnitType):
                 out.append(Member(f"{a}.{proj}.bias", 0, width))
         return out
 
-    def refusal(self, adapter: ModelAdapter, model: nn.Module) -> str | None:
+    def refusal(self, adapter: ModelAdapter, model: CausalLM) -> str | None:
         if all(self.count(adapter, layer) <= 1 for layer in adapter.layers(model)):
             return (
                 "every layer of this model has one key/value head, so a KV group is the layer's whole attention "
@@ -47,7 +47,7 @@ class AttnKVGroup(UnitType):
             )
         return None
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor, mode: str) -> None:
+    def apply(self, adapter: ModelAdapter, layer: Submodule, keep: torch.Tensor, mode: str) -> None:
         super().apply(adapter, layer, keep, mode)
         attn = adapter.attention(layer)
         if mode == "slice" and isinstance(attn, HeadDimAttention):
@@ -61,10 +61,10 @@ class MLPChannel(UnitType):
     description = "MLP channel: a row of gate_proj and up_proj and a column of down_proj"
     input_of = "down_proj"
 
-    def count(self, adapter: ModelAdapter, layer: nn.Module) -> int:
+    def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         return getattr(adapter.mlp(layer), adapter.gate).out_features
 
-    def members(self, adapter: ModelAdapter, layer: nn.Module) -> list[Member]:
+    def members(self, adapter: ModelAdapter, layer: Submodule) -> list[Member]:
         mlp = adapter.mlp(layer)
         m = adapter.mlp_path
         out = [
