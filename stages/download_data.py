@@ -14,11 +14,13 @@ log = logging.getLogger("prunekit.stages.download_data")
 
 
 def download_data(params: Params, out: Path) -> None:
-    """Write ``<role>.jsonl`` for every role of ``data`` to ``out``."""
-    from prunekit.data.sources import ROLES, load_documents
+    """Write ``<role>.jsonl`` for every role of ``data`` to ``out``, and the ``data`` params they come from
+    (``source.json``: the validate stage checks token counts against texts made from the current params)."""
+    from prunekit.data.sources import ROLES, SOURCE_RECORD, load_documents
     from prunekit.pipeline.outputs import atomic_dir
 
     with atomic_dir(out) as tmp:
+        (tmp / SOURCE_RECORD).write_text(json.dumps(params.data.model_dump(), indent=2, sort_keys=True) + "\n")
         for role in ROLES:
             docs = load_documents(getattr(params.data, role), role, text_field=params.data.text_field)
             with open(tmp / f"{role}.jsonl", "w") as f:

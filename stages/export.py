@@ -23,7 +23,10 @@ def export(
     from prunekit.quant.saving import ADAPTER_DIR
 
     e = params.export
-    types = choose_types(e.types, plan_file, unplanned=e.unplanned, embedding=e.embedding, output=e.output)
+    labels = {"default": "export.unplanned" if e.types == "plan" else "export.types", "embedding": "export.embedding",
+              "output": "export.output"}  # fmt: skip
+    types = choose_types(e.types, plan_file, unplanned=e.unplanned, embedding=e.embedding, output=e.output,
+                         labels=labels)  # fmt: skip
     tokenizer = base / TOKENIZER_GGUF
     lora = quantized / ADAPTER_DIR if e.lora and (quantized / ADAPTER_DIR).is_dir() else None
     summary = export_directory(model_dir, out, types, tokenizer_gguf=tokenizer if tokenizer.is_file() else None,

@@ -20,6 +20,7 @@ def quantize(
     from prunekit.pipeline.inputs import read_documents
     from prunekit.pipeline.outputs import write_json
     from prunekit.quant.backend import lora_custom_modules
+    from prunekit.quant.frozen import decoded_once
     from prunekit.quant.plan import check_plan, quant_targets, read_plan
     from prunekit.quant.realise import realise
     from prunekit.quant.saving import save_quantized
@@ -36,8 +37,9 @@ def quantize(
     if q.lora.steps > 0:
         stream = token_stream(tokenizer, read_documents(text, "training"))
         lora = LoraSettings.from_params(q.lora, params.seed, "quantize.lora")
-        peft_model, losses = train_lora(model, chunks(stream, q.lora.seq_len, "training"), lora, merge=False,
-                                        custom_modules=lora_custom_modules(), desc="QLoRA")  # fmt: skip
+        with decoded_once(model, q.lora.decode):
+            peft_model, losses = train_lora(model, chunks(stream, q.lora.seq_len, "training"), lora, merge=False,
+                                            custom_modules=lora_custom_modules(), desc="QLoRA")  # fmt: skip
     save_quantized(model, tokenizer, plan, settings, m.dtype, out, peft_model=peft_model)
     write_json(loss_file, [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)])
     line_plot(plot, range(1, len(losses) + 1), {"train loss": losses}, "step", "loss", "QLoRA")

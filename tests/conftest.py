@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,74 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prunekit.models.families  # noqa: F401  (registers the pruned Auto classes)
+
+# Every process the suite starts inherits this mark; none may outlive the session (pytest_sessionfinish).
+SESSION_MARK = "PRUNEKIT_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+# Shared Prefect servers that stages start stop soon after their last stage (default: 5 minutes).
+os.environ.setdefault("PRUNEKIT_PREFECT_IDLE_S", "15")
+LEFTOVER_WAIT_S = 90.0  # how long finished tests' servers may take to stop on their own
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group, for certain: SIGTERM,
+    then SIGKILL after ``grace_s``; never fails on how long it takes."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 60.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # the group's other members (a worker's flow-run processes) go too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes (not zombies) whose environment carries ``mark``."""
+    needle = f"{SESSION_MARK}={mark}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append((int(proc.name), cmdline))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No process the suite started is left: servers stopping on their own get ``LEFTOVER_WAIT_S``; what is left
+    then is killed and fails the session."""
+    mark = os.environ[SESSION_MARK]
+    deadline = time.time() + LEFTOVER_WAIT_S
+    left = marked_processes(mark)
+    while left and time.time() < deadline:
+        time.sleep(1)
+        left = marked_processes(mark)
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    listing = "\n".join(f"  {pid}: {cmd[:200]}" for pid, cmd in left)
+    session.config.get_terminal_writer().line(f"processes the tests started were still running (killed):\n{listing}",
+                                                red=True)  # fmt: skip
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_config(**overrides: object) -> LlamaConfig:
@@ -142,6 +211,7 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -155,8 +225,7 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 time.sleep(0.5)
         yield env
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_group(server)
         log.close()
 
 

@@ -163,6 +163,14 @@ def test_empty_file_gives_empty_role_error(tmp_path: Path) -> None:
 # --- hub specs (load_dataset faked) ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def answering_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub answers prunekit's probe (check_hub_reachable); datasets.load_dataset is faked where a test needs it."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo_id, **kwargs: {"id": repo_id})
+
+
 class FakeHub:
     """Stands in for datasets.load_dataset: records each call and serves small in-memory splits."""
 
@@ -327,3 +335,34 @@ def test_describe_sources_lists_every_registered_source() -> None:
     assert set(DATA_SOURCES.names()) <= set(names)
     assert {"python-docs", "hf:wikitext2", "hf:ptb", "hf:c4", "hf:alpaca-cleaned"} <= set(names)
     assert all(desc and "\n" not in desc for _, desc in rows)
+
+
+def test_an_unreachable_hub_is_refused_before_datasets_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request to the Hub first: when it cannot be reached, datasets is not called (it retries for tens of
+    seconds); in offline mode (HF_HUB_OFFLINE=1) datasets serves its cache without the request."""
+    import huggingface_hub
+
+    class TransportError(Exception):  # httpx's, recognised by name (the Hub client's HTTP library may vary)
+        pass
+
+    class ConnectError(TransportError):
+        pass
+
+    def unreachable(self: Any, repo_id: str, **kwargs: Any) -> Any:
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("datasets.load_dataset must not run")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(
+        PrunekitError, match=r"data.training 'hf:c4': the Hugging Face Hub is unreachable \(ConnectError"
+    ):
+        load_documents("hf:c4", "training")
+    fake = FakeHub({("allenai/c4", None, "train"): [{"text": "cached"}]})
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_documents("hf:c4", "training") == ["cached"]

@@ -168,6 +168,8 @@ def test_pickle_only_and_truncated_models_are_refused_clearly(tmp_path: Path, to
     [
         (["info", "{dir}"], "pickle", "only pickled weights"),
         (["info", "{dir}/missing"], "none", "config.json missing"),
+        (["export", "{dir}", "--out", "{dir}/m.gguf", "--type", "Q9_9"], "none", "--type 'Q9_9' is not one"),
+        (["export", "{dir}", "--out", "{dir}/m.gguf", "--embedding", "q7"], "none", "--embedding 'q7' is not one"),
     ],
 )
 def test_cli_refusals_are_one_line(tmp_path: Path, args: list[str], setup: str, message: str) -> None:

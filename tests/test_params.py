@@ -80,9 +80,18 @@ def test_repository_params_are_valid_and_complete() -> None:
         check_choices(params)
         # Every key the sections define is written in the file (no hidden defaults).
         raw = yaml.safe_load((ROOT / name).read_text())
+
+        def same_keys(model: object, node: object, where: str) -> None:
+            fields = type(model).model_fields
+            assert isinstance(node, dict) and sorted(node) == sorted(fields), where
+            for key in fields:
+                value = getattr(model, key)
+                if hasattr(type(value), "model_fields"):
+                    same_keys(value, node[key], f"{where}.{key}")
+
         for section, model in params:
             if hasattr(type(model), "model_fields"):
-                assert sorted(raw[section]) == sorted(type(model).model_fields), (name, section)
+                same_keys(model, raw[section], f"{name}: {section}")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run, tiny_params
+from conftest import run, stop_group, tiny_params
 
 from prunekit.models.loading import load_pretrained
 
@@ -233,29 +233,61 @@ def output_digests(repo: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_bad_params_change_costs_no_output(repo: Path, prefect_env: dict[str, str]) -> None:
-    """Every kind of bad change stops `dvc repro` in the validate stage, before DVC deletes any output."""
+def test_a_bad_params_change_costs_no_output(repo: Path, prefect_env: dict[str, str], tmp_path: Path) -> None:
+    """Every kind of bad change stops `dvc repro` in the validate stage, before DVC deletes any output: the values,
+    the keys dvc.yaml tracks, and what the base model and the texts refuse (one line each, printed once)."""
     env = prefect_env
     run(["dvc", "repro"], repo, env)
     before = output_digests(repo)
     assert len(before) > 20 and "models/pruned/model.safetensors" in before
     good = (repo / "params.yaml").read_text()
-    bad_changes = {
-        "misspelled key": lambda p: p["prune"].update(taget=0.3),
-        "ratio out of range": lambda p: p["prune"].update(target=1.5),
-        "unknown top-level key": lambda p: p.update(pruning={"target": 0.3}),
-        "unknown source": lambda p: p["model"].update(source="hf:"),
-        "unknown criterion": lambda p: p["score"].update(criterion="tayler"),
-    }
-    for what, change in bad_changes.items():
+    empty, fieldless, binary = tmp_path / "empty.txt", tmp_path / "fieldless.jsonl", tmp_path / "binary.txt"
+    empty.write_text("\n\n")
+    fieldless.write_text('{"body": "a document"}\n')
+    binary.write_bytes(b"\xff\xfe\x00 not utf-8")
+    unreachable = {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # nothing listens there
+    bad_changes = {  # what: (change, the key its line names, environment)
+        "misspelled key": (lambda p: p["prune"].update(taget=0.3), "prune.taget"),
+        "ratio out of range": (lambda p: p["prune"].update(target=1.5), "prune.target"),
+        "unknown top-level key": (lambda p: p.update(pruning={"target": 0.3}), "pruning"),
+        "unknown source": (lambda p: p["model"].update(source="hf:"), "model.source"),
+        "unknown criterion": (lambda p: p["score"].update(criterion="tayler"), "score.criterion"),
+        "unreachable target": (lambda p: p["prune"].update(target=0.99), "prune.target"),
+        "no layer left": (lambda p: p["prune"].update(skip_first=3, skip_last=1),
+                          "prune.skip_first' / 'prune.skip_last"),
+        "calibration longer than the text": (lambda p: p["calibrate"].update(seq_len=10**6), "calibrate.seq_len"),
+        "training block longer than the text": (lambda p: p["recover"]["lora"].update(seq_len=10**7),
+                                                "recover.lora.seq_len"),
+        "a scheme the widths cannot hold": (lambda p: p["search"].update(choices=["rtn4", "q4_k"]),
+                                            "search.choices[1]"),
+        "an export type the widths cannot hold": (lambda p: p["export"].update(types="q4_k"), "export.types"),
+        "head dims with the export": (lambda p: p["prune"].update(units=["attn_kv_group", "attn_qk_dim"]),
+                                      "prune.units"),
+        "empty text file": (lambda p: p["data"].update(calibration=str(empty)), "data.calibration"),
+        "field-less jsonl": (lambda p: p["data"].update(training=str(fieldless)), "data.training"),
+        "non-UTF-8 text": (lambda p: p["data"].update(evaluation=str(binary)), "data.evaluation"),
+        "hub model offline": (lambda p: p["model"].update(source="hf:org/model"), "model.source", unreachable),
+        "hub data offline": (lambda p: p["data"].update(training="hf:wikitext2"), "data.training", unreachable),
+        "no model.source": (lambda p: p["model"].pop("source"), "model.source"),
+        "empty params.yaml": (lambda p: p.clear(), None),
+    }  # fmt: skip
+    for what, (change, key, *case_env) in bad_changes.items():
         bad = yaml.safe_load(good)
         change(bad)
-        (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
-        out = run(["dvc", "repro"], repo, env, check=False)
+        (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False) if bad else "")
+        out = run(["dvc", "repro"], repo, case_env[0] if case_env else env, check=False)
+        said = out.stdout + out.stderr
         assert out.returncode != 0, what
-        assert stages_run(out) == {"validate"}, what
-        assert "Traceback" not in out.stdout + out.stderr, what
-        assert "params.yaml key" in out.stderr, what
+        assert stages_run(out) == {"validate"}, (what, said[-3000:])
+        assert "Traceback" not in said, (what, said[-3000:])
+        line = (
+            (f"params.yaml key '{key}'" if "/" not in key else f"params.yaml keys '{key}'")
+            if key
+            else ("params.yaml holds none of the")
+        )
+        assert line in out.stderr, (what, out.stderr[-3000:])
+        refusal = next(x for x in out.stderr.splitlines() if line in x).split(line, 1)[1]
+        assert said.count(refusal) == 1, (what, said[-3000:])  # printed once
         assert output_digests(repo) == before, what
     (repo / "params.yaml").unlink()
     out = run(["dvc", "repro"], repo, env, check=False)
@@ -300,6 +332,8 @@ def test_refused_inputs_end_with_one_line_and_no_output(repo: Path, prefect_env:
         assert "Traceback" not in out.stderr + out.stdout, (stage, out.stderr[-3000:])
         last = out.stderr.strip().splitlines()[-1]
         assert "ERROR prunekit" in last and message in last, (stage, last)
+        said = last.split("ERROR prunekit: ", 1)[1].split(" failed: ", 1)[-1]
+        assert (out.stdout + out.stderr).count(said) == 1, (stage, out.stderr[-3000:])  # once, not Prefect's too
         assert not (out_dir / "result").exists() and not list(out_dir.glob(".result.tmp-*")), stage
 
 
@@ -341,21 +375,24 @@ def test_a_killed_stage_leaves_no_server_and_no_temporaries(
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         run(cmd, path, env)
     clients = home / "prunekit-server" / "clients"
-    repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)  # fmt: skip
-    victim, deadline = None, time.time() + 600
-    while victim is None and time.time() < deadline and repro.poll() is None:
-        for reg in clients.glob("*") if clients.is_dir() else []:
-            try:
-                if b"stages/recover.py" in Path(f"/proc/{reg.name}/cmdline").read_bytes():
-                    victim = int(reg.name)
-            except OSError:
-                continue
-        time.sleep(0.2)
-    assert victim is not None, "the recover stage never registered with the shared server"
-    time.sleep(3)  # into training
-    os.kill(victim, signal.SIGKILL)
-    assert repro.wait(timeout=120) != 0
+    try:
+        victim, deadline = None, time.time() + 600
+        while victim is None and time.time() < deadline and repro.poll() is None:
+            for reg in clients.glob("*") if clients.is_dir() else []:
+                try:
+                    if b"stages/recover.py" in Path(f"/proc/{reg.name}/cmdline").read_bytes():
+                        victim = int(reg.name)
+                except OSError:
+                    continue
+            time.sleep(0.2)
+        assert victim is not None, "the recover stage never registered with the shared server"
+        time.sleep(3)  # into training
+        os.kill(victim, signal.SIGKILL)
+        assert repro.wait(timeout=300) != 0
+    finally:
+        stop_group(repro)
     assert len(prefect_processes(home)) == 1  # the shared server, nothing the killed stage started
     again = run(["dvc", "repro"], path, env)
     assert "recover" in stages_run(again)

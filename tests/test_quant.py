@@ -336,6 +336,38 @@ def test_quantized_model_saves_and_reloads_with_the_same_outputs(tmp_path: Path)
     assert logical_param_count(loaded)[1] == sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) > 0
 
 
+@pytest.mark.parametrize("mode", ["once", "auto"])
+def test_qlora_on_weights_decoded_once_trains_as_on_every_pass(mode: str) -> None:
+    """The frozen weights decoded once for the training (rtn and llama.cpp blocks) give QLoRA the same losses and
+    adapters as decoding them on every pass; the copies go when the training ends."""
+    from prunekit.quant.frozen import HoldsDecoded, decoded_once
+
+    cfg = LoraSettings(
+        rank=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"], learning_rate=1e-2,
+        batch_size=2, steps=3, warmup_steps=0, weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    blocks = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for how in ("every_pass", mode):
+        base = block_model()
+        model = realise(base, mixed_plan(base), SETTINGS)
+        held = [m for m in model.modules() if isinstance(m, HoldsDecoded)]
+        assert {type(m).__name__ for m in held} >= {"RTNLinear", "GGMLLinear"}
+        with decoded_once(model, how) as once:
+            assert once == (how != "every_pass")  # auto: a tiny model's copies fit
+            assert all((m.held is not None) == once for m in held)
+            if once:
+                assert all(torch.equal(m.held, m.dequantized_weight()) for m in held)
+            peft_model, losses = train_lora(model, blocks, cfg, merge=False, custom_modules=lora_custom_modules())
+        assert all(m.held is None for m in held)
+        adapters = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+        results[how] = (losses, adapters)
+    assert results[mode][0] == results["every_pass"][0]
+    assert results[mode][1].keys() == results["every_pass"][1].keys()
+    for name, p in results[mode][1].items():
+        assert torch.equal(p, results["every_pass"][1][name]), name
+
+
 def test_corrupt_or_missing_quantized_checkpoint(tmp_path: Path) -> None:
     plain = realise(tiny_model(), {"model.layers.0.mlp.up_proj": "rtn4"}, SETTINGS)
     save_quantized(plain, tiny_tokenizer(), {"model.layers.0.mlp.up_proj": "rtn4"}, SETTINGS, "float32", tmp_path / "q")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import run, stop_group
 
 WAIT_S = 900
 
@@ -181,7 +181,7 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
 
         killed = wait_for(owner, "the run to reach the prune stage (the first one not in the run cache)")
         os.killpg(workers[killed].pid, signal.SIGKILL)
-        workers[killed].wait(timeout=30)
+        workers[killed].wait(timeout=60)
 
         def current() -> dict:
             return next(r for r in flow_runs(env, deployment).values() if r["id"] == pk)
@@ -201,9 +201,7 @@ def test_prefect_work_pool_sweep_on_two_workers_survives_a_killed_worker(
         assert found["params"]["prune"]["target"] == 0.35 and pruned_ppl(found) > 1.0
     finally:
         for proc in workers.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
+            stop_group(proc)
 
 
 @pytest.mark.slow

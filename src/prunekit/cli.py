@@ -127,8 +127,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from prunekit.export.tensor_types import choose_types
     from prunekit.quant.saving import ADAPTER_DIR
 
+    labels = {"default": "--type", "embedding": "--embedding", "output": "--output"}
     types = choose_types(args.type if args.plan is None else "plan", Path(args.plan) if args.plan else None,
-                         unplanned=args.type, embedding=args.embedding, output=args.output)  # fmt: skip
+                         unplanned=args.type, embedding=args.embedding, output=args.output, labels=labels)  # fmt: skip
     tokenizer = Path(args.tokenizer_gguf) if args.tokenizer_gguf else None
     lora = Path(args.lora) if args.lora else None
     if lora is not None and (lora / ADAPTER_DIR).is_dir():  # a quantized model directory: its adapters

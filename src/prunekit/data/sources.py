@@ -34,18 +34,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, is_network_error
 from prunekit.registry import Registry, suggest
 
 log = logging.getLogger(__name__)
 
 ROLES = ("calibration", "training", "evaluation")
+SOURCE_RECORD = "source.json"  # beside a text directory's <role>.jsonl files: the ``data`` params they come from
 
 EVALUATION_FRACTION = 0.10
 """Share of a pooled source's documents that go to evaluation."""
@@ -348,6 +350,7 @@ PTB = HubDataset("ptb_text_only", "penn_treebank", "sentence", eval_split="valid
 C4 = HubDataset("allenai/c4", None, "text", eval_split="validation", data_files=C4_DATA_FILES)
 # Alpaca has only a train split; its rows are rendered (see render_alpaca) and split by hash.
 ALPACA_CLEANED = HubDataset("yahma/alpaca-cleaned", None, "output", eval_split="train")
+HUB_DATASETS = {"hf:wikitext2": WIKITEXT2, "hf:ptb": PTB, "hf:c4": C4, "hf:alpaca-cleaned": ALPACA_CLEANED}
 
 
 def _hub_loader(dataset: HubDataset, spec: str) -> Loader:
@@ -405,8 +408,46 @@ def render_alpaca(row: dict[str, Any], spec: str = "alpaca") -> str:
     return prompt + row["output"]
 
 
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def _offline() -> bool:
+    """Whether the user asked for cached hub files only (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))  # fmt: skip
+
+
+def needs_network(spec: str) -> bool:
+    """Whether the source ``spec`` is downloaded from the Hub (the others are read from this machine)."""
+    return spec in HUB_DATASETS
+
+
+def check_hub_reachable(spec: str, role: str) -> None:
+    """For a hub data source: one request to the Hub (seconds), so that an unreachable Hub is refused at once
+    instead of after ``datasets``' retries; nothing for local sources or in offline mode (the cache serves)."""
+    dataset = HUB_DATASETS.get(spec)
+    if dataset is None or _offline():
+        return
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        huggingface_hub.HfApi().dataset_info(dataset.path, timeout=HUB_PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        return  # the Hub answered: datasets says what is wrong with this dataset
+    except Exception as exc:
+        if not (is_network_error(exc) or isinstance(exc, OSError)):
+            raise
+        raise PrunekitError(
+            f"data.{role} '{spec}': the Hugging Face Hub is unreachable ({type(exc).__name__}: {exc}). With the "
+            f"dataset in the local cache, set HF_HUB_OFFLINE=1 to use it; else point data.{role} at a local file: "
+            f"{_FILE_FORMATS.format(field='text')}."
+        ) from None
+
+
 def _load_hub(dataset: HubDataset, split: str, spec: str, role: str) -> Any:
     """``datasets.load_dataset`` for one split, turning a failed download into a PrunekitError."""
+    check_hub_reachable(spec, role)
     import datasets  # lazy: importing datasets is slow and only hub specs need it
     from datasets.exceptions import DatasetsError
 

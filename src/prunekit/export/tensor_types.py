@@ -20,12 +20,14 @@ class TensorTypes:
     """Which llama.cpp type each weight gets: ``tensors`` by module name (``model.layers.3.mlp.down_proj``,
     ``model.embed_tokens``, ``lm_head``), every other weight ``default``; ``embedding`` and ``output``, where given,
     override the token embedding's and an untied output head's (an output head the others leave open takes the
-    embedding's type); norms and biases are F32."""
+    embedding's type); norms and biases are F32. ``labels``: where the user gave ``default``, ``embedding`` and
+    ``output`` (an option or a params key), named by a refusal."""
 
     default: str = "F16"
     embedding: str | None = None
     output: str | None = None
     tensors: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def kind(self, module: str, role: str = "weight") -> str:
         """The type of ``module``'s 2-D weight, upper case; ``role``: ``embedding``, ``output`` or ``weight``."""
@@ -38,7 +40,7 @@ class TensorTypes:
     def check(self) -> None:
         for what, name in (("default", self.default), ("embedding", self.embedding), ("output", self.output)):
             if name is not None:
-                check_encoder(name, f"GGUF type of {what}")
+                check_encoder(name, self.labels.get(what, f"GGUF type of {what}"))
         for module, name in self.tensors.items():
             check_encoder(name, f"GGUF type of {module}")
 
@@ -59,7 +61,13 @@ def rounded(model: CausalLM, types: TensorTypes) -> nn.Module:
     return out
 
 
-def plan_types(plan: Mapping[str, str], default: str, embedding: str | None, output: str | None) -> TensorTypes:
+def plan_types(
+    plan: Mapping[str, str],
+    default: str,
+    embedding: str | None,
+    output: str | None,
+    labels: Mapping[str, str] | None = None,
+) -> TensorTypes:
     """The types of a searched quantization plan (module -> scheme): llama.cpp block schemes as they are,
     ``fp16`` / ``bf16`` as F16 / BF16; other schemes have no llama.cpp type (an error names them)."""
     from prunekit.quant.backend import backend_for
@@ -76,7 +84,7 @@ def plan_types(plan: Mapping[str, str], default: str, embedding: str | None, out
                 "export one type for every weight (export.types)"
             )
         tensors[module] = kind
-    return TensorTypes(default=default, embedding=embedding, output=output, tensors=tensors)
+    return TensorTypes(default=default, embedding=embedding, output=output, tensors=tensors, labels=labels or {})
 
 
 def choose_types(
@@ -86,11 +94,13 @@ def choose_types(
     unplanned: str = "F16",
     embedding: str | None = None,
     output: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> TensorTypes:
     """``types`` "plan": the types of the quantization plan in ``plan_file`` (a plan JSON or a quantized model
-    directory), ``unplanned`` for the weights it does not cover; else the type ``types`` for every weight."""
+    directory), ``unplanned`` for the weights it does not cover; else the type ``types`` for every weight.
+    ``labels``: where the user gave each value (:class:`TensorTypes`)."""
     if types != "plan":
-        return TensorTypes(default=types, embedding=embedding, output=output)
+        return TensorTypes(default=types, embedding=embedding, output=output, labels=labels or {})
     if plan_file is None:
         raise PrunekitError(
             "GGUF export with the plan's types needs the plan: give its file (or a type for every weight)"
@@ -100,4 +110,4 @@ def choose_types(
     if not plan_file.exists():
         raise PrunekitError(f"quantization plan '{plan_file}' does not exist; run the search stage (dvc repro search)")
     plan, _, _ = read_plan(plan_file)
-    return plan_types(plan, unplanned, embedding, output)
+    return plan_types(plan, unplanned, embedding, output, labels)

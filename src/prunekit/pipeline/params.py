@@ -133,6 +133,12 @@ class QuantizeLoraParams(LoraParams):
 
     batch_size: int = _doc(4, "paper profile: 8", ge=1)
     steps: int = _doc(3, "0: no QLoRA (paper profile: 20)", ge=0)
+    decode: Literal["auto", "once", "every_pass"] = _doc(
+        "auto",
+        "prunekit's formats (rtn*, llama.cpp blocks): decode the frozen weights once for the training (float speed, "
+        "a float copy in memory) or on every pass (packed weights only); auto: once when the copies take at most "
+        "half the free memory",
+    )
 
 
 class ScoreParams(Section):

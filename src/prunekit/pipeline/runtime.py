@@ -49,17 +49,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _NoTracebackForBadInput(logging.Filter):
-    """Drop the traceback Prefect's run loggers attach to an exception, when that exception is bad input.
+def _error_names(cls: type[BaseException] = PrunekitError) -> set[str]:
+    """The class names of :class:`PrunekitError` and its subclasses (as Prefect's state messages spell them)."""
+    names = {cls.__name__}
+    for sub in cls.__subclasses__():
+        names |= _error_names(sub)
+    return names
 
-    A :class:`PrunekitError` is a message for the user, printed once by :func:`run_stage`; the flow run still
-    ends Failed with that message in the UI. Other exceptions are bugs and keep their tracebacks.
+
+class _BadInputOnce(logging.Filter):
+    """Drop what Prefect's run loggers say about an exception that is bad input.
+
+    A :class:`PrunekitError` is a message for the user, printed once by :func:`run_stage`; Prefect would add
+    "Encountered exception during execution" (with a traceback) and "Finished in state Failed(...)" with the same
+    message. The flow run still ends Failed with that message in the UI. Other exceptions are bugs and keep all.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, PrunekitError):
-            record.exc_info, record.exc_text = None, None
+            return False
+        message = record.getMessage()
+        if message.startswith("Finished in state Failed"):
+            return not any(f"{name}:" in message or f"{name}(" in message for name in _error_names())
         return True
 
 
@@ -67,8 +79,8 @@ def quiet_bad_input() -> None:
     """Install the filter on Prefect's run loggers (after Prefect configured its logging)."""
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoTracebackForBadInput) for f in logger.filters):
-            logger.addFilter(_NoTracebackForBadInput())
+        if not any(isinstance(f, _BadInputOnce) for f in logger.filters):
+            logger.addFilter(_BadInputOnce())
 
 
 HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
@@ -105,10 +117,10 @@ def run_stage(
     parser: argparse.ArgumentParser,
     body: Callable[..., Any],
     argv: Sequence[str] | None = None,
-    check: Callable[[Params], None] | None = None,
+    check: Callable[[Params, argparse.Namespace], None] | None = None,
 ) -> int:
-    """Parse arguments and the typed params, run ``check(params)`` when given, then ``body`` as a Prefect flow
-    named ``name``; exit code 2 on bad input.
+    """Parse arguments and the typed params, run ``check(params, arguments)`` when given, then ``body`` as a
+    Prefect flow named ``name``; exit code 2 on bad input.
 
     ``body(params, **arguments)``: the stage's typed function, called with the params and the parsed arguments as
     keywords (their ``dest`` names), the same function a Python caller can import and call. The ``validate`` stage,
@@ -124,7 +136,7 @@ def run_stage(
     try:
         params = load_params(args.params)
         if check is not None:
-            check(params)
+            check(params, args)
     except PrunekitError as e:
         return _refuse(f"{name}: {e}")
     set_threads(params.runtime.threads)
@@ -159,8 +171,21 @@ def run_stage(
         if registration is not None:
             registration.unlink(missing_ok=True)
     total, work = time.perf_counter() - start, timing["body"]
-    log.info("stage %s done in %.1f s (work %.1f s, Prefect %.1f s)", name, total, work, total - work)
+    log.info("stage %s done in %.1f s (work %.1f s, Prefect %.1f s, peak %s)", name, total, work, total - work,
+             peak_memory())  # fmt: skip
     return 0
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory, and the peak GPU memory torch allocated where it used a GPU."""
+    import resource
+    import sys
+
+    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB resident"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+    return text
 
 
 def exit_after(main: Callable[[], int]) -> NoReturn:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.quant.backend import BACKENDS, QuantBackend, load_state
+from prunekit.quant.frozen import HoldsDecoded
 from prunekit.quant.gguf_types import K_TYPES, check_encoder, check_fits, decode, encode, type_bytes
 from prunekit.quant.gguf_types import fake_quantize as gguf_fake_quantize
 from prunekit.quant.schemes import QuantSettings, Scheme
@@ -48,7 +49,7 @@ def dequantize(blocks: torch.Tensor, kind: str, rows: int, cols: int) -> torch.T
     return (d * (codes - (8 if kind == "Q4_0" else 16)).float()).reshape(rows, cols)
 
 
-class GGMLLinear(nn.Module):
+class GGMLLinear(HoldsDecoded):
     """A Linear whose weight is stored in a llama.cpp block format (``kind``: ``Q4_0`` ...), dequantized on each
     forward pass (in ``compute_dtype``); nothing is cached."""
 
@@ -88,7 +89,7 @@ class GGMLLinear(nn.Module):
         return dequantize(self.qweight[rows], self.kind, rows.numel(), self.in_features).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight()
+        w = self.compute_weight()
         return F.linear(x.to(w.dtype), w, self.bias)
 
     def extra_repr(self) -> str:

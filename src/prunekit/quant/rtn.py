@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.quant.backend import BACKENDS, QuantBackend, load_state
+from prunekit.quant.frozen import HoldsDecoded
 from prunekit.quant.schemes import QuantSettings, Scheme
 
 
@@ -81,7 +82,7 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tens
     return rtn_dequantize(*rtn_quantize(w, bits, group_size), group_size)
 
 
-class RTNLinear(nn.Module):
+class RTNLinear(HoldsDecoded):
     """A Linear whose weight is stored as bit-packed RTN codes plus float16 scales and zeros.
 
     The forward pass dequantizes the weight (in ``compute_dtype``) and applies ``F.linear``; nothing is
@@ -136,7 +137,7 @@ class RTNLinear(nn.Module):
         return rtn_dequantize(codes, self.scales, self.zeros, self.group_size).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight()
+        w = self.compute_weight()
         return F.linear(x.to(w.dtype), w, self.bias)
 
     def extra_repr(self) -> str:

@@ -66,6 +66,7 @@ __all__ = [
     "materialize_model",
     "normalize_dist",
     "parse_source",
+    "preview_model",
     "sha256_file",
     "source_model_type",
     "validate_source",
@@ -79,6 +80,13 @@ def validate_source(source: str) -> None:
     paths that they exist and hold what is needed. Raises :class:`PrunekitError`."""
     spec = parse_source(source)
     SOURCES.get(spec.kind).check(spec)
+
+
+def preview_model(source: str) -> Path | None:
+    """A directory with the config.json of a checked ``model.source``, had without downloading its weights
+    (local directories, the Hub's config.json), else None; PrunekitError where the source cannot be reached."""
+    spec = parse_source(source)
+    return SOURCES.get(spec.kind).preview(spec)
 
 
 def source_model_type(source: str) -> str | None:

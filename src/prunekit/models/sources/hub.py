@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, is_network_error
 from prunekit.models.checkpoint_files import (
     HF_ALLOW_PATTERNS,
     MODEL_FILE_PATTERNS,
@@ -140,13 +140,6 @@ def _materialize_dir(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
 # --- hf: ----------------------------------------------------------------------------------------------
 
 
-def _is_network_error(e: BaseException) -> bool:
-    """Transport failures of httpx/httpx2/requests, recognised by class name so that this module does not
-    depend on which HTTP client huggingface_hub happens to use."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TransportError", "RequestError", "ConnectionError", "Timeout", "TimeoutException"})
-
-
 def _hub_error(spec: SourceSpec, e: BaseException) -> PrunekitError:
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -176,7 +169,7 @@ def _hub_error(spec: SourceSpec, e: BaseException) -> PrunekitError:
         return PrunekitError(f"{where}: the Hugging Face Hub refused the download: {e}")
     # An unreachable hub reaches us as LocalEntryNotFoundError (no cached copy to fall back on), or as
     # the transport error itself; OfflineModeIsEnabled is a ConnectionError.
-    if isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or _is_network_error(e):
+    if isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)) or is_network_error(e):
         return PrunekitError(
             f"{where}: the Hugging Face Hub was unreachable ({type(e).__name__}: {e}). Use a local model "
             "directory as model.source, or download the model once where the Hub is reachable and set "
@@ -209,7 +202,7 @@ def _materialize_hf(spec: SourceSpec, out_dir: Path) -> dict[str, Any]:
         )
     except Exception as e:
         # The hub's own errors are OSErrors (HfHubHTTPError included); anything else is a bug: keep it.
-        if isinstance(e, (HfHubHTTPError, OSError)) or _is_network_error(e):
+        if isinstance(e, (HfHubHTTPError, OSError)) or is_network_error(e):
             raise _hub_error(spec, e) from e
         raise
     files = _copy_model_dir(snapshot, out_dir, spec.raw)
@@ -270,6 +263,28 @@ class HubSource(ModelSource):
     def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
         return _materialize_hf(spec, out_dir)
 
+    def preview(self, spec: SourceSpec) -> Path | None:
+        """The repository's config.json alone (one small download, or the cache in offline mode); an unreachable
+        Hub is refused here, in seconds."""
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError
+
+        assert spec.repo_id is not None, "an hf: spec names its repository (_parse_hf)"
+        try:
+            head = Path(
+                huggingface_hub.snapshot_download(
+                    spec.repo_id, revision=spec.revision, allow_patterns=["config.json"], etag_timeout=10
+                )
+            )
+        except Exception as e:
+            if isinstance(e, (HfHubHTTPError, OSError)) or is_network_error(e):
+                raise _hub_error(spec, e) from None
+            raise
+        if not (head / "config.json").is_file():
+            raise PrunekitError(f"model.source '{spec.raw}': the repository has no config.json")
+        _check_config(head / "config.json", spec.raw)
+        return head
+
 
 class DirSource(ModelSource):
     """A local Hugging Face model directory (it has ``config.json``) with safetensors weights."""
@@ -288,6 +303,9 @@ class DirSource(ModelSource):
     def architecture(self, spec: SourceSpec) -> str | None:
         assert spec.path is not None
         return str(json.loads((spec.path / "config.json").read_text())["model_type"])
+
+    def preview(self, spec: SourceSpec) -> Path | None:
+        return spec.path
 
 
 SOURCES.register(HubSource.kind)(HubSource())

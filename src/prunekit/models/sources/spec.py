@@ -61,6 +61,11 @@ class ModelSource(ABC):
     def materialize(self, spec: SourceSpec, out_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
         """Write the model directory into the empty ``out_dir``; return the provenance record."""
 
+    def preview(self, spec: SourceSpec) -> Path | None:
+        """A directory with the model's ``config.json``, had without its weights (a local directory itself, the
+        Hub's one file), for checks before the download; None where only the download gives it."""
+        return None
+
     def architecture(self, spec: SourceSpec) -> str | None:
         """The model's config ``model_type`` where it can be read without downloading (a checked local source),
         else None (known once the model is downloaded)."""

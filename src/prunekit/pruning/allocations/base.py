@@ -25,6 +25,9 @@ class Allocation(ABC):
     # needs the request's searcher (the schedules give one), the whole model (not ``model.offload: layerwise``) and
     # per-layer unit types, and it keeps its progress in the prune stage's state folder (a killed run resumes).
     evaluates_candidates = False
+    # Whether every pruned layer keeps the same widths (a runtime that reads one width for all layers, as
+    # llama.cpp's graphs of some families do, runs the result when no layer is skipped).
+    same_widths = False
 
     @abstractmethod
     def counts(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Counts:

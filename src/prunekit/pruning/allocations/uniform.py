@@ -62,6 +62,7 @@ class Uniform(Allocation):
     """
 
     name = "uniform"
+    same_widths = True
 
     def counts(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Counts:
         want = req.target * req.total_params

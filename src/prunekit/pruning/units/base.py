@@ -69,6 +69,9 @@ class UnitType(ABC):
     # "down_proj", see CONSUMERS): activation criteria read a unit through the channel statistics of those
     # columns, and FLAP's compensation folds their means into that projection's bias. "": neither applies.
     input_of = ""
+    # Why llama.cpp cannot run a model this type pruned ("": it can): the validate stage refuses the unit type
+    # with the pipeline's GGUF export before any work.
+    export_refusal = ""
 
     def input_width(self, adapter: ModelAdapter, layer: Submodule) -> int:
         """Input columns of ``input_of`` one unit owns: unit u owns ``[u * width, (u + 1) * width)``."""

@@ -62,6 +62,11 @@ class AttnQKDim(UnitType):
     name = "attn_qk_dim"
     description = "q/k rotary pair of a KV group: dims i and i+d/2 of its k head and all its query heads"
     parent = "attn_kv_group"
+    # llama.cpp has one key and one value width for the whole model, equal to the rotary width.
+    export_refusal = (
+        "llama.cpp has one key and value width, equal to the rotary width, for the whole model and rotates the "
+        "first frequencies, not the kept ones; prune heads, KV groups and MLP channels for a llama.cpp export"
+    )
 
     def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         kv, _, qk, _ = _geometry(adapter, adapter.attention(layer))
@@ -107,6 +112,11 @@ class AttnVODim(UnitType):
     name = "attn_vo_dim"
     description = "v/o dim of a KV group: a v_proj row of its k/v head and the o_proj column of each query head"
     parent = "attn_kv_group"
+    # llama.cpp has one key and one value width for the whole model, equal to the rotary width.
+    export_refusal = (
+        "llama.cpp has one key and value width, equal to the rotary width, for the whole model and rotates the "
+        "first frequencies, not the kept ones; prune heads, KV groups and MLP channels for a llama.cpp export"
+    )
 
     def count(self, adapter: ModelAdapter, layer: Submodule) -> int:
         kv, _, _, v = _geometry(adapter, adapter.attention(layer))
