@@ -40,7 +40,7 @@ def make_repo(folder: Path, source: str, criterion: str) -> Path:
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "flows"):
+    for name in ("stages", "flows", "src/prunekit"):  # dvc.yaml's deps include the library code
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["source"] = source

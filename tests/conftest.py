@@ -258,14 +258,20 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
     return out
 
 
+def copy_pipeline(path: Path) -> None:
+    """The project's pipeline into ``path``: dvc.yaml, the stages and flows, and the library code the stages
+    depend on (dvc.yaml lists src/prunekit files as deps; the stages run the installed prunekit)."""
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    for name in ("stages", "flows", "src/prunekit"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, block_model_dir: Path, prefect_env: dict[str, str]) -> Path:
     """A git + DVC repository with the project's dvc.yaml and stages, on the tiny model."""
     path = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, path / name)
-    for name in ("stages", "flows"):
-        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(path)
     (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(block_model_dir), sort_keys=False))
     env = prefect_env
     run(["git", "init", "-q"], path, env)

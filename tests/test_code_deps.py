@@ -104,3 +104,19 @@ def test_mypy_finds_no_type_errors_in_the_library(tmp_path) -> None:
     cmd = [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
+
+
+def test_dvc_reads_the_pipeline(tmp_path: Path) -> None:
+    """dvc.yaml as DVC reads it (its schema and rules: no dvc.yaml dependency, outputs of one stage each): every
+    stage listed in the order of the DAG, validate first."""
+    import shutil
+
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "dvc", "dag", "--md"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert name in out.stdout, name

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run, stop_group, tiny_params
+from conftest import copy_pipeline, run, stop_group, tiny_params
 
 from prunekit.models.loading import load_pretrained
 
@@ -202,7 +202,8 @@ def test_bad_params_fail_before_work(repo: Path, prefect_env: dict[str, str], tm
     # Registry names are checked by the validate stage, which DVC runs before every other stage.
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     cmd = [sys.executable, str(repo / "stages/validate.py"), "--out", str(tmp_path / "text"),
-           "--params", str(tmp_path / "params.yaml")]  # fmt: skip
+           "--params", str(tmp_path / "params.yaml"), "--model", str(repo / "models/base"),
+           "--text", str(repo / "data/text"), "--dvcfile", str(repo / "dvc.yaml")]  # fmt: skip
     out = run(cmd, repo, prefect_env, check=False)
     assert out.returncode == 2
     assert "params.yaml key 'score.criterion': Unknown criterion 'tayler'" in out.stderr
@@ -365,10 +366,7 @@ def test_a_killed_stage_leaves_no_server_and_no_temporaries(
     home = tmp_path_factory.mktemp("prefect_home_kill")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PRUNEKIT_PREFECT_IDLE_S="3", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, path / name)
-    for name in ("stages", "flows"):
-        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipeline(path)
     params = tiny_params(block_model_dir)
     params["recover"]["lora"]["steps"] = 40  # long enough to be killed mid-training
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
