@@ -34,6 +34,7 @@ def main() -> None:
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.plan import PlanRequest
     from prunekit.pruning.reconstruction import reconstruct
+    from prunekit.pruning.schedules import Cut
     from prunekit.pruning.slicing import apply_plan, layouts, prunable_layers
     from prunekit.pruning.units import UNITS
 
@@ -92,7 +93,8 @@ def main() -> None:
             del pruned
             if args.reconstruct:
                 refit, t0 = copy.deepcopy(dense), time.perf_counter()
-                reconstruct(refit, adapter, plan, setup.calibration, params.score.batch_size, p.reconstruct_ridge)
+                choice = Cut.of(p, params.score.criterion).refit_choice()
+                reconstruct(refit, adapter, plan, setup.calibration, params.score.batch_size, choice)
                 spent = time.perf_counter() - t0
                 ppl = perplexity(apply_plan(refit, adapter, plan), setup.evaluation, params.evaluate.batch_size)["ppl"]
                 cells[-1] += f" | {ppl:.2f} ({ppl / dense_ppl:.2f}x) | {spent:.1f}"

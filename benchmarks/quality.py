@@ -3,7 +3,8 @@
 For each criterion, target (fraction of all parameters) and allocation: the one-shot cut the prune stage makes
 (``prune.*`` of the params file, the library's schedule), plainly sliced and with ``least_squares``
 reconstruction, its perplexity (evaluate.seq_lens[0] tokens, the data's evaluation split, disjoint from calibration
-and training), the cut's time (search and reconstruction included) and the process's peak resident memory so far.
+and training, and the evaluation split of ``--second-text``, another domain), the cut's time (search and
+reconstruction included) and the process's peak resident memory so far.
 Then, for the best of those at the first target, ``--steps`` steps of recovery (recover.lora's optimiser, batches
 and schedule) for each ``--methods`` (LoRA adapters, or full fine-tuning of every weight) and ``--losses`` (the LM
 loss, distillation from the dense model, or both; same tokens, same seed). Every figure also as a ratio to the
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--losses", nargs="*", default=["lm", "kd"], choices=["lm", "kd", "lm_kd"],
                         help="recover.loss")  # fmt: skip
     parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
+    parser.add_argument("--second-text", default="python-docs",
+                        help="a second held-out text (a data source): its evaluation split's perplexity")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("prunekit.pruning.allocations.search").setLevel(logging.INFO)
@@ -68,6 +71,12 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, setup.evaluation, params.evaluate.batch_size)["ppl"]
 
+    second_docs = load_documents(args.second_text, "evaluation", text_field=params.data.text_field)
+    second = chunks(token_stream(tokenizer, second_docs), params.evaluate.seq_lens[0], "evaluation")[: args.eval_chunks]
+
+    def ppl2(model) -> float:
+        return perplexity(model, second, params.evaluate.batch_size)["ppl"]
+
     z = params.evaluate.zero_shot
     documents = load_documents(args.data, "evaluation", text_field=params.data.text_field)
     questions = auto_mc_rows(documents, args.questions, z.auto_mc_choices, z.auto_mc_context_words,
@@ -77,16 +86,17 @@ def main() -> None:
         return zero_shot(model, tokenizer, ["auto_mc"], auto_rows=questions, batch_size=z.batch_size,
                          seed=params.seed)["auto_mc"]["acc"]  # fmt: skip
 
-    dense_ppl, dense_acc = ppl(dense), accuracy(dense)
+    dense_ppl, dense_acc, dense_ppl2 = ppl(dense), accuracy(dense), ppl2(dense)
     print(f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, "
           f"{setup.calibration.shape[0]} x {setup.calibration.shape[1]} calibration tokens, units "
           f"{', '.join(p.units)}, layers {p.skip_first}..{n_layers - p.skip_last - 1}, ridge {p.reconstruct_ridge}, "
           f"search {p.search.candidates} candidates ({p.search.objective}, {p.search.knots} knots); "
-          f"dense perplexity {dense_ppl:.2f}, auto_mc accuracy {dense_acc:.3f} ({args.questions} questions)"
+          f"dense perplexity {dense_ppl:.2f}, auto_mc accuracy {dense_acc:.3f} ({args.questions} questions); "
+          f"{args.second_text}: {second.numel()} evaluation tokens, dense perplexity {dense_ppl2:.2f}"
           "\n")  # fmt: skip
-    print("| criterion | target | allocation | reconstruct | achieved | ppl (x dense) | auto_mc acc (x dense) | cut s "
-          "| peak RSS MiB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| criterion | target | allocation | reconstruct | achieved | ppl (x dense) | "
+          f"{args.second_text} ppl (x dense) | auto_mc acc (x dense) | cut s | peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     best = None
     for name in args.criteria:
         req = ScoreRequest(list(p.units), list(range(n_layers)), setup.calibration, bs, params.seed,
@@ -101,10 +111,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 result = prune_model(job, "oneshot")
                 seconds = time.perf_counter() - t0
-                value = ppl(result.model)
+                value, value2 = ppl(result.model), ppl2(result.model)
                 acc = accuracy(result.model)
                 cells = [name, target, allocation, method, f"{result.plan.achieved:.4f}",
-                         f"{value:.2f} ({value / dense_ppl:.2f}x)", f"{acc:.3f} ({acc / dense_acc:.2f}x)",
+                         f"{value:.2f} ({value / dense_ppl:.2f}x)", f"{value2:.2f} ({value2 / dense_ppl2:.2f}x)",
+                         f"{acc:.3f} ({acc / dense_acc:.2f}x)",
                          f"{seconds:.0f}", f"{peak_rss_mib():.0f}"]  # fmt: skip
                 print("| " + " | ".join(map(str, cells)) + " |", flush=True)
                 if target == args.targets[0] and (best is None or value < best[0]):

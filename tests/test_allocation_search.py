@@ -43,12 +43,12 @@ def _scores(model, units=UNITS):
     return CRITERIA.get("activation").score(model, adapter_for(model.config), req)
 
 
-def _kl_of_masked(dense, plan) -> float:
+def _kl_of_masked(dense, plan, tokens: torch.Tensor = CALIB) -> float:
     """The KL objective computed independently: full logits of both models, KL(p_dense || p_pruned) per position."""
     masked = apply_plan(copy.deepcopy(dense), adapter_for(dense.config), plan, mode="mask")
     with torch.no_grad():
-        p = F.log_softmax(dense(input_ids=CALIB).logits[:, :-1].double(), -1)
-        q = F.log_softmax(masked(input_ids=CALIB).logits[:, :-1].double(), -1)
+        p = F.log_softmax(dense(input_ids=tokens).logits[:, :-1].double(), -1)
+        q = F.log_softmax(masked(input_ids=tokens).logits[:, :-1].double(), -1)
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
@@ -103,10 +103,10 @@ def test_objective_equals_its_formula(objective: str) -> None:
     assert got > 0
 
 
-def _job(model, state: Path | None = None, reconstruct: str = "none", candidates: int = 8) -> PruneJob:
-    settings = AllocationSearchParams(candidates=candidates, random_starts=2, knots=2)
+def _job(model, state: Path | None = None, reconstruct: str = "none", candidates: int = 8, holdout: float = 0.0):
+    settings = AllocationSearchParams(candidates=candidates, random_starts=2, knots=2, holdout=holdout)
     cut = Cut(0.25, UNITS, "search", "activation", 1, 1, {"mlp_channel": 4}, 0.02, reconstruct=reconstruct,
-              reconstruct_ridge=0.0, search=settings)  # fmt: skip
+              reconstruct_ridge=(0.0,), reconstruct_holdout=0.0, search=settings)  # fmt: skip
     return PruneJob(model, None, adapter_for(model.config), _scores(model), cut, seed=3,
                     calibration=lambda: CALIB, score_batch_size=3, state_dir=state, state_key="k")  # fmt: skip
 
@@ -236,3 +236,62 @@ def test_prune_stage_writes_every_candidate(tiny_model_dir: Path, tmp_path: Path
     assert abs(plan["achieved"] - best["achieved"]) < 0.005  # the plan is the best candidate's
     assert metrics["params_after"] == count_params(load_pretrained(tmp_path / "pruned"))
     assert (tmp_path / "state").is_dir() and not any((tmp_path / "state").iterdir())
+
+
+def _is_flat(plan) -> bool:
+    return all(len({len(plan.keep[u][layer]) for layer in LAYERS}) == 1 for u in UNITS)
+
+
+@pytest.mark.parametrize("flat_wins", [True, False])
+def test_the_best_candidate_is_kept_only_if_it_beats_the_flat_profile_on_the_held_out_windows(flat_wins: bool) -> None:
+    """Every other candidate beats the flat profile on the search's windows; the held-out judge decides which of the
+    best one and the flat profile the search returns, and only those two are judged."""
+    model = _model()
+    req, scores = _request(model), _scores(model)
+    space = Space(req, 0.9, 2)
+    judged = []
+
+    def evaluate(plan) -> float:
+        return 1.0 if _is_flat(plan) else 0.5 + 0.001 * len(plan.keep["mlp_channel"][LAYERS[0]])
+
+    def judge(plan) -> float:
+        judged.append(_is_flat(plan))
+        return float(_is_flat(plan) != flat_wins)
+
+    settings = AllocationSearchParams(candidates=5, random_starts=2, knots=2)
+    search = AllocationSearch(settings, evaluate, seed=0, judge=judge)
+    counts = search.run(scores, req)
+    rows = search.rows()
+    best = min(rows, key=lambda t: (t["objective"], t["candidate"]))
+    assert best["candidate"] != 0 and sorted(judged) == [False, True]
+    assert [r["candidate"] for r in rows if "held_out" in r] == sorted([0, best["candidate"]])
+    kept = 0 if flat_wins else best["candidate"]
+    assert [r["candidate"] for r in rows if r["kept"]] == [kept]
+    assert counts == space.counts(search.candidates[kept].point)
+
+
+def test_the_search_scores_candidates_on_the_other_windows_and_judges_on_the_held_out_ones() -> None:
+    """prune.search.holdout 0.25 of the 6 calibration windows: window 3 is held out. Each recorded objective is the
+    KL on windows 0, 1, 2, 4, 5; the best and the flat candidate's held-out figures the KL on window 3 (computed
+    independently), and the plan is the candidate that wins there; the metrics say which was kept."""
+    dense = _model()
+    result = prune_model(_job(copy.deepcopy(dense), candidates=5, holdout=0.25), "oneshot")
+    rest, held = CALIB[[0, 1, 2, 4, 5]], CALIB[[3]]
+    judged = [t for t in result.trials if "held_out" in t]
+    best = min(result.trials, key=lambda t: (t["objective"], t["candidate"]))
+    assert [t["candidate"] for t in judged] == sorted({0, best["candidate"]}) and best["candidate"] != 0
+    kept = min(judged, key=lambda t: (t["held_out"], -t["candidate"]))
+    assert [t["candidate"] for t in result.trials if t["kept"]] == [kept["candidate"]]
+    assert _kl_of_masked(dense, result.plan, rest) == pytest.approx(kept["objective"], rel=1e-4)
+    assert _kl_of_masked(dense, result.plan, held) == pytest.approx(kept["held_out"], rel=1e-4)
+    metrics = result.metrics(0.25, "oneshot")["allocation_search"]
+    assert metrics["kept_candidate"] == kept["candidate"] and metrics["best_candidate"] == best["candidate"]
+    assert metrics["flat_held_out"] == result.trials[0]["held_out"]
+
+
+def test_too_few_calibration_windows_to_hold_one_out_are_refused() -> None:
+    params = {"prune": {"allocation": "search"}, "calibrate": {"samples": 3}}
+    with pytest.raises(ParamsError, match=r"key 'prune.search.holdout': 0.25 holds out none of the 3 windows; give "
+                                          r"more windows \(calibrate.samples\)"):  # fmt: skip
+        check_choices(parse_params(params))
+    check_choices(parse_params(params | {"calibrate": {"samples": 4}}))

@@ -57,7 +57,7 @@ def cut_and_job(case: str, model, adapter, tokenizer, calib: torch.Tensor) -> Pr
     )
     layers = "layer" in units  # whole layers: coarse steps, a global allocation and a wider tolerance
     cut = Cut(0.2, units, "global" if layers else "uniform", criterion, 1, 1, {}, 0.1 if layers else 0.06,
-              bias_compensation=bias, reconstruct=reconstruct, reconstruct_ridge=0.01)  # fmt: skip
+              bias_compensation=bias, reconstruct=reconstruct, reconstruct_ridge=(0.01, 0.3))  # fmt: skip
     return PruneJob(model, tokenizer, adapter, scores, cut, seed=0, side=aux, calibration=lambda: calib,
                     score_batch_size=3)  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from prunekit.models.families import adapter_for
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices
 from prunekit.pruning.plan import Plan
-from prunekit.pruning.reconstruction import reconstruct
+from prunekit.pruning.reconstruction import RefitChoice, reconstruct
 from prunekit.pruning.slicing import apply_plan
 
 CALIB = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
@@ -53,7 +54,7 @@ def test_one_layer_equals_the_closed_form(unit: str, module: str, kept: list[int
     adapter = adapter_for(model.config)
     plan = plan_of({unit: {1: kept}})
     ridge = 0.05
-    reconstruct(model, adapter, plan, CALIB, 8, ridge)
+    reconstruct(model, adapter, plan, CALIB, 8, RefitChoice((ridge,), 0.0))
 
     masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
     xd, xp = layer_inputs(dense, 1, module), layer_inputs(masked, 1, module)
@@ -91,7 +92,7 @@ def test_a_reference_model_gives_the_targets_and_the_refit_model_the_prior() -> 
     plan = plan_of({"attn_kv_group": {1: [1, 3]}})
     moved = copy.deepcopy(model)
     ridge = 0.05
-    fits = reconstruct(model, adapter, plan, CALIB, 8, ridge, reference=dense)
+    fits = reconstruct(model, adapter, plan, CALIB, 8, RefitChoice((ridge,), 0.0), reference=dense)
     assert all(f.error_reconstructed <= f.error_sliced for f in fits)
 
     module = "self_attn.o_proj"
@@ -112,7 +113,7 @@ def test_a_reference_model_gives_the_targets_and_the_refit_model_the_prior() -> 
     torch.testing.assert_close(got, expected.T, rtol=1e-7, atol=1e-9)
     # Not the same as refitting the moved model towards itself.
     alone = copy.deepcopy(moved)
-    reconstruct(alone, adapter, plan, CALIB, 8, ridge)
+    reconstruct(alone, adapter, plan, CALIB, 8, RefitChoice((ridge,), 0.0))
     assert not torch.allclose(alone.model.layers[1].get_submodule(module).weight[:, cols], got, atol=1e-4)
 
 
@@ -121,7 +122,7 @@ def test_every_kept_channel_and_zero_ridge_reproduce_the_dense_layers() -> None:
     model = copy.deepcopy(dense)
     adapter = adapter_for(model.config)
     plan = plan_of({"attn_kv_group": {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, "mlp_channel": {1: list(range(64))}})
-    fits = reconstruct(model, adapter, plan, CALIB, 8, ridge=0.0)
+    fits = reconstruct(model, adapter, plan, CALIB, 8, RefitChoice((0.0,), 0.0))
     assert {(f.layer, f.projection) for f in fits} == {(i, p) for i in (1, 2) for p in ("o_proj", "down_proj")}
     for (name, p), q in zip(dense.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-7, atol=1e-9, msg=name)
@@ -138,7 +139,7 @@ def test_no_layer_error_grows_and_the_sliced_model_is_the_refit_masked_one() -> 
     }
     plan = plan_of(keep)
     refit = copy.deepcopy(dense)
-    fits = reconstruct(refit, adapter, plan, CALIB, 8, ridge=0.5)
+    fits = reconstruct(refit, adapter, plan, CALIB, 8, RefitChoice((0.5,), 0.0))
     assert len(fits) == 4 and all(f.error_reconstructed <= f.error_sliced for f in fits)
     assert sum(f.error_reconstructed for f in fits) < 0.9 * sum(f.error_sliced for f in fits)
     masked = apply_plan(copy.deepcopy(refit), adapter, plan, mode="mask")
@@ -176,7 +177,7 @@ def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
     scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
 
     def run(reconstruct: str):
-        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct=reconstruct, reconstruct_ridge=0.01)
+        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct=reconstruct)
         job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=0, schedule=ScheduleParams(
             shots=2, steps_per_shot=0), calibration=lambda: calibration, training_blocks=lambda n: calibration,
             score_batch_size=4)  # fmt: skip
@@ -188,7 +189,7 @@ def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
         summary = refit.metrics(0.12, schedule)["reconstruction"]
         assert summary["projections"] == 4 and summary["error_reconstructed"] < summary["error_sliced"]
         expected = copy.deepcopy(dense)
-        reconstruct(expected, adapter, refit.plan, calibration, 4, 0.01)
+        reconstruct(expected, adapter, refit.plan, calibration, 4, RefitChoice())
         apply_plan(expected, adapter, refit.plan, mode="slice")
         for (name, p), q in zip(expected.named_parameters(), refit.model.parameters(), strict=True):
             assert torch.equal(p, q), name
@@ -223,17 +224,124 @@ def test_reconstruction_refits_on_training_windows_when_asked(tokenizer) -> None
         return training
 
     cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct="least_squares",
-              reconstruct_ridge=0.01, reconstruct_samples=8, reconstruct_seq_len=24)  # fmt: skip
+              reconstruct_ridge=(0.01, 1.0), reconstruct_samples=8, reconstruct_seq_len=24)  # fmt: skip
     job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=5, calibration=lambda: calibration,
                    training_blocks=blocks, score_batch_size=4)  # fmt: skip
     chosen = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:8].sort().values
     assert torch.equal(job.reconstruction_tokens(), training[chosen]) and seen_lengths == [24]
     result = prune_model(job, "oneshot")
     expected = copy.deepcopy(dense)
-    reconstruct(expected, adapter, result.plan, training[chosen], 4, 0.01)
+    reconstruct(expected, adapter, result.plan, training[chosen], 4, RefitChoice((0.01, 1.0), 0.25))
     apply_plan(expected, adapter, result.plan, mode="slice")
     for (name, p), q in zip(expected.named_parameters(), result.model.parameters(), strict=True):
         assert torch.equal(p, q), name
     job.cut = dataclasses.replace(cut, reconstruct_samples=21)
     with pytest.raises(PrunekitError, match=r"prune.reconstruct_samples=21: the training text holds only 20"):
         job.reconstruction_tokens()
+
+
+def test_the_held_out_windows_are_the_share_asked_spread_evenly() -> None:
+    assert [w for w in range(12) if RefitChoice(holdout=0.25).held_out(w)] == [3, 7, 11]
+    assert [w for w in range(10) if RefitChoice(holdout=0.5).held_out(w)] == [1, 3, 5, 7, 9]
+    assert sum(RefitChoice(holdout=0.3).held_out(w) for w in range(100)) == 30
+    assert not any(RefitChoice(holdout=0.0).held_out(w) for w in range(100))
+
+
+def ridge_lstsq(a: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """min ||a x - target||^2 + lam ||x - prior||^2, lam = ridge * mean diag(a^T a), by lstsq on stacked rows."""
+    lam = ridge * (a * a).sum(0).mean()
+    eye = lam.sqrt() * torch.eye(a.shape[1], dtype=a.dtype)
+    return torch.linalg.lstsq(torch.cat([a, eye]), torch.cat([target, lam.sqrt() * prior])).solution
+
+
+@pytest.mark.parametrize("unit,module,kept", [("attn_kv_group", "self_attn.o_proj", [0, 2]),
+                                              ("mlp_channel", "mlp.down_proj", list(range(0, 64, 3)))])  # fmt: skip
+def test_the_ridge_is_chosen_on_the_held_out_windows_and_refit_on_all(unit: str, module: str, kept: list[int]) -> None:
+    """Layer 1 alone pruned, a quarter of the windows held out (3, 7, ...: rows 16 w .. 16 w + 15 of the data
+    matrices): each ridge fitted on the other windows, judged on these, the best one refit on every window; the
+    errors recorded are the held-out ones. Computed here with torch.linalg on the data matrices."""
+    dense = model64()
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model.config)
+    plan = plan_of({unit: {1: kept}})
+    ridges = (1e-4, 0.03, 1.0, 30.0)
+    (fit,) = [f for f in reconstruct(model, adapter, plan, CALIB, 8, RefitChoice(ridges, 0.25)) if module.endswith(
+        f.projection)]  # fmt: skip
+
+    masked = apply_plan(copy.deepcopy(dense), adapter, plan, mode="mask")
+    xd, xp = layer_inputs(dense, 1, module), layer_inputs(masked, 1, module)
+    w = dense.model.layers[1].get_submodule(module).weight.detach()
+    cols = (masked.model.layers[1].get_submodule(module).weight.abs().sum(0) != 0).nonzero().squeeze(1)
+    a, target, prior = xp[:, cols], xd @ w.T, w[:, cols].T
+    held = (torch.arange(a.shape[0]) // CALIB.shape[1]) % 4 == 3
+    errors = {r: float(((a[held] @ ridge_lstsq(a[~held], target[~held], prior, r) - target[held]) ** 2).sum())
+              for r in ridges}  # fmt: skip
+    sliced_error = float(((a[held] @ prior - target[held]) ** 2).sum())
+    best = min(errors, key=errors.get)
+    assert errors[best] < sliced_error  # this cut's refit pays on the held-out windows
+    assert fit.ridge == best and fit.error_reconstructed == pytest.approx(errors[best], rel=1e-6)
+    assert fit.error_sliced == pytest.approx(sliced_error, rel=1e-6)
+    expected = ridge_lstsq(a, target, prior, best)
+    got = model.model.layers[1].get_submodule(module).weight.detach()[:, cols]
+    torch.testing.assert_close(got, expected.T, rtol=1e-7, atol=1e-9)
+
+
+def synthetic_gram(x: torch.Tensor, target: torch.Tensor) -> Any:
+    """A projection's statistics for inputs ``x`` whose dense outputs are ``target`` (dense weight: identity)."""
+    from prunekit.pruning.reconstruction import _Gram
+
+    gram = _Gram(torch.eye(x.shape[1], dtype=torch.float64), None)
+    gram.add(x, target)
+    return gram
+
+
+def test_a_refit_that_overfits_keeps_the_sliced_weights_and_the_held_out_choice_picks_the_ridge() -> None:
+    """Built so that the refit overfits: 12 fitting tokens for 16 inputs, their targets noisy. Where the sliced
+    weights are the truth, every refit is worse on the held-out tokens and the sliced weights stay (judged on the
+    fitting tokens, the refit would win); where the truth lies between, the ridge with the least held-out error
+    wins, a larger one than the fitting tokens prefer."""
+    from prunekit.pruning.reconstruction import solve
+
+    gen = torch.Generator().manual_seed(0)
+    n, keep, ridges = 16, torch.ones(16, dtype=torch.bool), (1e-6, 0.01, 0.1, 1.0, 10.0)
+    x_fit = torch.randn(12, n, generator=gen, dtype=torch.float64)
+    x_held = torch.randn(64, n, generator=gen, dtype=torch.float64)
+    noise = 0.5 * torch.randn(12, n, generator=gen, dtype=torch.float64)
+    prior = torch.eye(n, dtype=torch.float64)  # the sliced weights: the dense identity
+
+    truth = prior  # the sliced weights are right, the fitting targets noisy
+    fit, held = synthetic_gram(x_fit, x_fit @ truth.T + noise), synthetic_gram(x_held, x_held @ truth.T)
+    weight, _, (e_sliced, e_refit, _), ridge = solve(fit, held, prior, None, keep, ridges)
+    assert ridge is None and torch.equal(weight, prior) and e_refit == e_sliced == pytest.approx(0.0, abs=1e-9)
+    _, _, (e_sliced_fit, e_refit_fit, _), ridge_fit = solve(fit, None, prior, None, keep, ridges)
+    assert ridge_fit == ridges[0] and e_refit_fit < 0.01 * e_sliced_fit  # on its own tokens the refit looks right
+
+    truth = prior + 0.3 * torch.randn(n, n, generator=gen, dtype=torch.float64)
+    fit, held = synthetic_gram(x_fit, x_fit @ truth.T + noise), synthetic_gram(x_held, x_held @ truth.T)
+    weight, _, (e_sliced, e_refit, _), ridge = solve(fit, held, prior, None, keep, ridges)
+    errors = {r: float(((x_held @ ridge_lstsq(x_fit, x_fit @ truth.T + noise, prior.T, r) - x_held @ truth.T) ** 2)
+                       .sum()) for r in ridges}  # fmt: skip
+    best = min(errors, key=errors.get)
+    assert ridge == best and best > ridges[0] and e_refit == pytest.approx(errors[best], rel=1e-6)
+    assert e_refit < e_sliced
+    x_all, t_all = torch.cat([x_fit, x_held]), torch.cat([x_fit @ truth.T + noise, x_held @ truth.T])
+    torch.testing.assert_close(weight, ridge_lstsq(x_all, t_all, prior.T, best).T, rtol=1e-7, atol=1e-9)
+
+
+def test_too_few_windows_to_hold_one_out_are_refused_with_the_keys() -> None:
+    from prunekit.errors import PrunekitError
+
+    model = model64()
+    plan = plan_of({"mlp_channel": {1: list(range(32))}})
+    with pytest.raises(PrunekitError, match=r"prune.reconstruct_holdout: 0.25 holds out none of the 3 windows"):
+        reconstruct(model, adapter_for(model.config), plan, CALIB[:3], 8, RefitChoice((0.1,), 0.25))
+    # The params check says so before any work: the windows are calibrate.samples or prune.reconstruct_samples.
+    refused = {
+        "prune": {"reconstruct": "least_squares", "reconstruct_samples": 3},
+        "score": {"criterion": "activation"},
+    }
+    with pytest.raises(ParamsError, match=r"key 'prune.reconstruct_holdout': 0.25 holds out none of the 3 windows"):
+        check_choices(parse_params(refused))
+    check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 4}}))
+    check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 3,
+                                                    "reconstruct_holdout": 0.0}}))  # fmt: skip

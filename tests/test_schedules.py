@@ -393,7 +393,7 @@ def test_the_iterative_schedule_refits_towards_the_model_it_started_from(tokeniz
     merged model is refit towards the dense model before the slice: what the schedule returns is
     reconstruct(merged, reference=dense) sliced, and it is closer to the dense model than the plain result."""
     from prunekit.pipeline.params import ScheduleParams
-    from prunekit.pruning.reconstruction import reconstruct
+    from prunekit.pruning.reconstruction import RefitChoice, reconstruct
     from prunekit.pruning.schedules import prune_model
 
     dense = tiny_model(vocab_size=len(tokenizer)).eval()
@@ -405,7 +405,7 @@ def test_the_iterative_schedule_refits_towards_the_model_it_started_from(tokeniz
 
     def run(reconstruct_: str):
         cut = Cut(0.1, UNITS, "uniform", "lora", 1, 1, {"mlp_channel": 8}, 0.03, reconstruct=reconstruct_,
-                  reconstruct_ridge=0.01)  # fmt: skip
+                  reconstruct_ridge=(0.01,), reconstruct_holdout=0.0)  # fmt: skip
         job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, {}, cut, seed=3, schedule=schedule,
                        training_blocks=lambda n: blocks, calibration=lambda: calibration,
                        score_batch_size=4)  # fmt: skip
@@ -426,7 +426,7 @@ def test_the_iterative_schedule_refits_towards_the_model_it_started_from(tokeniz
     iterative_prune(model, adapter, blocks, req, UNITS, LAYERS, "uniform", cfg,
                     refit=lambda merged, _plan: captured.append(copy.deepcopy(merged)))  # fmt: skip
     expected = captured[0]
-    reconstruct(expected, adapter, refit.plan, calibration, 4, 0.01, reference=dense)
+    reconstruct(expected, adapter, refit.plan, calibration, 4, RefitChoice((0.01,), 0.0), reference=dense)
     apply_plan(expected, adapter, refit.plan, mode="slice")
     for (name, p), q in zip(expected.named_parameters(), refit.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from prunekit.errors import ParamsError
 from prunekit.registry import suggest
@@ -28,6 +28,11 @@ def _doc(default: Any = ..., description: str | None = None, **constraints: Any)
     if isinstance(default, type) and issubclass(default, BaseModel):
         return Field(default_factory=default, description=description, **constraints)
     return Field(default, description=description, **constraints)
+
+
+def _one_or_many(value: Any) -> Any:
+    """A single number where a list of them is asked for: the list of that one."""
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 class RuntimeParams(Section):
@@ -182,6 +187,10 @@ class AllocationSearchParams(Section):
     objective: Literal["kl", "loss"] = _doc(
         "kl", "kl (to the unpruned model) | loss (LM loss), on the calibration windows"
     )
+    holdout: float = _doc(
+        0.25, "share of the calibration windows held out: the best beats the flat profile there or is not kept",
+        ge=0.0, lt=1.0,
+    )  # fmt: skip
 
 
 class PruneParams(Section):
@@ -209,8 +218,13 @@ class PruneParams(Section):
     reconstruct: Literal["none", "least_squares"] = _doc(
         "none", "none | least_squares: refit o_proj/down_proj over the kept channels (docs/pruning.md)"
     )
-    reconstruct_ridge: float = _doc(
-        0.01, "least_squares: ridge, relative to the mean diagonal of the Gram matrix", ge=0.0
+    reconstruct_ridge: Annotated[list[Annotated[float, Field(ge=0.0)]], BeforeValidator(_one_or_many)] = _doc(
+        [0.01, 0.1, 0.3, 1.0],
+        "least_squares: ridges tried (x mean Gram diagonal), one chosen on held-out windows",
+        min_length=1,
+    )
+    reconstruct_holdout: float = _doc(
+        0.25, "least_squares: share of the windows held out to choose the ridge and judge the refit", ge=0.0, lt=1.0
     )
     reconstruct_samples: int | None = _doc(
         None, "least_squares: training-text windows to refit on (null: the calibration windows)", ge=1

@@ -141,6 +141,11 @@ def _prune(params: Params, problems: _Problems) -> None:
         wide = [u.name for u in known if u.model_wide]
         if wide:
             problems.key("prune.allocation", f"'{p.allocation}' allocates per layer; {wide[0]} spans the whole model")
+        from prunekit.pruning.allocations.search import holdout_problem
+
+        held = holdout_problem(params.calibrate.samples, p.search.holdout)
+        if held:
+            problems.key("prune.search.holdout", held)
         if params.model.offload == "layerwise":
             problems.key(
                 "prune.allocation",
@@ -160,6 +165,13 @@ def _prune(params: Params, problems: _Problems) -> None:
     wide = [u.name for u in known if u.model_wide]
     if p.reconstruct != "none" and wide:
         problems.key("prune.reconstruct", f"cannot follow {wide[0]} (it changes every layer's hidden size)")
+    if p.reconstruct != "none":
+        from prunekit.pruning.reconstruction import RefitChoice
+
+        windows = p.reconstruct_samples or params.calibrate.samples
+        problem = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout).window_problem(windows)
+        if problem:
+            problems.key("prune.reconstruct_holdout", problem)
     name = params.score.criterion
     if p.bias_compensation and name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
         activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]

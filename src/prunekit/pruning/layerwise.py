@@ -119,9 +119,7 @@ def _cut_layers(
                     kwargs = [per_batch[idx] for per_batch in arguments]
                     masked = apply_plan_to_layer(adapter, copy.deepcopy(layer), plan, idx, "mask")
                     if idx in planned:
-                        fits += reconstruct_layer(
-                            adapter, layer, masked, idx, plan, hidden, kwargs, cut.reconstruct_ridge
-                        )
+                        fits += reconstruct_layer(adapter, layer, masked, idx, plan, hidden, kwargs, cut.refit_choice())
                     for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                         hidden.put(b, layer_output(masked(h, **kw)))
                     del masked

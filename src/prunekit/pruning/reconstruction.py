@@ -16,15 +16,22 @@ T = X_d W^T + b the target, the refit weight W' (out x |K|) and bias b' solve
 in closed form from the Gram matrices G = X_p^T X_p, C = X_p^T X_d (and the column sums when there is a bias),
 accumulated over the windows: W'^T = (G_KK + lam I)^-1 (C_K: W^T + lam W[:, K]^T). The ridge pulls towards the
 plainly sliced weights, not towards zero: a few hundred calibration tokens for a thousand channels leave the
-problem underdetermined, and the dense weights are the prior that generalises. Each projection keeps the plainly sliced
-weights W[:, K] when they fit better (only possible with lam > 0), so no layer's error grows. The o_proj refit
+problem underdetermined, and the dense weights are the prior that generalises.
+
+What a refit gains on the tokens it was fitted on says little about other text: with fewer tokens than channels it
+fits them exactly. So a share of the windows (``prune.reconstruct_holdout``, spread evenly) is held out: every
+ridge of ``prune.reconstruct_ridge`` is fitted on the other windows and its error measured on the held-out ones,
+the best one wins, and a projection whose best refit does not beat the plainly sliced weights W[:, K] on the
+held-out windows keeps them; a winning ridge is then refit on all the windows. The errors recorded are the
+held-out ones (with no holdout: those on all windows, where the smallest ridge always wins). The o_proj refit
 comes first; the MLP inputs are then taken with the refit attention. The weights are written into the model
 before slicing, in the kept columns (the removed ones go with the slice).
 
 Works for every unit type that removes input channels of o_proj or down_proj (KV groups, query heads, v/o head
 dims, MLP channels) and leaves the others (q/k head dims, whole layers) to change X_p; ``hidden_channel``
-changes the residual stream itself and is refused. Memory: a masked copy of the model, per projection an n x n
-and an n x out float64 matrix (G and X_p^T T), the calibration hidden states of one layer.
+changes the residual stream itself and is refused. Memory: a masked copy of the model, per projection two n x n
+and two n x out float64 matrices (G and X_p^T T of the fitting and of the held-out windows), the calibration
+hidden states of one layer. Time: one Cholesky solve per ridge, and one more for the winner.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from tqdm.auto import tqdm
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.types import CausalLM, Submodule
+from prunekit.pruning.holdout import held_out, too_few
 from prunekit.pruning.plan import Plan
 from prunekit.pruning.units import UNITS
 from prunekit.pruning.units.base import CONSUMERS, consumer_path
@@ -53,6 +61,24 @@ METHODS = ("none", "least_squares")
 
 
 @dataclass(frozen=True)
+class RefitChoice:
+    """How a projection's refit is chosen and judged: the ridges tried, and the share of the windows held out to
+    choose among them and against the sliced weights (0: all windows fit and judge)."""
+
+    ridges: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
+    holdout: float = 0.25
+
+    def held_out(self, window: int) -> bool:
+        """Whether refit window ``window`` is held out (:func:`prunekit.pruning.holdout.held_out`)."""
+        return held_out(window, self.holdout)
+
+    def window_problem(self, windows: int) -> str | None:
+        """Why ``windows`` refit windows cannot be split as asked (None: they can)."""
+        more = "prune.reconstruct_samples, or calibrate.samples"
+        return too_few(windows, self.holdout, more, "prune.reconstruct_holdout: 0")
+
+
+@dataclass(frozen=True)
 class ProjectionFit:
     """One refit projection: its squared errors on the calibration tokens, plainly sliced and refit."""
 
@@ -60,15 +86,18 @@ class ProjectionFit:
     projection: str
     kept: int
     error_sliced: float
-    error_reconstructed: float
+    error_reconstructed: float  # the refit's (the sliced weights' where they were kept)
     target_norm: float  # || T ||^2: the errors relative to it are comparable across layers
+    ridge: float | None = None  # the ridge chosen; None: the sliced weights kept
 
 
 def summary(fits: list[ProjectionFit]) -> dict[str, float]:
-    """Squared errors on the calibration windows summed over the fits, relative to the dense outputs' (metrics)."""
+    """Squared errors on the held-out windows summed over the fits, relative to the dense outputs' (metrics), and
+    how many projections took their refit (the others kept the sliced weights)."""
     norm = sum(f.target_norm for f in fits) or 1.0
     return {
         "projections": len(fits),
+        "refit": sum(f.ridge is not None for f in fits),
         "error_sliced": round(sum(f.error_sliced for f in fits) / norm, 6),
         "error_reconstructed": round(sum(f.error_reconstructed for f in fits) / norm, 6),
     }
@@ -130,7 +159,7 @@ def reconstruct(
     plan: Plan,
     calibration: torch.Tensor,
     batch_size: int,
-    ridge: float,
+    choice: RefitChoice,
     reference: nn.Module | None = None,
 ) -> list[ProjectionFit]:
     """Refit o_proj and down_proj of every layer the plan prunes, in place, before slicing (module docstring).
@@ -154,7 +183,7 @@ def reconstruct(
             dense_l, masked_l = dense_layers[idx], masked_layers[idx]
             if idx in planned:
                 ref_l = reference_layers[idx] if reference_layers is not None else None
-                fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], ridge, ref_l)
+                fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], choice, ref_l)
             hidden = [layer_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
     finally:
         model.train(was_training)
@@ -176,7 +205,7 @@ def reconstruct_layer(
     plan: Plan,
     hidden: Iterable[torch.Tensor],
     kwargs: list[dict[str, Any]],
-    ridge: float,
+    choice: RefitChoice,
     reference_l: nn.Module | None = None,
 ) -> list[ProjectionFit]:
     """Refit o_proj, then down_proj, of decoder layer ``idx`` on its inputs ``hidden`` (one tensor per batch, an
@@ -188,7 +217,7 @@ def reconstruct_layer(
     fits = []
     for role in CONSUMERS:
         cols = removed_inputs(adapter, dense_l, plan, idx, role)
-        fits.append(_refit(adapter, reference, masked_l, idx, role, cols, hidden, kwargs, ridge))
+        fits.append(_refit(adapter, reference, masked_l, idx, role, cols, hidden, kwargs, choice))
         _copy_kept(adapter, masked_l, dense_l, role, cols)
     return fits
 
@@ -202,32 +231,41 @@ def _refit(
     removed: torch.Tensor,
     hidden: Iterable[torch.Tensor],
     kwargs: list[dict[str, Any]],
-    ridge: float,
+    choice: RefitChoice,
 ) -> ProjectionFit:
     """Accumulate one projection's Gram matrices on the layer's inputs (``dense_l``: the untouched dense layer,
-    whose projection outputs are the targets), solve, and write W' into the masked layer (whose current weights
-    are the ridge's prior)."""
+    whose projection outputs are the targets), the fitting and the held-out windows apart, solve, and write W'
+    into the masked layer (whose current weights are the ridge's prior)."""
     path = consumer_path(adapter, role).removesuffix(".weight")
     dense_proj: Submodule = dense_l.get_submodule(path)
     masked_proj: Submodule = masked_l.get_submodule(path)
     b = dense_proj.bias.detach().double() if dense_proj.bias is not None else None
     if (b is None) != (masked_proj.bias is None):
         raise PrunekitError(f"prune.reconstruct: layer {idx} {path} has a bias in one model and not the other")
-    gram = _Gram(dense_proj.weight.detach().double(), b)
+    w = dense_proj.weight.detach().double()
+    fit, held = _Gram(w, b), _Gram(w, b)
+    window = 0
     for h, kw in zip(hidden, kwargs, strict=True):
         with _capture(dense_proj) as xd, _capture(masked_proj) as xp:
             dense_l(h, **kw)
             masked_l(h, **kw)
-        gram.add(xp[0], xd[0])
+        out = torch.tensor([choice.held_out(window + i) for i in range(h.shape[0])], device=xp[0].device)
+        window += h.shape[0]
+        for gram, rows in ((fit, ~out), (held, out)):
+            if bool(rows.any()):
+                gram.add(xp[0][rows], xd[0][rows])
+    problem = choice.window_problem(window)
+    if problem:
+        raise PrunekitError(f"prune.reconstruct_holdout: {problem}")
     keep = torch.ones(dense_proj.weight.shape[1], dtype=torch.bool)
     keep[removed] = False
     prior = masked_proj.weight.detach().to("cpu", torch.float64)
     prior_bias = masked_proj.bias.detach().to("cpu", torch.float64) if b is not None else None
-    weight, bias, errors = solve(gram, prior, prior_bias, keep, ridge)
+    weight, bias, errors, ridge = solve(fit, held if held.n else None, prior, prior_bias, keep, choice.ridges)
     masked_proj.weight[:, keep] = weight.to(masked_proj.weight.dtype).to(masked_proj.weight.device)
     if bias is not None:
         masked_proj.bias.copy_(bias.to(masked_proj.bias.dtype).to(masked_proj.bias.device))
-    return ProjectionFit(idx, role, int(keep.sum()), *errors)
+    return ProjectionFit(idx, role, int(keep.sum()), *errors, ridge)
 
 
 def _copy_kept(adapter: ModelAdapter, src: Submodule, dst: Submodule, role: str, removed: torch.Tensor) -> None:
@@ -242,37 +280,67 @@ def _copy_kept(adapter: ModelAdapter, src: Submodule, dst: Submodule, role: str,
         d.bias.copy_(s.bias)
 
 
-def solve(
-    gram: _Gram, prior: torch.Tensor, prior_bias: torch.Tensor | None, keep: torch.Tensor, ridge: float
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float]]:
-    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2)) from the accumulated Grams; ``prior``
-    and ``prior_bias`` are the weights being refit (the ridge's pull, and what "sliced" keeps)."""
-    k = keep.nonzero().squeeze(1)
-    gkk, xt, t_norm = gram.g.cpu()[k][:, k], gram.r.cpu()[k], gram.t_norm  # X_pK^T X_pK, X_pK^T T, ||T||^2
-    if prior_bias is not None:
-        # The bias as one more input column, always 1 (not damped by the ridge).
+def _system(gram: _Gram, k: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The normal equations' parts over the kept columns ``k``: X~^T X~, X~^T T and ||T||^2, where X~ is X_pK with,
+    when there is a bias, one more input column that is always 1."""
+    gkk, xt = gram.g.cpu()[k][:, k], gram.r.cpu()[k]
+    if bias:
         s = gram.sp.cpu()[k]
         gkk = torch.cat(
             [torch.cat([gkk, s.unsqueeze(1)], 1), torch.cat([s, torch.tensor([float(gram.n)])]).unsqueeze(0)]
         )
         xt = torch.cat([xt, gram.st.cpu().unsqueeze(0)])
-    n_k = k.numel()
+    return gkk, xt, gram.t_norm
+
+
+def _error(system: tuple[torch.Tensor, torch.Tensor, float], sol: torch.Tensor) -> float:
+    """||X~ sol - T||^2 = tr(sol^T G~ sol) - 2 tr(sol^T X~^T T) + ||T||^2 on the windows of ``system``."""
+    gkk, xt, t_norm = system
+    return float(torch.einsum("ij,ij->", gkk @ sol, sol) - 2 * torch.einsum("ij,ij->", sol, xt) + t_norm)
+
+
+def _ridge_fit(
+    system: tuple[torch.Tensor, torch.Tensor, float], sliced: torch.Tensor, n_k: int, ridge: float
+) -> torch.Tensor:
+    """The refit with ``ridge`` (relative to the mean diagonal of the kept channels' Gram; the bias undamped),
+    pulled towards ``sliced``: few calibration tokens for many channels leave the least-squares problem
+    underdetermined, and the dense weights are the better prior."""
+    gkk, xt, _ = system
     lam = ridge * float(torch.diagonal(gkk)[:n_k].mean()) if n_k else 0.0
     damp = torch.zeros(gkk.shape[0], dtype=torch.float64)
     damp[:n_k] = lam
+    return _solve_normal(gkk + torch.diag(damp), xt + damp.unsqueeze(1) * sliced, lam > 0)  # (|K| (+1), out)
+
+
+def solve(
+    fit: _Gram,
+    held: _Gram | None,
+    prior: torch.Tensor,
+    prior_bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    ridges: tuple[float, ...],
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float], float | None]:
+    """(W' over the kept columns, b', (error sliced, error refit, ||T||^2), the ridge chosen or None) from the
+    Grams of the fitting windows ``fit`` and the held-out ones ``held`` (None: ``fit`` judges too). ``prior`` and
+    ``prior_bias`` are the weights being refit (the ridge's pull, and what "sliced" keeps). Every ridge is fitted
+    on ``fit`` and judged on ``held``; the best one, if it beats the sliced weights there, is refit on both."""
+    k = keep.nonzero().squeeze(1)
+    n_k, bias = k.numel(), prior_bias is not None
     sliced = prior[:, k].T if prior_bias is None else torch.cat([prior[:, k].T, prior_bias.unsqueeze(0)])
-    # The ridge pulls W' towards the sliced weights W[:, K] (not towards 0): few calibration tokens for many
-    # channels leave the least-squares problem underdetermined, and the dense weights are the better prior.
-    rhs = xt + damp.unsqueeze(1) * sliced
-    solution = _solve_normal(gkk + torch.diag(damp), rhs, lam > 0)  # (|K| (+1), out)
-
-    def error(sol: torch.Tensor) -> float:  # ||X~ sol - T||^2 = tr(sol^T G~ sol) - 2 tr(sol^T X~^T T) + ||T||^2
-        return float(torch.einsum("ij,ij->", gkk @ sol, sol) - 2 * torch.einsum("ij,ij->", sol, xt) + t_norm)
-
-    e_sliced, e_refit = error(sliced), error(solution)
-    best = solution if e_refit <= e_sliced else sliced
-    weight, bias = best[:n_k].T, (best[n_k] if prior_bias is not None else None)
-    return weight, bias, (max(e_sliced, 0.0), max(min(e_refit, e_sliced), 0.0), float(t_norm))
+    fitting = _system(fit, k, bias)
+    judge = _system(held, k, bias) if held is not None else fitting
+    best, e_best, chosen = sliced, _error(judge, sliced), None
+    e_sliced = e_best
+    for ridge in ridges:
+        solution = _ridge_fit(fitting, sliced, n_k, ridge)
+        e = _error(judge, solution)
+        if e < e_best:
+            best, e_best, chosen = solution, e, ridge
+    if chosen is not None and held is not None:  # the winning ridge on every window
+        both = (fitting[0] + judge[0], fitting[1] + judge[1], fitting[2] + judge[2])
+        best = _ridge_fit(both, sliced, n_k, chosen)
+    weight, bias_out = best[:n_k].T, (best[n_k] if bias else None)
+    return weight, bias_out, (max(e_sliced, 0.0), max(e_best, 0.0), float(judge[2])), chosen
 
 
 def _solve_normal(a: torch.Tensor, rhs: torch.Tensor, damped: bool) -> torch.Tensor:

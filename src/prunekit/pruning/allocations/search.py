@@ -17,6 +17,11 @@ target, whatever the optimiser proposes: no penalties, no wasted candidates), ke
 candidate is the flat profile (every layer and type at the same ratio: LLM-Pruner's uniform rule), so the search
 never ends worse than it on the objective.
 
+Held out: ``prune.search.holdout`` of the calibration windows (:mod:`prunekit.pruning.holdout`) take no part in the
+objective. At the end the best candidate and the flat profile are scored on them, and the best one is kept only if
+it beats the flat profile there too: an allocation fitted to the search's windows does not replace the uniform cut
+unless it does better on windows it was not chosen on.
+
 Objective of a candidate: its plan (the highest-scored units of each layer) is applied to a copy of the model,
 refit first when ``prune.reconstruct`` asks, and sliced (so the search optimises the model the cut produces), and
 scored on the calibration windows: ``kl`` is the mean KL divergence from the unpruned model's next-token
@@ -143,12 +148,17 @@ class Candidate:
     point: list[float]
     objective: float
     achieved: float
+    held_out: float | None = None  # the objective on the held-out windows (the best and the flat candidate)
+    kept: bool = False  # the candidate whose allocation the search returns
 
     def row(self, names: list[str], label: str) -> dict[str, Any]:
         """The candidate as the trials file records it (no time: the same search writes the same file)."""
         row: dict[str, Any] = {"search": label} if label else {}
         row |= {"candidate": self.index, "source": self.source, "objective": float(f"{self.objective:.8g}"),
                 "achieved": round(self.achieved, 6)}  # fmt: skip
+        if self.held_out is not None:
+            row["held_out"] = float(f"{self.held_out:.8g}")
+        row["kept"] = self.kept
         return row | {name: round(v, 6) for name, v in zip(names, self.point, strict=True)}
 
 
@@ -162,6 +172,7 @@ class AllocationSearch:
     label: str = ""  # names the search in the trials (k-shot: the shot)
     state_file: Path | None = None  # progress, replayed by a resumed run
     state_key: str = ""
+    judge: Callable[[Plan], float] | None = None  # the objective on held-out windows (None: none held out)
     candidates: list[Candidate] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
@@ -204,6 +215,15 @@ class AllocationSearch:
         flat = self.candidates[0]
         log.info("allocation search: best candidate %d (%s) %.5f; flat profile %.5f", best.index, best.source,
                  best.objective, flat.objective)  # fmt: skip
+        if self.judge is not None and best is not flat:
+            held = [self.judge(plan_of_counts(scores, req, space.counts(c.point), "search", criterion))
+                    for c in (best, flat)]  # fmt: skip
+            best.held_out, flat.held_out = held
+            log.info("allocation search: on the held-out windows candidate %d %.5f, flat profile %.5f: keeping %s",
+                     best.index, held[0], held[1],
+                     f"candidate {best.index}" if held[0] < held[1] else "the flat profile")  # fmt: skip
+            best = best if held[0] < held[1] else flat
+        best.kept = True
         return space.counts(best.point)
 
     def _recorded(self) -> list[dict[str, Any]]:
@@ -244,6 +264,13 @@ class Searched(Allocation):
 
 
 ALLOCATIONS.register(Searched.name)(Searched())
+
+
+def holdout_problem(windows: int, share: float) -> str | None:
+    """Why ``windows`` calibration windows cannot be split at ``prune.search.holdout`` ``share`` (None: they can)."""
+    from prunekit.pruning.holdout import too_few
+
+    return too_few(windows, share, "calibrate.samples", "prune.search.holdout: 0")
 
 
 def candidate_objective(

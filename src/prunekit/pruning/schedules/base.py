@@ -54,7 +54,8 @@ class Cut:
     tolerance: float = 0.01
     bias_compensation: bool = False
     reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
-    reconstruct_ridge: float = 0.01
+    reconstruct_ridge: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)  # chosen from on the held-out windows
+    reconstruct_holdout: float = 0.25  # share of the refit windows held out (0: choose and judge on all of them)
     reconstruct_samples: int | None = None  # training-text windows to refit on (None: the calibration windows)
     reconstruct_seq_len: int = 128
     search: AllocationSearchParams = field(default_factory=AllocationSearchParams)  # allocation: search
@@ -64,7 +65,9 @@ class Cut:
         """From the ``prune`` params section and ``score.criterion``."""
         shared = {f.name for f in dataclasses.fields(cls)} & set(type(prune).model_fields)
         values = {name: getattr(prune, name) for name in shared}
-        return cls(**values | {"units": list(prune.units), "round_to": dict(prune.round_to), "criterion": criterion})
+        lists = {"units": list(prune.units), "round_to": dict(prune.round_to),
+                 "reconstruct_ridge": tuple(prune.reconstruct_ridge)}  # fmt: skip
+        return cls(**values | lists | {"criterion": criterion})
 
     def layers(self, model: CausalLM, adapter: ModelAdapter) -> list[int]:
         """The model's prunable layers (its first ``skip_first`` and last ``skip_last`` left whole)."""
@@ -100,7 +103,8 @@ class Cut:
 
     def searcher(self, model: CausalLM, adapter: ModelAdapter, job: PruneJob | None, label: str) -> Any:
         """The allocation search of a cut of ``model``: candidates scored as this cut would produce them."""
-        from prunekit.pruning.allocations.search import AllocationSearch, candidate_objective
+        from prunekit.pruning.allocations.search import AllocationSearch, candidate_objective, holdout_problem
+        from prunekit.pruning.holdout import held_out_mask
 
         if job is None:
             raise ValueError("allocation 'search' evaluates candidates on calibration tokens: give the request a job")
@@ -108,12 +112,19 @@ class Cut:
         def refit(candidate: nn.Module, plan: Plan) -> None:
             self.refit(candidate, adapter, plan, job)
 
-        evaluate = candidate_objective(
-            model, adapter, job.calibration_tokens(), job.score_batch_size, self.search.objective,
-            refit if self.reconstruct != "none" else None,
-        )  # fmt: skip
+        tokens = job.calibration_tokens()
+        held = held_out_mask(tokens.shape[0], self.search.holdout)
+        problem = holdout_problem(tokens.shape[0], self.search.holdout)
+        if problem:
+            raise PrunekitError(f"prune.search.holdout: {problem}")
+
+        def objective(windows: torch.Tensor) -> Any:
+            return candidate_objective(model, adapter, windows, job.score_batch_size, self.search.objective,
+                                       refit if self.reconstruct != "none" else None)  # fmt: skip
+
         state = job.state_dir / "allocation_search.json" if job.state_dir is not None else None
-        return AllocationSearch(self.search, evaluate, job.seed, label, state, job.state_key)
+        judge = objective(tokens[held]) if bool(held.any()) else None
+        return AllocationSearch(self.search, objective(tokens[~held]), job.seed, label, state, job.state_key, judge)
 
     def plan(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Plan:
         return make_plan(scores, req, self.allocation, criterion=self.criterion)
@@ -134,7 +145,13 @@ class Cut:
         from prunekit.pruning.reconstruction import reconstruct
 
         tokens = job.reconstruction_tokens()
-        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.reconstruct_ridge, reference)
+        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference)
+
+    def refit_choice(self) -> Any:
+        """How the reconstruction chooses its ridge and judges its refit (``prune.reconstruct_*``)."""
+        from prunekit.pruning.reconstruction import RefitChoice
+
+        return RefitChoice(self.reconstruct_ridge, self.reconstruct_holdout)
 
 
 @dataclass
@@ -229,7 +246,9 @@ class PruneResult:
                 "best_candidate": best["candidate"],
                 "best_objective": best["objective"],
                 "flat_objective": first["objective"],
-            }
+                # The candidate the cut took: the best, unless the flat profile did better on the held-out windows.
+                "kept_candidate": next(t["candidate"] for t in self.trials if t["kept"]),
+            } | {f"{name}_held_out": t["held_out"] for name, t in (("best", best), ("flat", first)) if "held_out" in t}
         return out | ({"schedule_log": self.log} if self.log else {})
 
 
