@@ -63,7 +63,7 @@ def main() -> None:
     def request(units: list[str]) -> ScoreRequest:
         return ScoreRequest(
             units, list(range(n_layers)), setup.calibration, params.score.batch_size, params.seed,
-            params.score.model_dump(),
+            params.score,
         )  # fmt: skip
 
     notes: list[str] = []

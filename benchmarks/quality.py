@@ -100,7 +100,7 @@ def main() -> None:
     best = None
     for name in args.criteria:
         req = ScoreRequest(list(p.units), list(range(n_layers)), setup.calibration, bs, params.seed,
-                           params.score.model_dump())  # fmt: skip
+                           params.score)  # fmt: skip
         scores = CRITERIA.get(name).score(dense, adapter, req)
         for target in args.targets:
             for allocation, method in (pair.split(":") for pair in args.cuts):

@@ -60,7 +60,7 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
     first = {}
     if args.schedule != "iterative":  # the iterative schedule scores from its own training adapters
         req = ScoreRequest(list(cut.units), cut.layers(model, adapter), setup.calibration, params.score.batch_size,
-                           params.seed, params.score.model_dump())  # fmt: skip
+                           params.seed, params.score)  # fmt: skip
         first = CRITERIA.get(criterion).score(model, adapter, req)
     job = PruneJob(model, tokenizer, adapter, first, cut, params.seed, schedule=schedule,
                    training_blocks=lambda seq_len: blocks, calibration=lambda: setup.calibration,
