@@ -30,7 +30,7 @@ def check(params: Params, args: argparse.Namespace) -> None:
     from prunekit.pipeline.tracked import check_tracked
     from prunekit.pipeline.validation import check_choices
 
-    check_tracked(yaml.safe_load(Path(args.params).read_text(encoding="utf-8")), args.dvcfile)
+    check_tracked(yaml.safe_load(Path(args.params).read_text(encoding="utf-8")), args.dvcfile, Path(args.params).name)
     try:
         check_choices(params)
         problems = []

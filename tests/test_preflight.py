@@ -159,16 +159,16 @@ def test_an_unreachable_hub_is_refused_in_seconds(tiny_model_dir: Path, monkeypa
 
 
 def test_tracked_keys_must_be_in_params_yaml() -> None:
-    keys = tracked_keys(ROOT / "dvc.yaml")
+    keys = tracked_keys(ROOT / "dvc.yaml", "params.yaml")
     assert keys["model.source"] == ["download_model"] and "seed" in keys and "data" in keys
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    check_tracked(committed, ROOT / "dvc.yaml")
+    check_tracked(committed, ROOT / "dvc.yaml", "params.yaml")
     with pytest.raises(ParamsError, match=r"^params.yaml holds none of the \d+ keys"):
-        check_tracked(None, ROOT / "dvc.yaml")
+        check_tracked(None, ROOT / "dvc.yaml", "params.yaml")
     partial = copy.deepcopy(committed)
     del partial["model"]["source"]
     with pytest.raises(ParamsError) as e:
-        check_tracked(partial, ROOT / "dvc.yaml")
+        check_tracked(partial, ROOT / "dvc.yaml", "params.yaml")
     assert str(e.value).splitlines() == [
         "params.yaml key 'model.source': missing, and dvc.yaml's stage download_model tracks it; add it (its default "
         "is in docs/params.md) or restore the file (git checkout params.yaml)"

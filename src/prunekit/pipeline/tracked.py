@@ -14,8 +14,9 @@ import yaml
 from prunekit.errors import ParamsError
 
 
-def tracked_keys(dvc_yaml: Path, params_file: str = "params.yaml") -> dict[str, list[str]]:
-    """Each dotted key of ``params_file`` a stage of ``dvc_yaml`` lists under ``params``, with the stages."""
+def tracked_keys(dvc_yaml: Path, params_file: str) -> dict[str, list[str]]:
+    """Each dotted key of ``params_file`` (its name as dvc.yaml writes it; bare keys belong to DVC's default params
+    file, which the stage passes) a stage of ``dvc_yaml`` lists under ``params``, with the stages."""
     stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
     keys: dict[str, list[str]] = {}
     for name, stage in stages.items():
@@ -36,9 +37,9 @@ def has_key(raw: Any, key: str) -> bool:
     return True
 
 
-def check_tracked(raw: Any, dvc_yaml: Path) -> None:
+def check_tracked(raw: Any, dvc_yaml: Path, params_file: str) -> None:
     """Refuse a params mapping that lacks a key dvc.yaml tracks (one line naming them and the stages)."""
-    keys = tracked_keys(dvc_yaml)
+    keys = tracked_keys(dvc_yaml, params_file)
     missing = [key for key in keys if not has_key(raw, key)]
     if not missing:
         return
