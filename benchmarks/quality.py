@@ -42,6 +42,7 @@ def main() -> None:
     from prunekit.models.loading import load_model
     from prunekit.pipeline.params import load_params
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.criteria.base import LayerCriterion
     from prunekit.pruning.schedules import Cut, PruneJob, prune_model
     from prunekit.training.lora import LoraSettings, recovery_loss, train_full, train_lora
 
@@ -89,7 +90,8 @@ def main() -> None:
     dense_ppl, dense_acc, dense_ppl2 = ppl(dense), accuracy(dense), ppl2(dense)
     print(f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, "
           f"{setup.calibration.shape[0]} x {setup.calibration.shape[1]} calibration tokens, units "
-          f"{', '.join(p.units)}, layers {p.skip_first}..{n_layers - p.skip_last - 1}, ridge {p.reconstruct_ridge}, "
+          f"{', '.join(p.units)}, bias compensation {p.bias_compensation}, layers {p.skip_first}.."
+          f"{n_layers - p.skip_last - 1}, ridge {p.reconstruct_ridge}, "
           f"search {p.search.candidates} candidates ({p.search.objective}, {p.search.knots} knots); "
           f"dense perplexity {dense_ppl:.2f}, auto_mc accuracy {dense_acc:.3f} ({args.questions} questions); "
           f"{args.second_text}: {second.numel()} evaluation tokens, dense perplexity {dense_ppl2:.2f}"
@@ -101,12 +103,16 @@ def main() -> None:
     for name in args.criteria:
         req = ScoreRequest(list(p.units), list(range(n_layers)), setup.calibration, bs, params.seed,
                            params.score)  # fmt: skip
-        scores = CRITERIA.get(name).score(dense, adapter, req)
+        criterion = CRITERIA.get(name)
+        # Side data (FLAP's channel means) for prune.bias_compensation, from the criteria that record it.
+        scores, side = criterion.score_with_aux(dense, adapter, req) if isinstance(criterion, LayerCriterion) else (
+            criterion.score(dense, adapter, req), {})  # fmt: skip
         for target in args.targets:
             for allocation, method in (pair.split(":") for pair in args.cuts):
                 cut = dataclasses.replace(Cut.of(p, name), target=target, allocation=allocation, reconstruct=method)
-                job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed,
-                               calibration=lambda: setup.calibration, score_batch_size=bs,
+                job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, params.seed, side,
+                               activations_mib=params.model.offload_activations_mib, score_batch_size=bs,
+                               calibration=lambda: setup.calibration,
                                training_blocks=lambda n: chunks(text, n, "training"))  # fmt: skip
                 t0 = time.perf_counter()
                 result = prune_model(job, "oneshot")

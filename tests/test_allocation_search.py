@@ -192,7 +192,7 @@ def test_kshot_searches_every_shot() -> None:
     [
         ({"allocation": "search", "units": ["layer"]}, "add one to prune.units"),
         ({"allocation": "search", "schedule": "iterative"}, "re-plans at every mask update"),
-        ({"allocation": "search", "units": ["hidden_channel"]}, "spans the whole model"),
+        ({"allocation": "search", "units": ["hidden_channel"]}, "add one to prune.units"),
         ({"search": {"objective": "ce"}}, "prune.search.objective"),
     ],
 )
@@ -295,3 +295,102 @@ def test_too_few_calibration_windows_to_hold_one_out_are_refused() -> None:
                                           r"more windows \(calibrate.samples\)"):  # fmt: skip
         check_choices(parse_params(params))
     check_choices(parse_params(params | {"calibrate": {"samples": 4}}))
+
+
+def _disk_writes(monkeypatch) -> list[str]:
+    """Records every hidden-state batch written to disk (the spill of prunekit.models.hidden)."""
+    import safetensors.torch
+
+    written: list[str] = []
+    save = safetensors.torch.save_file
+
+    def spy(tensors, path, *args, **kwargs):
+        written.append(str(path))
+        return save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    return written
+
+
+@pytest.mark.parametrize("objective", ["kl", "loss"])
+def test_the_objective_streamed_from_disk_equals_the_in_memory_one(objective: str, monkeypatch) -> None:
+    """With no memory for hidden states the unpruned model's reference goes to disk a batch at a time; every
+    candidate's objective is the same number as with the reference in memory."""
+    model = _model()
+    req = _request(model)
+    scores = _scores(model)
+    plans = [plan_of_counts(scores, req, Space(req, 0.9, 2).counts(p), "search")
+             for p in ([0.2, 1.0, 1.0, 0.3, 0.5], [1.0, 1.0, 1.0, 1.0, 0.0])]  # fmt: skip
+    adapter = adapter_for(model.config)
+    in_memory = candidate_objective(model, adapter, CALIB, 4, objective)
+    want = [in_memory(p) for p in plans]
+    written = _disk_writes(monkeypatch)
+    streamed = candidate_objective(model, adapter, CALIB, 4, objective, activations_mib=0)
+    assert [streamed(p) for p in plans] == want
+    assert len(written) == (2 if objective == "kl" else 0)  # two batches of the reference, written once
+
+
+def test_a_refit_inside_the_search_never_sees_the_held_out_windows() -> None:
+    """With reconstruction inside the objective and window 3 held out, the kept candidate is the model refit on
+    windows 0, 1, 2, 4, 5 alone: its recorded objective is that model's KL there and its held-out figure the same
+    model's KL on window 3 (a refit on all six windows gives other numbers)."""
+    from prunekit.pruning.reconstruction import RefitChoice, reconstruct
+
+    dense = _model()
+    result = prune_model(_job(copy.deepcopy(dense), reconstruct="least_squares", candidates=4, holdout=0.25),
+                         "oneshot")  # fmt: skip
+    rest, held = CALIB[[0, 1, 2, 4, 5]], CALIB[[3]]
+    (kept,) = [t for t in result.trials if t["kept"]]
+    adapter = adapter_for(dense.config)
+
+    def refit_on(tokens: torch.Tensor) -> torch.nn.Module:
+        model = copy.deepcopy(dense)
+        reconstruct(model, adapter, result.plan, tokens, 3, RefitChoice((0.0,), 0.0))
+        return apply_plan(model, adapter, result.plan, mode="slice")
+
+    def kl(model, tokens: torch.Tensor) -> float:
+        with torch.no_grad():
+            p = F.log_softmax(dense(input_ids=tokens).logits[:, :-1].double(), -1)
+            q = F.log_softmax(model(input_ids=tokens).logits[:, :-1].double(), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    on_rest, on_all = refit_on(rest), refit_on(CALIB)
+    assert kl(on_rest, rest) == pytest.approx(kept["objective"], rel=1e-4)
+    assert kl(on_all, rest) != pytest.approx(kept["objective"], rel=1e-3)
+    if "held_out" in kept:
+        assert kl(on_rest, held) == pytest.approx(kept["held_out"], rel=1e-4)
+
+
+def test_the_search_mixes_hidden_channels_with_per_layer_units_on_the_target() -> None:
+    """Hidden channels (one width for the whole model, no depth profile) in the search beside KV groups and MLP
+    channels: every candidate's kept counts remove the target within the tolerance, counted exactly (the sliced
+    model of every candidate has the parameters the count says), some candidates cut the hidden width and others
+    trade it for per-layer units, and the plan slices to a model equal to the masked dense one."""
+    units = [*UNITS, "hidden_channel"]
+    dense = _model()
+    adapter = adapter_for(dense.config)
+    scores = CRITERIA.get("l2").score(dense, adapter, ScoreRequest(units, LAYERS, CALIB, 3, seed=0))
+    settings = AllocationSearchParams(candidates=6, random_starts=3, knots=2, holdout=0.0)
+    round_to = {"mlp_channel": 4, "hidden_channel": 2}
+    cut = Cut(0.25, units, "search", "l2", 1, 1, round_to, 0.02, search=settings)  # fmt: skip
+    job = PruneJob(copy.deepcopy(dense), None, adapter, scores, cut, seed=3, calibration=lambda: CALIB,
+                   score_batch_size=3)  # fmt: skip
+    result = prune_model(job, "oneshot")
+    req = PlanRequest(0.25, count_params(dense), layouts(dense, adapter, units, LAYERS), round_to, 0.02)
+    space = Space(req, settings.max_ratio, settings.knots)
+    # The hidden width has no depth profile: only the per-layer types have knots (and shares relative to it).
+    assert [n for n in space.names if "hidden" in n] == [] and "share.mlp_channel" in space.names
+    widths = set()
+    for trial in result.trials:
+        counts = space.counts([trial[n] for n in space.names])
+        plan = plan_of_counts(scores, req, counts, "search")
+        sliced = apply_plan(copy.deepcopy(dense), adapter, plan, mode="slice")
+        assert count_params(sliced) == plan.params_after  # the overlap of hidden and per-layer cuts counted once
+        assert abs(plan.achieved - 0.25) <= 0.02
+        widths.add(counts[("hidden_channel", 0)])
+    assert len(widths) > 1 and min(widths) < 48  # the search moves the hidden width
+    assert count_params(result.model) == result.plan.params_after and abs(result.plan.achieved - 0.25) <= 0.02
+    masked = apply_plan(copy.deepcopy(dense), adapter, result.plan, mode="mask")
+    with torch.no_grad():
+        want, got = masked(input_ids=CALIB).logits, result.model(input_ids=CALIB).logits
+    assert (got - want).abs().max().item() <= 1e-4  # float32 rounding of the rescaled norms

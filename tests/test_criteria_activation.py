@@ -353,6 +353,7 @@ def test_score_and_prune_stages_compensate(tiny_model_dir: Path, tmp_path: Path)
             "score": {"criterion": "flap", "batch_size": 4},
             "prune": {
                 "target": 0.2,
+                "allocation": "uniform",
                 "skip_first": 1,
                 "skip_last": 1,
                 "round_to": {"attn_kv_group": 1, "mlp_channel": 1},

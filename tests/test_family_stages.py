@@ -49,6 +49,7 @@ def family_params(family: str, source: Path) -> dict:
         "prune": {
             "target": 0.2,
             "units": units,
+            "allocation": "uniform",  # every family's llama.cpp graph reads it
             "skip_first": 0,
             "skip_last": 0,
             "tolerance": 0.05,

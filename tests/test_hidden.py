@@ -267,10 +267,22 @@ def test_tied_uneven_width_runs_but_saving_needs_a_multiple_of_heads(tmp_path, t
         save_and_reload(sliced, tokenizer, tmp_path)
 
 
-def test_hidden_channels_are_planned_alone(model) -> None:
+@pytest.mark.parametrize("units", [["attn_kv_group", "mlp_channel"], ["attn_query_head", "mlp_channel", "layer"]])
+def test_hidden_channels_plan_with_per_layer_units(model, units: list[str]) -> None:
+    """Hidden channels beside per-layer unit types (and whole layers) in one uniform plan: the parameters it
+    removes are counted once where both cut the same tensor, so the sliced model has exactly the plan's count,
+    the target is met, and it computes what the masked dense model computes."""
     adapter = adapter_for(model.config)
-    with pytest.raises(PrunekitError, match="hidden_channel spans the whole model"):
-        layouts(model, adapter, [HC, "mlp_channel"], [1, 2])
+    lays = layouts(model, adapter, [HC, *units], prunable_layers(4, 1, 1))
+    scores = CRITERIA.get("l2").score(model, adapter, ScoreRequest([HC, *units], [1, 2], ids_for(64), 2, seed=0))
+    plan = make_plan(scores, PlanRequest(0.3, count_params(model), lays, {HC: 8}, 0.03), "uniform")
+    assert len(plan.keep[HC][0]) < D or "layer" in units  # uniform removes whole layers first
+    assert abs(plan.achieved - 0.3) <= 0.03
+    masked = apply_plan(copy.deepcopy(model), adapter, plan, mode="mask")
+    sliced = apply_plan(copy.deepcopy(model), adapter, plan, mode="slice")
+    assert count_params(sliced) == plan.params_after
+    ids = ids_for(64)
+    assert (logits(sliced, ids) - logits(masked, ids)).abs().max().item() <= 1e-5
 
 
 # ---------------------------------------------------------------- the layer -> model link

@@ -20,7 +20,8 @@ from test_pruning import random_plan
 from prunekit.errors import ParamsError, PrunekitError
 from prunekit.evaluation.perplexity import perplexity, perplexity_layerwise
 from prunekit.models.families import adapter_for
-from prunekit.models.layerwise import HiddenStates, LayerwiseModel
+from prunekit.models.hidden import HiddenStates
+from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.saving import save_model
 from prunekit.pipeline.params import parse_params
 from prunekit.pipeline.validation import check_choices

@@ -153,7 +153,8 @@ def test_prune_stage_layerwise_writes_what_the_in_memory_stage_writes(tmp_path, 
         params = parse_params({
             "model": {"offload": offload},
             "score": {"criterion": "flap", "batch_size": 3},
-            "prune": {"target": 0.2, "units": WIDTH, "skip_first": 1, "skip_last": 1, "bias_compensation": True,
+            "prune": {"target": 0.2, "units": WIDTH, "allocation": "uniform", "skip_first": 1, "skip_last": 1,
+                      "bias_compensation": True,
                       "round_to": {"attn_kv_group": 1, "mlp_channel": 8}},
         })  # fmt: skip
         scores = tmp_path / f"scores_{offload}.safetensors"

@@ -75,7 +75,9 @@ def test_params_yaml_is_the_rendering_of_the_typed_defaults() -> None:
 
 
 def test_repository_params_are_valid_and_complete() -> None:
-    for name in ("params.yaml", "params-paper.yaml"):
+    names = sorted(p.name for p in ROOT.glob("params*.yaml"))
+    assert {"params.yaml", "params-paper.yaml", "params-flap.yaml"} <= set(names)
+    for name in names:
         params = load_params(ROOT / name)
         check_choices(params)
         # Every key the sections define is written in the file (no hidden defaults).

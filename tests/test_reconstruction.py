@@ -158,8 +158,8 @@ def test_params_refuse_what_reconstruction_cannot_follow() -> None:
         check_choices(parse_params({"prune": {"reconstruct": "least_squares", "bias_compensation": True},
                                     "score": {"criterion": "flap"}}))  # fmt: skip
     # Every schedule reconstructs (the iterative one after its last mask).
-    check_choices(parse_params({"prune": {"reconstruct": "least_squares", "schedule": "iterative"},
-                                "score": {"criterion": "lora"}}))  # fmt: skip
+    check_choices(parse_params({"prune": {"reconstruct": "least_squares", "schedule": "iterative",
+                                          "allocation": "uniform"}, "score": {"criterion": "lora"}}))  # fmt: skip
     with pytest.raises(ParamsError, match="prune.reconstruct"):
         parse_params({"prune": {"reconstruct": "lstsq"}})
 
@@ -345,3 +345,26 @@ def test_too_few_windows_to_hold_one_out_are_refused_with_the_keys() -> None:
     check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 4}}))
     check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 3,
                                                     "reconstruct_holdout": 0.0}}))  # fmt: skip
+
+
+def test_reconstruction_streamed_from_disk_equals_the_in_memory_one(monkeypatch) -> None:
+    """The calibration hidden states of each layer go to disk a batch at a time when no memory is allowed for them;
+    the Gram matrices, and so every refit weight and every recorded error, are the same as with them in memory."""
+    import safetensors.torch
+
+    dense = model64()
+    adapter = adapter_for(dense.config)
+    plan = plan_of({"attn_kv_group": {1: [0, 2], 2: [1, 3]}, "mlp_channel": {1: list(range(0, 64, 2))}})
+    choice = RefitChoice((0.01, 0.3), 0.25)
+    in_memory = copy.deepcopy(dense)
+    want = reconstruct(in_memory, adapter, plan, CALIB, 8, choice)
+    written: list[str] = []
+    save = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, p, *a, **k: (written.append(p), save(t, p, *a, **k)))
+    streamed = copy.deepcopy(dense)
+    got = reconstruct(streamed, adapter, plan, CALIB, 8, choice, activations_mib=0)
+    assert got == want
+    for (name, a), b in zip(in_memory.state_dict().items(), streamed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    layers = len(adapter.layers(dense))
+    assert len(written) == 4 * (1 + layers)  # 4 batches: layer 0's inputs, then each layer's outputs

@@ -230,7 +230,8 @@ def test_prune_stage_runs_the_schedules(schedule: str, tiny_model_dir: Path, tmp
     params = parse_params(
         {
             "score": {"criterion": "param_first", "batch_size": 2},
-            "prune": {"target": 0.1, "skip_first": 1, "skip_last": 1, "tolerance": 0.03, "schedule": schedule},
+            "prune": {"target": 0.1, "skip_first": 1, "skip_last": 1, "tolerance": 0.03, "schedule": schedule,
+                      "allocation": "uniform"},
             "schedule": {"prune_freq": 1, "warmup": 0.2, "cooldown": 0.2, "checkpoint_every": 2, "shots": 2,
                          "steps_per_shot": 1, "lora": {"steps": 6, "batch_size": 2, "seq_len": 16}},
         }

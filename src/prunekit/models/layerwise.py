@@ -20,7 +20,6 @@ output) and (the final norm and output head, for perplexity); never the whole mo
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -32,13 +31,13 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.families import adapter_for
+from prunekit.models.hidden import MIB, HiddenStates
 from prunekit.models.loading import DTYPES, check_weights, load_config
 from prunekit.models.types import CausalLM, Submodule
 
 log = logging.getLogger(__name__)
 
 LAYERS_PREFIX = "model.layers."
-MIB = 1 << 20
 
 
 class _StopForward(Exception):
@@ -59,57 +58,6 @@ class _Recorder(nn.Module):
             raise RuntimeError("decoder layers are expected to receive everything but the hidden states by keyword")
         self.seen.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")})
         return hidden_states
-
-
-class HiddenStates:
-    """Per-batch hidden states carried between layers: in memory up to a byte budget, then in a temporary
-    folder (one safetensors file per batch). Iterating gives batches 0, 1, ... on ``device``."""
-
-    def __init__(self, limit_bytes: int, device: torch.device | str = "cpu") -> None:
-        self.limit = limit_bytes
-        self.device = torch.device(device)
-        self.memory: dict[int, torch.Tensor] = {}
-        self.used = 0
-        self.count = 0
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (self.get(i) for i in range(self.count))
-
-    def put(self, i: int, t: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        t = t.detach().to("cpu").contiguous()
-        self.count = max(self.count, i + 1)
-        old = self.memory.pop(i, None)
-        self.used -= old.numel() * old.element_size() if old is not None else 0
-        size = t.numel() * t.element_size()
-        if self.used + size <= self.limit:
-            self.memory[i] = t
-            self.used += size
-            return
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="prunekit-hidden-")
-            log.info("hidden states beyond %d MiB go to %s", self.limit // MIB, self._dir.name)
-        save_file({"h": t}, str(Path(self._dir.name) / f"{i}.safetensors"))
-
-    def get(self, i: int) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        if i in self.memory:
-            return self.memory[i].to(self.device)
-        if self._dir is None:
-            raise KeyError(i)
-        return load_file(str(Path(self._dir.name) / f"{i}.safetensors"), device=str(self.device))["h"]
-
-    def close(self) -> None:
-        self.memory.clear()
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
 
 
 class LayerwiseModel:

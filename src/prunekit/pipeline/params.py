@@ -59,7 +59,10 @@ class ModelParams(Section):
         "none", "layerwise: score (forward-only criteria), prune (oneshot) and perplexity read one layer at a time"
     )
     offload_activations_mib: int = _doc(
-        2048, "layerwise: hidden states carried between layers in memory up to this, then on disk", ge=0
+        2048,
+        "hidden states of all calibration windows (layerwise runs, reconstruction, the search's reference) in "
+        "memory up to this, then on disk",
+        ge=0,
     )
 
 
@@ -149,7 +152,7 @@ class QuantizeLoraParams(LoraParams):
 class ScoreParams(Section):
     """``score``: the importance criterion."""
 
-    criterion: str = _doc("param_first", "see `prunekit list`: param_first | lora | bip | activation | flap | ...")
+    criterion: str = _doc("bip", "see `prunekit list`: bip | param_first | lora | activation | flap | ...")
     batch_size: int = _doc(10, "calibration windows per forward/backward pass (gradient criteria)", ge=1)
     # Gradient criteria: recompute each decoder layer in the backward pass instead of keeping its
     # activations (about a third more compute, activation memory of one layer instead of all).
@@ -200,7 +203,7 @@ class PruneParams(Section):
     units: list[str] = _doc(
         ["attn_kv_group", "mlp_channel"], "also attn_query_head | attn_qk_dim | attn_vo_dim | layer"
     )
-    allocation: str = _doc("uniform", "uniform | global | global_weighted | search (prune.search)")
+    allocation: str = _doc("search", "search (prune.search) | uniform | global | global_weighted")
     skip_first: int = _doc(3, "layers left whole at the start ...", ge=0)
     skip_last: int = _doc(2, "... and at the end", ge=0)
     round_to: dict[str, int] = _doc(

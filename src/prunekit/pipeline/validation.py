@@ -138,9 +138,6 @@ def _prune(params: Params, problems: _Problems) -> None:
                 f"'{p.allocation}' moves parameters between layers through width units; add one to prune.units "
                 "(e.g. mlp_channel) or use allocation uniform to remove whole layers alone",
             )
-        wide = [u.name for u in known if u.model_wide]
-        if wide:
-            problems.key("prune.allocation", f"'{p.allocation}' allocates per layer; {wide[0]} spans the whole model")
         from prunekit.pruning.allocations.search import holdout_problem
 
         held = holdout_problem(params.calibrate.samples, p.search.holdout)

@@ -77,11 +77,11 @@ def prune_directory(
             token_stream(tokenizer, read_documents(inputs.text, "training")), seq_len, "training"),
         calibration=lambda: read_tensors(inputs.calibration, "calibration tokens")["input_ids"],
         score_batch_size=score_batch_size, score_options=score_options or ScoreParams(), state_dir=state_dir,
-        state_key=key,
+        state_key=key, activations_mib=source.activations_mib,
     )  # fmt: skip
     with atomic_dir(out_dir) as tmp:
         if lw is not None:
-            result = prune_layerwise(lw, job, tmp, source.activations_mib)
+            result = prune_layerwise(lw, job, tmp)
         else:
             result = prune_model(job, schedule)
             save_model(result.model, adapter, tokenizer, tmp)

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activations_mib: int = 2048) -> PruneResult:
+def prune_layerwise(
+    lw: LayerwiseModel, job: PruneJob, out_dir: Path, activations_mib: int | None = None
+) -> PruneResult:
     """Cut the model of ``lw`` to ``job.cut.target`` in one shot and write the pruned model to ``out_dir`` (an
     empty folder), one decoder layer in memory at a time; the result's model is ``lw``'s (on ``meta``, with the
     pruned shapes). Everything that can be checked from shapes is checked before the first layer is read."""
@@ -67,7 +69,8 @@ def prune_layerwise(lw: LayerwiseModel, job: PruneJob, out_dir: Path, activation
     outside = _outside_layers(lw)
     # one shard per kept layer, then one per tensor outside them (embedding, ...)
     shards = ShardWriter(out_dir, len(kept) + len(outside))
-    fits, added = _cut_layers(lw, job, plan, columns, kept, shards, activations_mib)
+    mib = job.activations_mib if activations_mib is None else activations_mib
+    fits, added = _cut_layers(lw, job, plan, columns, kept, shards, mib)
     # The skeleton now has the pruned shapes: drop the removed layers, describe it, copy what is outside the layers.
     remove_layers(model, adapter, dropped)
     if columns is not None:

@@ -40,6 +40,10 @@ class UnitLayout:
     # factor of the sliced axis. Empty: the units' own ``count * params_per_unit`` parameters (a parent's
     # including its children's, which its removed units take with them).
     tensors: tuple[tuple[str, int], ...] = ()
+    # One layout for the whole model (``hidden_channel``): its ``tensors`` name every parameter it slices in the
+    # model, those of decoder layer i as ``layers.<i>.<path in the layer>`` (:func:`layer_tensor`), and its kept
+    # share multiplies into the other unit types' shares of the same tensors.
+    model_wide: bool = False
 
     def kept(self, ratio: float, multiple: int) -> int:
         """Units kept at ``ratio``: the same count in every group, rounded to ``multiple`` per group."""
@@ -143,18 +147,54 @@ def layout_key(lay: UnitLayout) -> str:
     return f"{lay.unit}.{lay.layer}"
 
 
+def layer_tensor(layer: int, path: str) -> str:
+    """How a model-wide layout names the parameter ``path`` of decoder layer ``layer``."""
+    return f"{LAYER_TENSORS}{layer}.{path}"
+
+
+LAYER_TENSORS = "layers."
+Share = tuple[int, int]  # (kept units, units) of one layout: the fraction of a tensor's sliced axis that stays
+
+
 def removed_params(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]) -> int:
-    """Parameters that keeping ``counts[(unit, layer)]`` units removes, every parameter counted once."""
+    """Parameters that keeping ``counts[(unit, layer)]`` units removes, every parameter counted once.
+
+    A model-wide layout (hidden channels) slices tensors in every layer and outside them; in each tensor its
+    kept share multiplies the shares of the per-layer types that slice it too (they slice other axes), and a
+    removed layer takes its tensors with it."""
     by_layer: dict[int, list[UnitLayout]] = {}
+    wide: dict[str, dict[str, tuple[int, list[Share]]]] = {}  # layer tensor or outside name -> size, shares
     for lay in layouts:
-        by_layer.setdefault(lay.layer, []).append(lay)
-    return sum(_layer_removed(lays, counts) for lays in by_layer.values())
+        if not lay.model_wide:
+            by_layer.setdefault(lay.layer, []).append(lay)
+            continue
+        share = (counts[(lay.unit, lay.layer)], lay.count)
+        for name, n in _tensors(lay, [lay]):
+            layer, _, path = name.removeprefix(LAYER_TENSORS).partition(".") if name.startswith(
+                LAYER_TENSORS) else ("", "", name)  # fmt: skip
+            entry = wide.setdefault(layer, {}).setdefault(path, (n, []))
+            entry[1].append(share)
+    removed = sum(_layer_removed(lays, counts, wide.pop(str(i), {})) for i, lays in by_layer.items())
+    for tensors in wide.values():  # layers no per-layer type prunes, and the tensors outside the layers
+        removed += sum(_sliced(n, shares) for n, shares in tensors.values())
+    return removed
 
 
-def _layer_removed(lays: list[UnitLayout], counts: dict[tuple[str, int], int]) -> int:
+def _sliced(n: int, shares: list[Share]) -> int:
+    """Parameters removed from a tensor of ``n`` whose axes keep the ``shares``."""
+    num, den = n, 1
+    for kept, count in shares:
+        num, den = num * kept, den * count
+    return n - (2 * num + den) // (2 * den)  # exact whenever the shares tile the tensor (they do)
+
+
+def _layer_removed(
+    lays: list[UnitLayout], counts: dict[tuple[str, int], int], wide: dict[str, tuple[int, list[Share]]]
+) -> int:
     """Parameters removed from one layer: all of them if a whole-layer unit goes; else, for every tensor the
     unit types slice, its size times one minus the product of their kept shares (a tensor sliced by several types,
-    or by a parent type and its children, counted once)."""
+    or by a parent type and its children, counted once; ``wide``: the model-wide types' shares of this layer's
+    tensors, by path)."""
     kept = {lay.unit: counts[(lay.unit, lay.layer)] for lay in lays}
     for lay in lays:
         if lay.whole_layer and kept[lay.unit] < lay.count:
@@ -171,10 +211,11 @@ def _layer_removed(lays: list[UnitLayout], counts: dict[tuple[str, int], int]) -
     count = {lay.unit: lay.count for lay in width}
     removed = 0
     for name, n in size.items():
-        num, den = n, 1
-        for unit in slicers[name]:
-            num, den = num * kept[unit], den * count[unit]
-        removed += n - (2 * num + den) // (2 * den)  # exact whenever the shares tile the tensor (they do)
+        shares = [(kept[unit], count[unit]) for unit in slicers[name]]
+        removed += _sliced(n, shares + (wide[name][1] if name in wide else []))
+    for name, (n, shares) in wide.items():
+        if name not in size:
+            removed += _sliced(n, shares)
     return removed
 
 

@@ -31,7 +31,8 @@ Works for every unit type that removes input channels of o_proj or down_proj (KV
 dims, MLP channels) and leaves the others (q/k head dims, whole layers) to change X_p; ``hidden_channel``
 changes the residual stream itself and is refused. Memory: a masked copy of the model, per projection two n x n
 and two n x out float64 matrices (G and X_p^T T of the fitting and of the held-out windows), the calibration
-hidden states of one layer. Time: one Cholesky solve per ridge, and one more for the winner.
+hidden states of one layer (in memory up to ``activations_mib``, on disk beyond: :mod:`prunekit.models.hidden`).
+Time: one Cholesky solve per ridge, and one more for the winner.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
+from prunekit.models.hidden import MIB, HiddenStates
 from prunekit.models.types import CausalLM, Submodule
 from prunekit.pruning.holdout import held_out, too_few
 from prunekit.pruning.plan import Plan
@@ -161,12 +163,14 @@ def reconstruct(
     batch_size: int,
     choice: RefitChoice,
     reference: nn.Module | None = None,
+    activations_mib: int = 2048,
 ) -> list[ProjectionFit]:
     """Refit o_proj and down_proj of every layer the plan prunes, in place, before slicing (module docstring).
 
     ``reference``: the dense model whose layer outputs the refit follows, when it is not ``model`` itself (a model
     trained while its units were masked is refit towards the model it started from); the ridge and the
-    keep-if-better test still start from ``model``'s own weights."""
+    keep-if-better test still start from ``model``'s own weights. The calibration hidden states of the current
+    layer stay in memory up to ``activations_mib`` MiB and go to disk beyond it."""
     check_plan(plan)
     from prunekit.pruning.slicing import apply_plan
 
@@ -177,15 +181,18 @@ def reconstruct(
     reference_layers = adapter.layers(reference) if reference is not None else None
     planned = planned_layers(plan)
     fits: list[ProjectionFit] = []
+    hidden = HiddenStates(activations_mib * MIB)
     try:
-        hidden, kwargs = _layer_inputs(model, adapter, calibration, batch_size)
+        kwargs = _layer_inputs(model, adapter, calibration, batch_size, hidden)
         for idx in tqdm(range(len(dense_layers)), desc="reconstruction", unit="layer"):
             dense_l, masked_l = dense_layers[idx], masked_layers[idx]
             if idx in planned:
                 ref_l = reference_layers[idx] if reference_layers is not None else None
                 fits += reconstruct_layer(adapter, dense_l, masked_l, idx, plan, hidden, kwargs[idx], choice, ref_l)
-            hidden = [layer_output(masked_l(h, **kw)) for h, kw in zip(hidden, kwargs[idx], strict=True)]
+            for b, (h, kw) in enumerate(zip(hidden, kwargs[idx], strict=True)):
+                hidden.put(b, layer_output(masked_l(h, **kw)))
     finally:
+        hidden.close()
         model.train(was_training)
     return fits
 
@@ -372,19 +379,19 @@ def layer_output(out: Any) -> torch.Tensor:
 
 
 def _layer_inputs(
-    model: CausalLM, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """Layer 0's input per calibration batch, and the keyword arguments every layer receives (masks, rotary
-    embeddings, positions: the same on the pruned path, they do not depend on the hidden states)."""
+    model: CausalLM, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, hidden: HiddenStates
+) -> list[list[dict[str, Any]]]:
+    """Layer 0's input per calibration batch, put into ``hidden``, and the keyword arguments every layer receives
+    (masks, rotary embeddings, positions: the same on the pruned path, they do not depend on the hidden states)."""
     layers = adapter.layers(model)
     device = next(model.parameters()).device
-    hidden: list[torch.Tensor] = []
+    hidden.device = device
     kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
 
     def keep(i: int) -> Any:
         def hook(_m: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
             if i == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+                hidden.put(len(kwargs[0]), (args[0] if args else kw["hidden_states"]).detach())
             kwargs[i].append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "cache")})
 
         return hook
@@ -396,4 +403,4 @@ def _layer_inputs(
     finally:
         for h in handles:
             h.remove()
-    return hidden, kwargs
+    return kwargs

@@ -12,7 +12,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.adapters import ModelAdapter
 from prunekit.models.saving import config_for
 from prunekit.models.types import CausalLM, Submodule
-from prunekit.pruning.plan import Plan, UnitLayout
+from prunekit.pruning.plan import Plan, UnitLayout, layer_tensor
 from prunekit.pruning.units import UNITS
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,12 @@ def layouts(model: CausalLM, adapter: ModelAdapter, units: list[str], layers: li
     """The unit counts and sizes the planner needs, for the given unit types and layers.
 
     A model-wide unit type (``hidden_channel``) gets one layout, named by layer 0 (whatever ``layers``), for
-    the whole model. It cannot be combined with other unit types: a removed hidden channel shrinks every
-    projection of every layer, so the parameters two types remove overlap and the planner, which adds
-    removals per type, would miscount.
+    the whole model, listing every parameter it slices (those in decoder layers by layer and path): a removed
+    hidden channel shrinks every projection of every layer, so the planner multiplies its kept share into the
+    other types' shares of the same tensors instead of adding removals (:func:`prunekit.pruning.plan.removed_params`).
     """
     wide = [name for name in units if UNITS.get(name).model_wide]
-    if wide and len(units) > 1:
-        raise PrunekitError(
-            f"prune.units: {wide[0]} spans the whole model and cannot be planned together with other unit "
-            f"types ({[u for u in units if u != wide[0]]}); prune it alone"
-        )
-    out = [_layout(model, adapter, name, 0) for name in wide]  # model-wide: one layout, named by layer 0
+    out = [_wide_layout(model, adapter, name) for name in wide]  # model-wide: one layout, named by layer 0
     out += [_layout(model, adapter, name, idx) for idx in layers for name in units if name not in wide]
     return out
 
@@ -49,7 +44,7 @@ def layouts(model: CausalLM, adapter: ModelAdapter, units: list[str], layers: li
 def _layout(model: CausalLM, adapter: ModelAdapter, name: str, idx: int) -> UnitLayout:
     ut, layer = UNITS.get(name), adapter.layers(model)[idx]
     tensors: tuple[tuple[str, int], ...] = ()
-    if not (ut.whole_layer or ut.model_wide):  # their members are the whole layer / reach beyond it
+    if not ut.whole_layer:  # its members are the whole layer
         paths = dict.fromkeys(m.path for m in ut.members(adapter, layer))
         tensors = tuple((path, layer.get_parameter(path).numel()) for path in paths)
     return UnitLayout(
@@ -62,6 +57,19 @@ def _layout(model: CausalLM, adapter: ModelAdapter, name: str, idx: int) -> Unit
         whole_layer=ut.whole_layer,
         tensors=tensors,
     )
+
+
+def _wide_layout(model: CausalLM, adapter: ModelAdapter, name: str) -> UnitLayout:
+    """The one layout of a model-wide unit type: its tensors named by decoder layer and path inside the layers
+    (as the per-layer layouts name theirs), by their model names outside."""
+    ut, first = UNITS.get(name), adapter.layers(model)[0]
+    where = {id(p): layer_tensor(i, path) for i, lay in enumerate(adapter.layers(model))
+             for path, p in lay.named_parameters()}  # fmt: skip
+    where |= {id(p): path for path, p in model.named_parameters() if id(p) not in where}
+    params = {m.path: first.get_parameter(m.path) for m in ut.members(adapter, first)}
+    tensors = tuple(dict.fromkeys((where[id(p)], p.numel()) for p in params.values()))
+    return UnitLayout(name, 0, ut.count(adapter, first), ut.params_per_unit(adapter, first), ut.groups(adapter, first),
+                      parent=ut.parent, tensors=tensors, model_wide=True)  # fmt: skip
 
 
 @torch.no_grad()

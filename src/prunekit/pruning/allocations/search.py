@@ -4,12 +4,17 @@ The fixed rules (``uniform``, ``global``, ``global_weighted``) decide each layer
 The search evaluates candidate allocations on the model itself (Týr-the-Pruner, EvoPress, DarwinLM search in the
 same space) and keeps the one whose pruned model is closest to the unpruned one on the calibration windows.
 
-Search space: for every width unit type ``u`` in ``prune.units`` a depth profile of ``prune.search.knots`` values
-``v_u,k`` in [0.05, 1], placed evenly over the pruned layers and interpolated linearly in between, and, when there
-are several unit types, a log2 share ``s_u`` in [-2, 2] for every type after the first (the first is 0). Layer
-``l``'s candidate ratio of type ``u`` is
+Search space: for every per-layer unit type ``u`` in ``prune.units`` a depth profile of ``prune.search.knots``
+values ``v_u,k`` in [0.05, 1], placed evenly over the pruned layers and interpolated linearly in between, and, when
+there are several unit types, a log2 share ``s_u`` in [-2, 2] for every type after the first (the first is 0).
+Layer ``l``'s candidate ratio of type ``u`` is
 
     r_u(l) = min(max_ratio, c * 2^s_u * v_u(pos(l)))
+
+A model-wide type (``hidden_channel``: the residual stream has one width) has no profile: its ratio is
+``min(max_ratio, c * 2^s_u)``, traded against the per-layer types by its share. Its removals overlap theirs (a
+hidden channel shrinks every projection), which the parameter count multiplies out
+(:func:`prunekit.pruning.plan.removed_params`), so every candidate still lies on the target.
 
 with ``c`` bisected so the removed parameters come closest to ``prune.target`` (so every candidate lies on the
 target, whatever the optimiser proposes: no penalties, no wasted candidates), kept counts rounded to
@@ -34,7 +39,10 @@ seeded optimiser again and checking it proposes the same point) and evaluates on
 
 Cost: ``candidates`` x (a copy of the model, a forward pass of the pruned candidate over the calibration windows,
 and the reconstruction when asked); the unpruned model's last hidden states are computed once. Memory: the model
-twice (three times with reconstruction).
+twice (three times with reconstruction) and one batch; the unpruned model's hidden states stay in memory up to
+``model.offload_activations_mib`` and go to disk beyond it, so the calibration windows can be many. With
+reconstruction inside the objective, a candidate is refit on the windows the search is scored on, never on its
+held-out ones (unless ``prune.reconstruct_samples`` refits on training text, which the held-out windows are not).
 """
 
 from __future__ import annotations
@@ -78,27 +86,44 @@ class Space:
         return list(dict.fromkeys(lay.unit for lay in self.req.layouts))
 
     @property
+    def profiled(self) -> list[str]:
+        """The unit types with a depth profile: all but the model-wide ones (one width for the whole model)."""
+        wide = {lay.unit for lay in self.req.layouts if lay.model_wide}
+        return [u for u in self.units if u not in wide]
+
+    @property
     def names(self) -> list[str]:
-        knots = [f"knot{k}.{u}" for u in self.units for k in range(self.knots)]
+        knots = [f"knot{k}.{u}" for u in self.profiled for k in range(self.knots)]
         return knots + [f"share.{u}" for u in self.units[1:]]
 
     def dimensions(self) -> list[Any]:
         from skopt.space import Real
 
+        if not self.names:
+            raise PrunekitError(
+                f"prune.allocation 'search' has nothing to choose with prune.units {self.units}: one model-wide "
+                "width and no per-layer one; add a per-layer unit type (attn_kv_group, mlp_channel, ...) or use "
+                "prune.allocation: uniform"
+            )
         return [Real(*(SHARE_RANGE if n.startswith("share.") else KNOT_RANGE), name=n) for n in self.names]
 
     def flat(self) -> list[float]:
-        return [1.0] * (len(self.units) * self.knots) + [0.0] * (len(self.units) - 1)
+        return [1.0] * (len(self.profiled) * self.knots) + [0.0] * (len(self.units) - 1)
 
     def weights(self, point: list[float]) -> dict[tuple[str, int], float]:
-        """Each layout's relative ratio ``2^s_u * v_u(pos(l))`` at ``point``."""
-        layers = sorted({lay.layer for lay in self.req.layouts})
+        """Each layout's relative ratio ``2^s_u * v_u(pos(l))`` at ``point`` (a model-wide type: ``2^s_u``)."""
+        layers = sorted({lay.layer for lay in self.req.layouts if not lay.model_wide}) or [0]
         span = max(layers[-1] - layers[0], 1)
         grid = np.linspace(0.0, 1.0, self.knots) if self.knots > 1 else np.array([0.0])
+        profiled = self.profiled
         out = {}
         for i, unit in enumerate(self.units):
-            values = np.asarray(point[i * self.knots : (i + 1) * self.knots], dtype=float)
-            share = 0.0 if i == 0 else point[len(self.units) * self.knots + i - 1]
+            share = 0.0 if i == 0 else point[len(profiled) * self.knots + i - 1]
+            if unit not in profiled:
+                out[(unit, 0)] = 2.0**share
+                continue
+            j = profiled.index(unit)
+            values = np.asarray(point[j * self.knots : (j + 1) * self.knots], dtype=float)
             for lay in self.req.layouts:
                 if lay.unit == unit:
                     pos = (lay.layer - layers[0]) / span
@@ -114,25 +139,57 @@ class Space:
         return counts
 
     def counts(self, point: list[float]) -> Counts:
-        """Kept counts at ``point``, with the scale ``c`` that brings the removed parameters closest to the target."""
+        """Kept counts at ``point``, with the scale ``c`` that brings the removed parameters closest to the target.
+
+        A coarse step of one type (hidden channels: every channel is a slice of the whole model) can leave every
+        ``c`` outside the tolerance; then the finest per-layer type alone is scaled to close the gap, the others
+        kept where ``c`` put them."""
         want = self.req.target * self.req.total_params
         weights = self.weights(point)
 
         def removed(c: float) -> int:
             return removed_params(self.counts_at(weights, c), self.req.layouts)
 
-        lo, hi = 0.0, self.max_ratio / min(weights.values())  # hi: every layout at max_ratio
+        hi = self.max_ratio / min(weights.values())  # every layout at max_ratio
         if removed(hi) < want:
             raise PrunekitError(
                 f"prune.target={self.req.target} is out of reach with prune.search.max_ratio={self.max_ratio}: "
                 f"every pruned layer at that ratio removes {removed(hi) / self.req.total_params:.4f} of all "
                 "parameters; raise prune.search.max_ratio or prune fewer parameters"
             )
-        for _ in range(60):  # removed(c) grows with c: lo removes less than want, hi at least want
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if removed(mid) >= want else (mid, hi)
-        best = lo if want - removed(lo) <= removed(hi) - want else hi
+        best = _closest(removed, want, hi)
+        if abs(removed(best) - want) <= self.req.tolerance * self.req.total_params:
+            return self.counts_at(weights, best)
+        fine = self._finest()
+        if fine is None:
+            return self.counts_at(weights, best)
+        scaled = {key: w for key, w in weights.items() if key[0] == fine}
+
+        def removed_fine(f: float) -> int:
+            return removed_params(self.counts_at(weights | {k: w * f for k, w in scaled.items()}, best),
+                                  self.req.layouts)  # fmt: skip
+
+        f_hi = self.max_ratio / (best * min(scaled.values())) if best > 0 else 1.0
+        f = _closest(removed_fine, want, max(f_hi, 1.0))
+        if abs(removed_fine(f) - want) < abs(removed(best) - want):
+            return self.counts_at(weights | {k: w * f for k, w in scaled.items()}, best)
         return self.counts_at(weights, best)
+
+    def _finest(self) -> str | None:
+        """The per-layer width type whose rounding step holds the fewest parameters (None: there is none)."""
+        steps = {lay.unit: lay.params_per_unit * self.req.round_to.get(lay.unit, 1) for lay in self.req.layouts
+                 if not (lay.whole_layer or lay.model_wide)}  # fmt: skip
+        return min(steps, key=lambda u: (steps[u], u)) if steps else None
+
+
+def _closest(removed: Callable[[float], int], want: float, hi: float) -> float:
+    """The scale in [0, hi] whose removal comes closest to ``want`` (``removed`` grows with it; removed(hi) >=
+    want), by bisection."""
+    lo = 0.0
+    for _ in range(60):  # lo removes less than want, hi at least want
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if removed(mid) >= want else (mid, hi)
+    return lo if want - removed(lo) <= removed(hi) - want else hi
 
 
 def _kept(lay: UnitLayout, ratio: float, multiple: int) -> int:
@@ -280,35 +337,42 @@ def candidate_objective(
     batch_size: int,
     objective: str,
     refit: Callable[[nn.Module, Plan], Any] | None = None,
+    activations_mib: int = 2048,
 ) -> Callable[[Plan], float]:
     """``plan -> objective`` on ``calibration`` (N, T): a copy of ``model`` with the plan as masks (refit first by
-    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token."""
+    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token.
+    The unpruned model's last hidden states (``kl``) are computed once and held in memory up to ``activations_mib``
+    MiB, on disk beyond it: a candidate streams the windows a batch at a time."""
+    from prunekit.models.hidden import MIB, HiddenStates
     from prunekit.pruning.slicing import apply_plan
     from prunekit.training.loss import causal_lm, kd_loss_from, lm_loss, teacher_states
 
     device = next(model.parameters()).device
-    batches = [calibration[s : s + batch_size].to(device) for s in range(0, calibration.shape[0], batch_size)]
-    reference: list[torch.Tensor] = []  # the unpruned model's last hidden states per batch, computed once
+    starts = range(0, calibration.shape[0], batch_size)
+    reference = HiddenStates(activations_mib * MIB, device)  # per batch, computed on the first call
 
     @torch.no_grad()
     def evaluate(plan: Plan) -> float:
         was_training = model.training
         model.eval()  # the reference runs without dropout, as the copy does
         try:
-            if objective == "kl" and not reference:
-                reference.extend(teacher_states(model, batch) for batch in batches)
+            if objective == "kl" and not len(reference):
+                for b, s in enumerate(starts):
+                    reference.put(b, teacher_states(model, calibration[s : s + batch_size].to(device)))
             candidate = copy.deepcopy(model)
             if refit is not None:
                 refit(candidate, plan)
             apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
             head, total = causal_lm(model).get_output_embeddings(), 0.0
-            for i, batch in enumerate(batches):
+            for b, s in enumerate(starts):
+                batch = calibration[s : s + batch_size].to(device)
                 loss = (
-                    kd_loss_from(candidate, reference[i], head, batch)
+                    kd_loss_from(candidate, reference.get(b), head, batch)
                     if objective == "kl"
                     else lm_loss(candidate, batch)
                 )
                 total += float(loss) * batch.shape[0]
+            del candidate
         finally:
             model.train(was_training)
         return total / calibration.shape[0]

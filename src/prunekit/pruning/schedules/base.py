@@ -109,18 +109,20 @@ class Cut:
         if job is None:
             raise ValueError("allocation 'search' evaluates candidates on calibration tokens: give the request a job")
 
-        def refit(candidate: nn.Module, plan: Plan) -> None:
-            self.refit(candidate, adapter, plan, job)
-
         tokens = job.calibration_tokens()
         held = held_out_mask(tokens.shape[0], self.search.holdout)
         problem = holdout_problem(tokens.shape[0], self.search.holdout)
         if problem:
             raise PrunekitError(f"prune.search.holdout: {problem}")
+        # A candidate's refit never sees the held-out windows that judge it (training-text refit windows are others).
+        refit_tokens = tokens[~held] if self.reconstruct_samples is None else None
+
+        def refit(candidate: nn.Module, plan: Plan) -> None:
+            self.refit(candidate, adapter, plan, job, tokens=refit_tokens)
 
         def objective(windows: torch.Tensor) -> Any:
             return candidate_objective(model, adapter, windows, job.score_batch_size, self.search.objective,
-                                       refit if self.reconstruct != "none" else None)  # fmt: skip
+                                       refit if self.reconstruct != "none" else None, job.activations_mib)  # fmt: skip
 
         state = job.state_dir / "allocation_search.json" if job.state_dir is not None else None
         judge = objective(tokens[held]) if bool(held.any()) else None
@@ -135,17 +137,25 @@ class Cut:
         return req.search.rows() if req.search is not None else []
 
     def refit(
-        self, model: CausalLM, adapter: ModelAdapter, plan: Plan, job: PruneJob, reference: nn.Module | None = None
+        self,
+        model: CausalLM,
+        adapter: ModelAdapter,
+        plan: Plan,
+        job: PruneJob,
+        reference: nn.Module | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> list[Any]:
         """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: []).
         ``reference``: the dense model of ``model``'s shapes whose layer outputs the refit follows (default:
-        ``model`` before the refit)."""
+        ``model`` before the refit); ``tokens``: the windows to refit on (default: the job's reconstruction
+        tokens)."""
         if self.reconstruct == "none":
             return []
         from prunekit.pruning.reconstruction import reconstruct
 
-        tokens = job.reconstruction_tokens()
-        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference)
+        tokens = job.reconstruction_tokens() if tokens is None else tokens
+        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference,
+                           job.activations_mib)  # fmt: skip
 
     def refit_choice(self) -> Any:
         """How the reconstruction chooses its ridge and judges its refit (``prune.reconstruct_*``)."""
@@ -170,6 +180,7 @@ class PruneJob:
     training_blocks: Callable[[int], torch.Tensor] | None = None  # seq_len -> (N, seq_len) training tokens
     calibration: Callable[[], torch.Tensor] | None = None  # -> (N, T) tokens for rescoring (kshot)
     score_batch_size: int = 8
+    activations_mib: int = 2048  # calibration hidden states held in memory up to this, then on disk
     score_options: ScoreParams = field(default_factory=ScoreParams)  # the criterion's settings (``score.*``)
     state_dir: Path | None = None  # checkpoints of a long schedule (a killed run resumes from them)
     state_key: str = ""  # fingerprint of the params and inputs a checkpoint belongs to

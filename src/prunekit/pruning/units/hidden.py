@@ -8,12 +8,14 @@ embeddings that is the embedding's column, counted once). The members are listed
 ``ModelAdapter.layers`` gives each layer to its model, so the criteria that sum over members (random,
 l1/l2, Taylor) score a hidden channel over everything it holds, without knowing it is model-wide.
 
-Fitting the planner. The unit is model-wide: :func:`prunekit.pruning.slicing.layouts` gives it one layout, at the
-first pruned layer's index, with ``count`` = hidden size and ``params_per_unit`` = all parameters one
-channel holds; the allocations treat that layout like any other (uniform: the kept count is
-``hidden * (1 - r)`` rounded to ``prune.round_to["hidden_channel"]``). ``prune.skip_first/skip_last`` do not
-protect layers from it (the residual stream has one width). It is planned alone: combined with other
-unit types the removed parameters overlap (see ``layouts``). A plan from ``make_plan`` has one entry; a
+Fitting the planner. The unit is model-wide: :func:`prunekit.pruning.slicing.layouts` gives it one layout, named by
+layer 0, with ``count`` = hidden size, ``params_per_unit`` = all parameters one channel holds, and every tensor it
+slices; the allocations treat that layout like any other (uniform: the kept count is ``hidden * (1 - r)`` rounded
+to ``prune.round_to["hidden_channel"]``; the search: one ratio for the whole model, traded against the per-layer
+types). ``prune.skip_first/skip_last`` do not protect layers from it (the residual stream has one width). Planned
+with other unit types, the parameters they remove overlap (a KV group's q_proj rows lose their removed hidden
+columns too): :func:`prunekit.pruning.plan.removed_params` multiplies the kept shares of every tensor's axes, so
+each parameter is counted once. A plan from ``make_plan`` has one entry; a
 hand-written plan with entries at several layer indices keeps their union (a channel goes only if every
 entry drops it, since dropping it anywhere drops it everywhere).
 
@@ -81,7 +83,8 @@ class HiddenChannel(UnitType):
     name = "hidden_channel"
     description = (
         "hidden (residual) channel of the whole model: embedding and lm_head column, every norm entry, "
-        "q/k/v/gate/up input column and o/down output row in every layer (LLM-Pruner channel-wise); planned alone"
+        "q/k/v/gate/up input column and o/down output row in every layer (LLM-Pruner channel-wise); one width for "
+        "the whole model"
     )
     model_wide = True
 
