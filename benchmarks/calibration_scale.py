@@ -70,12 +70,11 @@ def child(job: dict) -> dict:
     p, bs, mib = params.prune, params.score.batch_size, job["activations_mib"]
     layers = list(range(len(adapter.layers(model))))
     runtime = _status_mib("VmRSS")
+    req = ScoreRequest(list(p.units), layers, calibration, bs, params.seed, params.score)
     start = time.perf_counter()
     if job["pass"] == "score":
-        req = ScoreRequest(list(p.units), layers, calibration, bs, params.seed, params.score)
         CRITERIA.get(job["criterion"]).score(model, adapter, req)
     else:
-        req = ScoreRequest(list(p.units), layers, calibration, bs, params.seed, params.score)
         scores = CRITERIA.get("l2").score(model, adapter, req)
         cut = dataclasses.replace(Cut.of(p, "l2"), target=job["target"], allocation="uniform")
         plan = cut.plan(scores, cut.request(model, adapter, cut.target, count_params(model)))

@@ -143,6 +143,15 @@ def top_k(scores: torch.Tensor, k: int, groups: int = 1) -> list[int]:
     return sorted(kept)
 
 
+def finest_unit(layouts: list[UnitLayout], round_to: dict[str, int]) -> str | None:
+    """The unit type of ``layouts`` whose rounding step (parameters per unit times ``round_to``, the largest over its
+    layouts) holds the fewest parameters; ties to the first name. None: no layouts."""
+    step: dict[str, int] = {}
+    for lay in layouts:
+        step[lay.unit] = max(step.get(lay.unit, 0), lay.params_per_unit * round_to.get(lay.unit, 1))
+    return min(step, key=lambda u: (step[u], u)) if step else None
+
+
 def layout_key(lay: UnitLayout) -> str:
     return f"{lay.unit}.{lay.layer}"
 
@@ -170,10 +179,9 @@ def removed_params(counts: dict[tuple[str, int], int], layouts: list[UnitLayout]
             continue
         share = (counts[(lay.unit, lay.layer)], lay.count)
         for name, n in _tensors(lay, [lay]):
-            layer, _, path = name.removeprefix(LAYER_TENSORS).partition(".") if name.startswith(
-                LAYER_TENSORS) else ("", "", name)  # fmt: skip
-            entry = wide.setdefault(layer, {}).setdefault(path, (n, []))
-            entry[1].append(share)
+            inside = name.startswith(LAYER_TENSORS)  # "layers.<i>.<path>": decoder layer i's; else outside them
+            layer, _, path = name.removeprefix(LAYER_TENSORS).partition(".") if inside else ("", "", name)
+            wide.setdefault(layer, {}).setdefault(path, (n, []))[1].append(share)
     removed = sum(_layer_removed(lays, counts, wide.pop(str(i), {})) for i, lays in by_layer.items())
     for tensors in wide.values():  # layers no per-layer type prunes, and the tensors outside the layers
         removed += sum(_sliced(n, shares) for n, shares in tensors.values())

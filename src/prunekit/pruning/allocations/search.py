@@ -65,7 +65,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import AllocationSearchParams
 from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
-from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, plan_of_counts, removed_params
+from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, finest_unit, plan_of_counts, removed_params
 
 log = logging.getLogger(__name__)
 
@@ -158,28 +158,21 @@ class Space:
                 "parameters; raise prune.search.max_ratio or prune fewer parameters"
             )
         best = _closest(removed, want, hi)
-        if abs(removed(best) - want) <= self.req.tolerance * self.req.total_params:
+        miss = abs(removed(best) - want)
+        per_layer = [lay for lay in self.req.layouts if not (lay.whole_layer or lay.model_wide)]
+        fine = finest_unit(per_layer, self.req.round_to)
+        if miss <= self.req.tolerance * self.req.total_params or fine is None:
             return self.counts_at(weights, best)
-        fine = self._finest()
-        if fine is None:
-            return self.counts_at(weights, best)
-        scaled = {key: w for key, w in weights.items() if key[0] == fine}
+
+        def scaled(f: float) -> dict[tuple[str, int], float]:
+            return weights | {k: w * f for k, w in weights.items() if k[0] == fine}
 
         def removed_fine(f: float) -> int:
-            return removed_params(self.counts_at(weights | {k: w * f for k, w in scaled.items()}, best),
-                                  self.req.layouts)  # fmt: skip
+            return removed_params(self.counts_at(scaled(f), best), self.req.layouts)
 
-        f_hi = self.max_ratio / (best * min(scaled.values())) if best > 0 else 1.0
+        f_hi = self.max_ratio / (best * min(w for k, w in weights.items() if k[0] == fine)) if best > 0 else 1.0
         f = _closest(removed_fine, want, max(f_hi, 1.0))
-        if abs(removed_fine(f) - want) < abs(removed(best) - want):
-            return self.counts_at(weights | {k: w * f for k, w in scaled.items()}, best)
-        return self.counts_at(weights, best)
-
-    def _finest(self) -> str | None:
-        """The per-layer width type whose rounding step holds the fewest parameters (None: there is none)."""
-        steps = {lay.unit: lay.params_per_unit * self.req.round_to.get(lay.unit, 1) for lay in self.req.layouts
-                 if not (lay.whole_layer or lay.model_wide)}  # fmt: skip
-        return min(steps, key=lambda u: (steps[u], u)) if steps else None
+        return self.counts_at(scaled(f) if abs(removed_fine(f) - want) < miss else weights, best)
 
 
 def _closest(removed: Callable[[float], int], want: float, hi: float) -> float:

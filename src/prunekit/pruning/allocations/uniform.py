@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
-from prunekit.pruning.plan import PlanRequest, UnitLayout, layout_key, removed_params
+from prunekit.pruning.plan import PlanRequest, UnitLayout, finest_unit, layout_key, removed_params
 
 
 def _lowest_layers(
@@ -27,9 +27,7 @@ def _uniform_widths(layouts: list[UnitLayout], want: float, round_to: dict[str, 
     """Kept width units at one ratio per unit type: r* for the coarse types, the gap-closing one for the finest."""
     if not layouts:
         return {}
-    units = sorted({lay.unit for lay in layouts})
-    step = {u: max(lay.params_per_unit * round_to.get(u, 1) for lay in layouts if lay.unit == u) for u in units}
-    fine = min(units, key=lambda u: (step[u], u))
+    fine = finest_unit(layouts, round_to)
     prunable = sum(lay.count * lay.params_per_unit for lay in layouts)
     r_star = min(max(want, 0.0) / prunable, 1.0) if prunable else 0.0
     counts = {(lay.unit, lay.layer): lay.kept(r_star, round_to.get(lay.unit, 1)) for lay in layouts}
