@@ -18,7 +18,7 @@ from prunekit.models.loading import load_pretrained
 from prunekit.models.size import count_params
 from prunekit.pipeline.params import AllocationSearchParams, parse_params
 from prunekit.pipeline.validation import check_choices
-from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective
+from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective, held_out_gain
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.plan import PlanRequest, plan_of_counts, removed_params
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model
@@ -254,9 +254,9 @@ def test_the_best_candidate_is_kept_only_if_it_beats_the_flat_profile_on_the_hel
     def evaluate(plan) -> float:
         return 1.0 if _is_flat(plan) else 0.5 + 0.001 * len(plan.keep["mlp_channel"][LAYERS[0]])
 
-    def judge(plan) -> float:
+    def judge(plan) -> list[float]:
         judged.append(_is_flat(plan))
-        return float(_is_flat(plan) != flat_wins)
+        return [float(_is_flat(plan) != flat_wins)] * 3
 
     settings = AllocationSearchParams(candidates=5, random_starts=2, knots=2)
     search = AllocationSearch(settings, evaluate, seed=0, judge=judge)
@@ -268,6 +268,57 @@ def test_the_best_candidate_is_kept_only_if_it_beats_the_flat_profile_on_the_hel
     kept = 0 if flat_wins else best["candidate"]
     assert [r["candidate"] for r in rows if r["kept"]] == [kept]
     assert counts == space.counts(search.candidates[kept].point)
+
+
+@pytest.mark.parametrize(
+    ("best_windows", "kept_best"),
+    [([0.5, 0.6, 0.4, 0.5], True), ([0.0, 2.0, 0.2, 1.7], False), ([1.1, 0.9, 1.05, 0.9], False), ([0.9], True)],
+)
+def test_the_best_candidate_must_beat_the_flat_profile_by_more_than_the_standard_error(
+    best_windows: list[float], kept_best: bool
+) -> None:
+    """The flat profile scores 1.0 on every held-out window. A best candidate ahead on every window is kept; one
+    ahead on the mean (0.975 and 0.9875 against 1.0) but with per-window differences that spread more than its lead
+    (a standard error of 0.51 and 0.052 against a gain of 0.025 and 0.0125) is not; with one window the plain
+    comparison decides."""
+    model = _model()
+    req, scores = _request(model), _scores(model)
+
+    def evaluate(plan) -> float:
+        return 1.0 if _is_flat(plan) else 0.5 + 0.001 * len(plan.keep["mlp_channel"][LAYERS[0]])
+
+    def judge(plan) -> list[float]:
+        return [1.0] * len(best_windows) if _is_flat(plan) else best_windows
+
+    search = AllocationSearch(AllocationSearchParams(candidates=4, random_starts=2, knots=2), evaluate, 0, judge=judge)
+    search.run(scores, req)
+    rows = search.rows()
+    best = min(rows, key=lambda t: (t["objective"], t["candidate"]))
+    assert best["held_out"] == pytest.approx(sum(best_windows) / len(best_windows)) and rows[0]["held_out"] == 1.0
+    assert [r["candidate"] for r in rows if r["kept"]] == [best["candidate"] if kept_best else 0]
+
+
+def test_the_held_out_gain_and_its_standard_error_follow_their_formulas() -> None:
+    flat, best = [1.0, 2.0, 3.0, 4.0], [0.5, 2.5, 1.0, 3.0]
+    diff = torch.tensor(flat, dtype=torch.float64) - torch.tensor(best, dtype=torch.float64)
+    gain, error = held_out_gain(flat, best)
+    assert gain == pytest.approx(float(diff.mean()))
+    assert error == pytest.approx(float(torch.sqrt(((diff - diff.mean()) ** 2).sum() / 3) / 2))
+    assert held_out_gain([2.0], [1.5]) == (0.5, 0.0)
+
+
+def test_the_judge_scores_each_held_out_window_as_the_objective_scores_them_together() -> None:
+    """``per_window``: one KL per window, each the masked model's KL on that window alone (computed independently),
+    and their mean the objective over all of them."""
+    dense = _model()
+    req, scores = _request(dense), _scores(dense)
+    plan = plan_of_counts(scores, req, Space(req, 0.9, 2).counts([0.2, 1.0, 1.0, 0.3, 0.5]), "search")
+    adapter = adapter_for(dense.config)
+    windows = candidate_objective(dense, adapter, CALIB, 4, "kl", per_window=True)(plan)
+    assert windows == pytest.approx([_kl_of_masked(dense, plan, CALIB[[i]]) for i in range(6)], rel=1e-4)
+    assert sum(windows) / 6 == pytest.approx(candidate_objective(dense, adapter, CALIB, 4, "kl")(plan), rel=1e-6)
+    losses = candidate_objective(dense, adapter, CALIB, 4, "loss", per_window=True)(plan)
+    assert sum(losses) / 6 == pytest.approx(candidate_objective(dense, adapter, CALIB, 4, "loss")(plan), rel=1e-6)
 
 
 def test_the_search_scores_candidates_on_the_other_windows_and_judges_on_the_held_out_ones() -> None:

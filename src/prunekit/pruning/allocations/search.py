@@ -23,9 +23,12 @@ candidate is the flat profile (every layer and type at the same ratio: LLM-Prune
 never ends worse than it on the objective.
 
 Held out: ``prune.search.holdout`` of the calibration windows (:mod:`prunekit.pruning.holdout`) take no part in the
-objective. At the end the best candidate and the flat profile are scored on them, and the best one is kept only if
-it beats the flat profile there too: an allocation fitted to the search's windows does not replace the uniform cut
-unless it does better on windows it was not chosen on.
+objective. At the end the best candidate and the flat profile are scored on each of them, and the best one is kept
+only if it beats the flat profile there by more than chance: its mean advantage over the held-out windows must
+exceed the standard error of that mean (the spread of the per-window differences over the square root of their
+number; with one held-out window there is no spread, and the plain comparison decides). An allocation fitted to the
+search's windows does not replace the uniform cut unless it does clearly better on windows it was not chosen on: a
+few held-out windows that favour it by a hair are noise, and on other text the uniform cut may then be the better.
 
 Objective of a candidate: its plan (the highest-scored units of each layer) is applied to a copy of the model,
 refit first when ``prune.reconstruct`` asks, and sliced (so the search optimises the model the cut produces), and
@@ -222,7 +225,7 @@ class AllocationSearch:
     label: str = ""  # names the search in the trials (k-shot: the shot)
     state_file: Path | None = None  # progress, replayed by a resumed run
     state_key: str = ""
-    judge: Callable[[Plan], float] | None = None  # the objective on held-out windows (None: none held out)
+    judge: Callable[[Plan], list[float]] | None = None  # the objective on each held-out window (None: none held out)
     candidates: list[Candidate] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
@@ -266,13 +269,15 @@ class AllocationSearch:
         log.info("allocation search: best candidate %d (%s) %.5f; flat profile %.5f", best.index, best.source,
                  best.objective, flat.objective)  # fmt: skip
         if self.judge is not None and best is not flat:
-            held = [self.judge(plan_of_counts(scores, req, space.counts(c.point), "search", criterion))
-                    for c in (best, flat)]  # fmt: skip
-            best.held_out, flat.held_out = held
-            log.info("allocation search: on the held-out windows candidate %d %.5f, flat profile %.5f: keeping %s",
-                     best.index, held[0], held[1],
-                     f"candidate {best.index}" if held[0] < held[1] else "the flat profile")  # fmt: skip
-            best = best if held[0] < held[1] else flat
+            mine, theirs = (self.judge(plan_of_counts(scores, req, space.counts(c.point), "search", criterion))
+                            for c in (best, flat))  # fmt: skip
+            best.held_out, flat.held_out = float(np.mean(mine)), float(np.mean(theirs))
+            gain, error = held_out_gain(theirs, mine)
+            wins = gain > error
+            log.info("allocation search: on the held-out windows candidate %d %.5f, flat profile %.5f (gain %.5f, "
+                     "standard error %.5f): keeping %s", best.index, best.held_out, flat.held_out, gain, error,
+                     f"candidate {best.index}" if wins else "the flat profile")  # fmt: skip
+            best = best if wins else flat
         best.kept = True
         return space.counts(best.point)
 
@@ -316,6 +321,14 @@ class Searched(Allocation):
 ALLOCATIONS.register(Searched.name)(Searched())
 
 
+def held_out_gain(flat: list[float], best: list[float]) -> tuple[float, float]:
+    """The best candidate's mean advantage over the flat profile on the held-out windows (per-window objectives,
+    lower is better) and the standard error of that mean (0 with one window: nothing to estimate it from)."""
+    diff = np.asarray(flat, dtype=np.float64) - np.asarray(best, dtype=np.float64)
+    error = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return float(diff.mean()), error
+
+
 def holdout_problem(windows: int, share: float) -> str | None:
     """Why ``windows`` calibration windows cannot be split at ``prune.search.holdout`` ``share`` (None: they can)."""
     from prunekit.pruning.holdout import too_few
@@ -331,9 +344,11 @@ def candidate_objective(
     objective: str,
     refit: Callable[[nn.Module, Plan], Any] | None = None,
     activations_mib: int = 2048,
-) -> Callable[[Plan], float]:
+    per_window: bool = False,
+) -> Callable[[Plan], Any]:
     """``plan -> objective`` on ``calibration`` (N, T): a copy of ``model`` with the plan as masks (refit first by
-    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token.
+    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token
+    (``per_window``: a list of each window's mean, the windows scored one at a time).
     The unpruned model's last hidden states (``kl``) are computed once and held in memory up to ``activations_mib``
     MiB, on disk beyond it: a candidate streams the windows a batch at a time."""
     from prunekit.models.hidden import MIB, HiddenStates
@@ -344,8 +359,19 @@ def candidate_objective(
     starts = range(0, calibration.shape[0], batch_size)
     reference = HiddenStates(activations_mib * MIB, device)  # per batch, computed on the first call
 
+    def loss(candidate: nn.Module, head: nn.Module, b: int, batch: torch.Tensor) -> list[float]:
+        """The objective on ``batch`` (batch ``b``): its mean, or each window's."""
+        if not per_window:
+            if objective == "kl":
+                return [float(kd_loss_from(candidate, reference.get(b), head, batch))]
+            return [float(lm_loss(candidate, batch))]
+        if objective == "kl":
+            rows = reference.get(b).view(batch.shape[0], batch.shape[1] - 1, -1)
+            return [float(kd_loss_from(candidate, rows[i], head, batch[i : i + 1])) for i in range(batch.shape[0])]
+        return [float(lm_loss(candidate, batch[i : i + 1])) for i in range(batch.shape[0])]
+
     @torch.no_grad()
-    def evaluate(plan: Plan) -> float:
+    def evaluate(plan: Plan) -> Any:
         was_training = model.training
         model.eval()  # the reference runs without dropout, as the copy does
         try:
@@ -356,18 +382,15 @@ def candidate_objective(
             if refit is not None:
                 refit(candidate, plan)
             apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
-            head, total = causal_lm(model).get_output_embeddings(), 0.0
+            head, total, windows = causal_lm(model).get_output_embeddings(), 0.0, []
             for b, s in enumerate(starts):
                 batch = calibration[s : s + batch_size].to(device)
-                loss = (
-                    kd_loss_from(candidate, reference.get(b), head, batch)
-                    if objective == "kl"
-                    else lm_loss(candidate, batch)
-                )
-                total += float(loss) * batch.shape[0]
+                values = loss(candidate, head, b, batch)
+                windows += values
+                total += values[0] * batch.shape[0]
             del candidate
         finally:
             model.train(was_training)
-        return total / calibration.shape[0]
+        return windows if per_window else total / calibration.shape[0]
 
     return evaluate

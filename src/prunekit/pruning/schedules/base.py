@@ -120,12 +120,13 @@ class Cut:
         def refit(candidate: nn.Module, plan: Plan) -> None:
             self.refit(candidate, adapter, plan, job, tokens=refit_tokens)
 
-        def objective(windows: torch.Tensor) -> Any:
+        def objective(windows: torch.Tensor, per_window: bool = False) -> Any:
             return candidate_objective(model, adapter, windows, job.score_batch_size, self.search.objective,
-                                       refit if self.reconstruct != "none" else None, job.activations_mib)  # fmt: skip
+                                       refit if self.reconstruct != "none" else None, job.activations_mib,
+                                       per_window)  # fmt: skip
 
         state = job.state_dir / "allocation_search.json" if job.state_dir is not None else None
-        judge = objective(tokens[held]) if bool(held.any()) else None
+        judge = objective(tokens[held], per_window=True) if bool(held.any()) else None
         return AllocationSearch(self.search, objective(tokens[~held]), job.seed, label, state, job.state_key, judge)
 
     def plan(self, scores: dict[str, torch.Tensor], req: PlanRequest) -> Plan:
