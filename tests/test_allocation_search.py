@@ -295,6 +295,7 @@ def test_the_best_candidate_must_beat_the_flat_profile_by_more_than_the_standard
     rows = search.rows()
     best = min(rows, key=lambda t: (t["objective"], t["candidate"]))
     assert best["held_out"] == pytest.approx(sum(best_windows) / len(best_windows)) and rows[0]["held_out"] == 1.0
+    assert best["held_out_gain_se"] == pytest.approx(held_out_gain([1.0] * len(best_windows), best_windows)[1])
     assert [r["candidate"] for r in rows if r["kept"]] == [best["candidate"] if kept_best else 0]
 
 
@@ -338,6 +339,7 @@ def test_the_search_scores_candidates_on_the_other_windows_and_judges_on_the_hel
     metrics = result.metrics(0.25, "oneshot")["allocation_search"]
     assert metrics["kept_candidate"] == kept["candidate"] and metrics["best_candidate"] == best["candidate"]
     assert metrics["flat_held_out"] == result.trials[0]["held_out"]
+    assert metrics["held_out_gain_se"] == 0.0  # one held-out window: no spread to measure
 
 
 def test_too_few_calibration_windows_to_hold_one_out_are_refused() -> None:

@@ -202,6 +202,7 @@ class Candidate:
     objective: float
     achieved: float
     held_out: float | None = None  # the objective on the held-out windows (the best and the flat candidate)
+    held_out_gain_se: float | None = None  # the best's: the standard error of its mean gain there over the flat one
     kept: bool = False  # the candidate whose allocation the search returns
 
     def row(self, names: list[str], label: str) -> dict[str, Any]:
@@ -211,6 +212,8 @@ class Candidate:
                 "achieved": round(self.achieved, 6)}  # fmt: skip
         if self.held_out is not None:
             row["held_out"] = float(f"{self.held_out:.8g}")
+        if self.held_out_gain_se is not None:
+            row["held_out_gain_se"] = float(f"{self.held_out_gain_se:.8g}")
         row["kept"] = self.kept
         return row | {name: round(v, 6) for name, v in zip(names, self.point, strict=True)}
 
@@ -273,7 +276,7 @@ class AllocationSearch:
                             for c in (best, flat))  # fmt: skip
             best.held_out, flat.held_out = float(np.mean(mine)), float(np.mean(theirs))
             gain, error = held_out_gain(theirs, mine)
-            wins = gain > error
+            wins, best.held_out_gain_se = gain > error, error
             log.info("allocation search: on the held-out windows candidate %d %.5f, flat profile %.5f (gain %.5f, "
                      "standard error %.5f): keeping %s", best.index, best.held_out, flat.held_out, gain, error,
                      f"candidate {best.index}" if wins else "the flat profile")  # fmt: skip

@@ -258,9 +258,11 @@ class PruneResult:
                 "best_candidate": best["candidate"],
                 "best_objective": best["objective"],
                 "flat_objective": first["objective"],
-                # The candidate the cut took: the best, unless the flat profile did better on the held-out windows.
+                # The candidate the cut took: the best, unless it did not clearly beat the flat profile held out.
                 "kept_candidate": next(t["candidate"] for t in self.trials if t["kept"]),
             } | {f"{name}_held_out": t["held_out"] for name, t in (("best", best), ("flat", first)) if "held_out" in t}
+            if "held_out_gain_se" in best:
+                out["allocation_search"]["held_out_gain_se"] = best["held_out_gain_se"]
         return out | ({"schedule_log": self.log} if self.log else {})
 
 
