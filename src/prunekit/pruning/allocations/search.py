@@ -389,8 +389,10 @@ def candidate_objective(
             for b, s in enumerate(starts):
                 batch = calibration[s : s + batch_size].to(device)
                 values = loss(candidate, head, b, batch)
-                windows += values
-                total += values[0] * batch.shape[0]
+                if per_window:
+                    windows += values
+                else:
+                    total += values[0] * batch.shape[0]
             del candidate
         finally:
             model.train(was_training)
