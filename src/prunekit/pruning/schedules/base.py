@@ -253,6 +253,11 @@ class PruneResult:
         if self.trials:
             best = min(self.trials, key=lambda t: (t["objective"], t["candidate"]))
             first = self.trials[0]
+            held = {
+                f"{name}_held_out": t["held_out"] for name, t in (("best", best), ("flat", first)) if "held_out" in t
+            }
+            if "held_out_gain_se" in best:  # the standard error of the best one's gain there
+                held["held_out_gain_se"] = best["held_out_gain_se"]
             out["allocation_search"] = {
                 "candidates": len(self.trials),
                 "best_candidate": best["candidate"],
@@ -260,9 +265,7 @@ class PruneResult:
                 "flat_objective": first["objective"],
                 # The candidate the cut took: the best, unless it did not clearly beat the flat profile held out.
                 "kept_candidate": next(t["candidate"] for t in self.trials if t["kept"]),
-            } | {f"{name}_held_out": t["held_out"] for name, t in (("best", best), ("flat", first)) if "held_out" in t}
-            if "held_out_gain_se" in best:
-                out["allocation_search"]["held_out_gain_se"] = best["held_out_gain_se"]
+            } | held
         return out | ({"schedule_log": self.log} if self.log else {})
 
 
