@@ -61,7 +61,8 @@ def main() -> None:
                         help="a second held-out text (a data source): its evaluation split's perplexity")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("prunekit.pruning.allocations.search").setLevel(logging.INFO)
+    for name in ("prunekit.pruning.allocations.search", "prunekit.pruning.schedules.base"):
+        logging.getLogger(name).setLevel(logging.INFO)
     params = load_params(args.params)
     setup = make_setup(args)
     dense, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)

@@ -18,8 +18,9 @@ from prunekit.models.loading import load_pretrained
 from prunekit.models.size import count_params
 from prunekit.pipeline.params import AllocationSearchParams, parse_params
 from prunekit.pipeline.validation import check_choices
-from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective, held_out_gain
+from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+from prunekit.pruning.holdout import held_out_gain
 from prunekit.pruning.plan import PlanRequest, plan_of_counts, removed_params
 from prunekit.pruning.schedules import Cut, PruneJob, prune_model
 from prunekit.pruning.slicing import apply_plan, layouts
@@ -271,16 +272,25 @@ def test_the_best_candidate_is_kept_only_if_it_beats_the_flat_profile_on_the_hel
 
 
 @pytest.mark.parametrize(
-    ("best_windows", "kept_best"),
-    [([0.5, 0.6, 0.4, 0.5], True), ([0.0, 2.0, 0.2, 1.7], False), ([1.1, 0.9, 1.05, 0.9], False), ([0.9], True)],
+    ("best_windows", "standard_errors", "kept_best"),
+    [
+        ([0.5, 0.6, 0.4, 0.5], 2.0, True),
+        ([0.0, 2.0, 0.2, 1.7], 2.0, False),
+        ([1.1, 0.9, 1.05, 0.9], 2.0, False),
+        ([0.9], 2.0, True),
+        ([0.8, 1.0, 0.9, 1.05], 1.0, True),
+        ([0.8, 1.0, 0.9, 1.05], 2.0, False),
+        ([1.1, 0.9, 1.05, 0.9], 0.0, True),
+    ],
 )
-def test_the_best_candidate_must_beat_the_flat_profile_by_more_than_the_standard_error(
-    best_windows: list[float], kept_best: bool
+def test_the_best_candidate_must_beat_the_flat_profile_by_more_than_the_standard_errors_asked(
+    best_windows: list[float], standard_errors: float, kept_best: bool
 ) -> None:
-    """The flat profile scores 1.0 on every held-out window. A best candidate ahead on every window is kept; one
-    ahead on the mean (0.975 and 0.9875 against 1.0) but with per-window differences that spread more than its lead
-    (a standard error of 0.51 and 0.052 against a gain of 0.025 and 0.0125) is not; with one window the plain
-    comparison decides."""
+    """The flat profile scores 1.0 on every held-out window. A best candidate ahead on every window (a gain of 0.5,
+    12 standard errors) is kept; one ahead on the mean (0.975 and 0.9875 against 1.0) but with per-window
+    differences that spread more than its lead (a standard error of 0.51 and 0.052 against a gain of 0.025 and
+    0.0125) is not, unless any gain will do (0 standard errors); a gain of 1.13 standard errors (0.0625, 0.0555)
+    passes one standard error and not two; with one window the plain comparison decides."""
     model = _model()
     req, scores = _request(model), _scores(model)
 
@@ -290,7 +300,8 @@ def test_the_best_candidate_must_beat_the_flat_profile_by_more_than_the_standard
     def judge(plan) -> list[float]:
         return [1.0] * len(best_windows) if _is_flat(plan) else best_windows
 
-    search = AllocationSearch(AllocationSearchParams(candidates=4, random_starts=2, knots=2), evaluate, 0, judge=judge)
+    settings = AllocationSearchParams(candidates=4, random_starts=2, knots=2, standard_errors=standard_errors)
+    search = AllocationSearch(settings, evaluate, 0, judge=judge)
     search.run(scores, req)
     rows = search.rows()
     best = min(rows, key=lambda t: (t["objective"], t["candidate"]))

@@ -368,3 +368,58 @@ def test_reconstruction_streamed_from_disk_equals_the_in_memory_one(monkeypatch)
         assert torch.equal(a, b), name
     layers = len(adapter.layers(dense))
     assert len(written) == 4 * (1 + layers)  # 4 batches: layer 0's inputs, then each layer's outputs
+
+
+def _held_out_kls(teacher, student, adapter, plan, tokens: torch.Tensor) -> list[float]:
+    """Per window: KL(p_teacher || p_student sliced by ``plan``) per position, from the full logits."""
+    import torch.nn.functional as F
+
+    sliced = apply_plan(copy.deepcopy(student), adapter, plan, mode="slice")
+    with torch.no_grad():
+        p = F.log_softmax(teacher(input_ids=tokens).logits[:, :-1].double(), -1)
+        q = F.log_softmax(sliced(input_ids=tokens).logits[:, :-1].double(), -1)
+    return [float(v) for v in (p.exp() * (p - q)).sum(-1).mean(-1)]
+
+
+def test_the_refit_model_is_kept_only_if_it_beats_the_sliced_one_on_the_held_out_windows(tokenizer) -> None:
+    """prune.reconstruct_holdout 0.25 of 16 windows: 3, 7, 11 and 15 judge the refit model as a whole. Its KL from
+    the dense model on each of them and the sliced model's (computed independently) give a mean gain of g standard
+    errors; with prune.reconstruct_standard_errors below g the cut is the refit model, above it the plainly sliced
+    one, bit for bit, and the metrics count no refit projection."""
+    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
+    from prunekit.pruning.holdout import held_out_gain
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+
+    dense = tiny_model(vocab_size=len(tokenizer)).eval()
+    adapter = adapter_for(dense.config)
+    calibration = torch.randint(0, len(tokenizer), (16, 16), generator=torch.Generator().manual_seed(2))
+    units = ["attn_kv_group", "mlp_channel"]
+    scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
+
+    def run(standard_errors: float):
+        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct="least_squares",
+                  reconstruct_standard_errors=standard_errors)  # fmt: skip
+        job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, calibration=lambda: calibration,
+                       score_batch_size=4)  # fmt: skip
+        return prune_model(job, "oneshot")
+
+    any_gain = run(0.0)
+    refit = copy.deepcopy(dense)
+    fits = reconstruct(refit, adapter, any_gain.plan, calibration, 4, RefitChoice())
+    assert any(f.ridge is not None for f in fits)
+    held = calibration[[3, 7, 11, 15]]
+    gain, error = held_out_gain(*(_held_out_kls(dense, m, adapter, any_gain.plan, held) for m in (dense, refit)))
+    assert gain > 0 and error > 0  # this case: the refit wins, by a measurable margin
+    sliced = apply_plan(copy.deepcopy(dense), adapter, any_gain.plan, mode="slice")
+    refit_sliced = apply_plan(refit, adapter, any_gain.plan, mode="slice")
+    refit_projections = sum(f.ridge is not None for f in fits)
+    for standard_errors, expected, refit_count in ((0.0, refit_sliced, refit_projections),
+                                                   (0.9 * gain / error, refit_sliced, refit_projections),
+                                                   (1.1 * gain / error, sliced, 0)):  # fmt: skip
+        result = any_gain if standard_errors == 0.0 else run(standard_errors)
+        assert result.plan.keep == any_gain.plan.keep
+        for (name, p), q in zip(expected.named_parameters(), result.model.parameters(), strict=True):
+            assert torch.equal(p, q), (standard_errors, name)
+        summary = result.metrics(0.12, "oneshot")["reconstruction"]
+        assert summary["refit"] == refit_count
+        assert (summary["error_reconstructed"] == summary["error_sliced"]) == (refit_count == 0)

@@ -191,9 +191,12 @@ class AllocationSearchParams(Section):
         "kl", "kl (to the unpruned model) | loss (LM loss), on the calibration windows"
     )
     holdout: float = _doc(
-        0.25, "share of the calibration windows held out: the best beats the flat profile there or is not kept",
+        0.25, "share of the calibration windows held out: the best is kept if it beats the flat profile there ...",
         ge=0.0, lt=1.0,
     )  # fmt: skip
+    standard_errors: float = _doc(
+        2.0, "... by more than this many standard errors of its mean per-window gain there (0: by any margin)", ge=0.0
+    )
 
 
 class PruneParams(Section):
@@ -228,6 +231,11 @@ class PruneParams(Section):
     )
     reconstruct_holdout: float = _doc(
         0.25, "least_squares: share of the windows held out to choose the ridge and judge the refit", ge=0.0, lt=1.0
+    )
+    reconstruct_standard_errors: float = _doc(
+        2.0,
+        "least_squares: the refit model is kept if its KL there beats the sliced one's by this many standard errors",
+        ge=0.0,
     )
     reconstruct_samples: int | None = _doc(
         None, "least_squares: training-text windows to refit on (null: the calibration windows)", ge=1

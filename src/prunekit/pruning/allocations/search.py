@@ -25,10 +25,13 @@ never ends worse than it on the objective.
 Held out: ``prune.search.holdout`` of the calibration windows (:mod:`prunekit.pruning.holdout`) take no part in the
 objective. At the end the best candidate and the flat profile are scored on each of them, and the best one is kept
 only if it beats the flat profile there by more than chance: its mean advantage over the held-out windows must
-exceed the standard error of that mean (the spread of the per-window differences over the square root of their
-number; with one held-out window there is no spread, and the plain comparison decides). An allocation fitted to the
-search's windows does not replace the uniform cut unless it does clearly better on windows it was not chosen on: a
-few held-out windows that favour it by a hair are noise, and on other text the uniform cut may then be the better.
+exceed ``prune.search.standard_errors`` (2) standard errors of that mean (the spread of the per-window differences
+over the square root of their number; with one held-out window there is no spread, and the plain comparison
+decides). An allocation fitted to the search's windows does not replace the uniform cut unless it does clearly
+better on windows it was not chosen on: a few held-out windows that favour it by a hair are noise, and on other
+text the uniform cut may then be the better. Two standard errors is the usual bar (with many windows, chance alone
+clears it about one time in forty; with few, more often); one standard error let through leads that were lost on
+the evaluation text (docs/results.md).
 
 Objective of a candidate: its plan (the highest-scored units of each layer) is applied to a copy of the model,
 refit first when ``prune.reconstruct`` asks, and sliced (so the search optimises the model the cut produces), and
@@ -68,6 +71,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import AllocationSearchParams
 from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
+from prunekit.pruning.holdout import beats, held_out_gain
 from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, finest_unit, plan_of_counts, removed_params
 
 log = logging.getLogger(__name__)
@@ -276,9 +280,10 @@ class AllocationSearch:
                             for c in (best, flat))  # fmt: skip
             best.held_out, flat.held_out = float(np.mean(mine)), float(np.mean(theirs))
             gain, error = held_out_gain(theirs, mine)
-            wins, best.held_out_gain_se = gain > error, error
+            wins, best.held_out_gain_se = beats(gain, error, cfg.standard_errors), error
             log.info("allocation search: on the held-out windows candidate %d %.5f, flat profile %.5f (gain %.5f, "
-                     "standard error %.5f): keeping %s", best.index, best.held_out, flat.held_out, gain, error,
+                     "%g standard errors %.5f): keeping %s", best.index, best.held_out, flat.held_out, gain,
+                     cfg.standard_errors, cfg.standard_errors * error,
                      f"candidate {best.index}" if wins else "the flat profile")  # fmt: skip
             best = best if wins else flat
         best.kept = True
@@ -324,14 +329,6 @@ class Searched(Allocation):
 ALLOCATIONS.register(Searched.name)(Searched())
 
 
-def held_out_gain(flat: list[float], best: list[float]) -> tuple[float, float]:
-    """The best candidate's mean advantage over the flat profile on the held-out windows (per-window objectives,
-    lower is better) and the standard error of that mean (0 with one window: nothing to estimate it from)."""
-    diff = np.asarray(flat, dtype=np.float64) - np.asarray(best, dtype=np.float64)
-    error = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
-    return float(diff.mean()), error
-
-
 def holdout_problem(windows: int, share: float) -> str | None:
     """Why ``windows`` calibration windows cannot be split at ``prune.search.holdout`` ``share`` (None: they can)."""
     from prunekit.pruning.holdout import too_few
@@ -348,17 +345,19 @@ def candidate_objective(
     refit: Callable[[nn.Module, Plan], Any] | None = None,
     activations_mib: int = 2048,
     per_window: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Callable[[Plan], Any]:
     """``plan -> objective`` on ``calibration`` (N, T): a copy of ``model`` with the plan as masks (refit first by
-    ``refit(copy, plan)`` when given), its KL from ``model`` (``kl``) or its LM loss (``loss``), mean per token
-    (``per_window``: a list of each window's mean, the windows scored one at a time).
-    The unpruned model's last hidden states (``kl``) are computed once and held in memory up to ``activations_mib``
+    ``refit(copy, plan)`` when given), its KL from ``teacher`` (default ``model``; ``kl``) or its LM loss
+    (``loss``), mean per token (``per_window``: a list of each window's mean, the windows scored one at a time).
+    The teacher's last hidden states (``kl``) are computed once and held in memory up to ``activations_mib``
     MiB, on disk beyond it: a candidate streams the windows a batch at a time."""
     from prunekit.models.hidden import MIB, HiddenStates
     from prunekit.pruning.slicing import apply_plan
     from prunekit.training.loss import causal_lm, kd_loss_from, lm_loss, teacher_states
 
     device = next(model.parameters()).device
+    teacher = model if teacher is None else teacher
     starts = range(0, calibration.shape[0], batch_size)
     reference = HiddenStates(activations_mib * MIB, device)  # per batch, computed on the first call
 
@@ -375,17 +374,17 @@ def candidate_objective(
 
     @torch.no_grad()
     def evaluate(plan: Plan) -> Any:
-        was_training = model.training
-        model.eval()  # the reference runs without dropout, as the copy does
+        was_training = teacher.training
+        teacher.eval()  # the reference runs without dropout, as the copy does
         try:
             if objective == "kl" and not len(reference):
                 for b, s in enumerate(starts):
-                    reference.put(b, teacher_states(model, calibration[s : s + batch_size].to(device)))
-            candidate = copy.deepcopy(model)
+                    reference.put(b, teacher_states(teacher, calibration[s : s + batch_size].to(device)))
+            candidate = copy.deepcopy(model).eval()
             if refit is not None:
                 refit(candidate, plan)
             apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
-            head, total, windows = causal_lm(model).get_output_embeddings(), 0.0, []
+            head, total, windows = causal_lm(teacher).get_output_embeddings(), 0.0, []
             for b, s in enumerate(starts):
                 batch = calibration[s : s + batch_size].to(device)
                 values = loss(candidate, head, b, batch)
@@ -395,7 +394,7 @@ def candidate_objective(
                     total += values[0] * batch.shape[0]
             del candidate
         finally:
-            model.train(was_training)
+            teacher.train(was_training)
         return windows if per_window else total / calibration.shape[0]
 
     return evaluate

@@ -56,6 +56,7 @@ class Cut:
     reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
     reconstruct_ridge: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)  # chosen from on the held-out windows
     reconstruct_holdout: float = 0.25  # share of the refit windows held out (0: choose and judge on all of them)
+    reconstruct_standard_errors: float = 2.0  # the refit model's held-out lead over the sliced one, to be kept
     reconstruct_samples: int | None = None  # training-text windows to refit on (None: the calibration windows)
     reconstruct_seq_len: int = 128
     search: AllocationSearchParams = field(default_factory=AllocationSearchParams)  # allocation: search
@@ -149,14 +150,43 @@ class Cut:
         """Before slicing by ``plan``: the reconstruction ``prune.reconstruct`` asks for (its fits; none: []).
         ``reference``: the dense model of ``model``'s shapes whose layer outputs the refit follows (default:
         ``model`` before the refit); ``tokens``: the windows to refit on (default: the job's reconstruction
-        tokens)."""
+        tokens).
+
+        With windows held out, the refit model as a whole is then judged there against the plainly sliced one: each
+        one's KL from the reference per held-out window, and the refit is kept only if its mean gain exceeds
+        ``reconstruct_standard_errors`` standard errors. Each projection already beat its sliced weights on its own
+        outputs, but what one projection gains can be lost through the layers after it; a refit that loses is
+        undone (the fits then record the sliced weights as kept)."""
         if self.reconstruct == "none":
             return []
+        from prunekit.pruning.allocations.search import candidate_objective
+        from prunekit.pruning.holdout import beats, held_out_gain, held_out_mask
         from prunekit.pruning.reconstruction import reconstruct
 
         tokens = job.reconstruction_tokens() if tokens is None else tokens
-        return reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference,
+        held = held_out_mask(tokens.shape[0], self.reconstruct_holdout)
+        sliced = copy.deepcopy(model) if bool(held.any()) else None
+        fits = reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference,
                            job.activations_mib)  # fmt: skip
+        if sliced is None or not any(f.ridge is not None for f in fits):
+            return fits
+        teacher = reference if reference is not None else sliced  # the model before the refit: the dense one
+
+        def judged(candidate: nn.Module) -> list[float]:
+            mib, batch = job.activations_mib, job.score_batch_size
+            kl = candidate_objective(candidate, adapter, tokens[held], batch, "kl", None, mib, True, teacher)
+            return list(kl(plan))
+
+        before, after = judged(sliced), judged(model)
+        gain, error = held_out_gain(before, after)
+        kept = beats(gain, error, self.reconstruct_standard_errors)
+        log.info("reconstruction: held-out KL sliced %.5f, refit %.5f (gain %.5f, %g standard errors %.5f): %s",
+                 sum(before) / len(before), sum(after) / len(after), gain, self.reconstruct_standard_errors,
+                 self.reconstruct_standard_errors * error, "refit kept" if kept else "refit undone")  # fmt: skip
+        if kept:
+            return fits
+        model.load_state_dict(sliced.state_dict())
+        return [dataclasses.replace(f, error_reconstructed=f.error_sliced, ridge=None) for f in fits]
 
     def refit_choice(self) -> Any:
         """How the reconstruction chooses its ridge and judges its refit (``prune.reconstruct_*``)."""
