@@ -130,7 +130,7 @@ def tiny_tokenizer(vocab_size: int = 128, unk: bool = False) -> PreTrainedTokeni
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<eos>", "<unk>"] if unk else ["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: vocab_size - 40],
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[: vocab_size - 40],  # a set: its order varies
         show_progress=False,
     )
     texts = [topics[k] for k in sorted(topics)][:20]

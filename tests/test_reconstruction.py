@@ -19,6 +19,8 @@ from prunekit.pruning.reconstruction import RefitChoice, reconstruct
 from prunekit.pruning.slicing import apply_plan
 
 CALIB = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+# Of 16 windows at prune.reconstruct_holdout 0.25, 3, 7, 11 and 15 judge the refit model; the refit has the rest.
+FIT_16 = [w for w in range(16) if w not in (3, 7, 11, 15)]
 
 
 def model64(**overrides: object):
@@ -177,7 +179,9 @@ def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
     scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
 
     def run(reconstruct: str):
-        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct=reconstruct)
+        # Any held-out gain keeps the refit model (the two-standard-error judgement is tested below).
+        cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct=reconstruct,
+                  reconstruct_standard_errors=0.0)  # fmt: skip
         job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=0, schedule=ScheduleParams(
             shots=2, steps_per_shot=0), calibration=lambda: calibration, training_blocks=lambda n: calibration,
             score_batch_size=4)  # fmt: skip
@@ -188,8 +192,8 @@ def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
         assert plain.plan.keep == refit.plan.keep  # the same cut, other weights (kshot rescores the refit model)
         summary = refit.metrics(0.12, schedule)["reconstruction"]
         assert summary["projections"] == 4 and summary["error_reconstructed"] < summary["error_sliced"]
-        expected = copy.deepcopy(dense)
-        reconstruct(expected, adapter, refit.plan, calibration, 4, RefitChoice())
+        expected = copy.deepcopy(dense)  # refit without windows 3, 7, 11, 15, which judge it (and keep it here)
+        reconstruct(expected, adapter, refit.plan, calibration[FIT_16], 4, RefitChoice())
         apply_plan(expected, adapter, refit.plan, mode="slice")
         for (name, p), q in zip(expected.named_parameters(), refit.model.parameters(), strict=True):
             assert torch.equal(p, q), name
@@ -224,14 +228,16 @@ def test_reconstruction_refits_on_training_windows_when_asked(tokenizer) -> None
         return training
 
     cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct="least_squares",
-              reconstruct_ridge=(0.01, 1.0), reconstruct_samples=8, reconstruct_seq_len=24)  # fmt: skip
+              reconstruct_ridge=(0.01, 1.0), reconstruct_samples=8, reconstruct_seq_len=24,
+              reconstruct_standard_errors=0.0)  # fmt: skip
     job = PruneJob(copy.deepcopy(dense), tokenizer, adapter, scores, cut, seed=5, calibration=lambda: calibration,
                    training_blocks=blocks, score_batch_size=4)  # fmt: skip
     chosen = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:8].sort().values
     assert torch.equal(job.reconstruction_tokens(), training[chosen]) and seen_lengths == [24]
     result = prune_model(job, "oneshot")
     expected = copy.deepcopy(dense)
-    reconstruct(expected, adapter, result.plan, training[chosen], 4, RefitChoice((0.01, 1.0), 0.25))
+    fitted = training[chosen][[0, 1, 2, 4, 5, 6]]  # of the 8 windows, 3 and 7 judge the refit model
+    reconstruct(expected, adapter, result.plan, fitted, 4, RefitChoice((0.01, 1.0), 0.25))
     apply_plan(expected, adapter, result.plan, mode="slice")
     for (name, p), q in zip(expected.named_parameters(), result.model.parameters(), strict=True):
         assert torch.equal(p, q), name
@@ -340,9 +346,14 @@ def test_too_few_windows_to_hold_one_out_are_refused_with_the_keys() -> None:
         "prune": {"reconstruct": "least_squares", "reconstruct_samples": 3},
         "score": {"criterion": "activation"},
     }
-    with pytest.raises(ParamsError, match=r"key 'prune.reconstruct_holdout': 0.25 holds out none of the 3 windows"):
-        check_choices(parse_params(refused))
-    check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 4}}))
+    # Two held-out sets: 0.25 of the windows judge the refit model, 0.25 of the rest choose the ridges: 4 windows
+    # give the first one window and the second none.
+    for windows in (3, 4):
+        refused["prune"]["reconstruct_samples"] = windows
+        problem = rf"0.25 of the {windows} windows, then of the rest, leaves one of the two held-out sets empty"
+        with pytest.raises(ParamsError, match=r"key 'prune.reconstruct_holdout': " + problem):
+            check_choices(parse_params(refused))
+    check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 5}}))
     check_choices(parse_params(refused | {"prune": {"reconstruct": "least_squares", "reconstruct_samples": 3,
                                                     "reconstruct_holdout": 0.0}}))  # fmt: skip
 
@@ -382,7 +393,8 @@ def _held_out_kls(teacher, student, adapter, plan, tokens: torch.Tensor) -> list
 
 
 def test_the_refit_model_is_kept_only_if_it_beats_the_sliced_one_on_the_held_out_windows(tokenizer) -> None:
-    """prune.reconstruct_holdout 0.25 of 16 windows: 3, 7, 11 and 15 judge the refit model as a whole. Its KL from
+    """prune.reconstruct_holdout 0.25 of 16 windows: 3, 7, 11 and 15 judge the refit model as a whole (refit on the
+    others, which hold out their own share to choose the ridges). Its KL from
     the dense model on each of them and the sliced model's (computed independently) give a mean gain of g standard
     errors; with prune.reconstruct_standard_errors below g the cut is the refit model, above it the plainly sliced
     one, bit for bit, and the metrics count no refit projection."""
@@ -405,7 +417,7 @@ def test_the_refit_model_is_kept_only_if_it_beats_the_sliced_one_on_the_held_out
 
     any_gain = run(0.0)
     refit = copy.deepcopy(dense)
-    fits = reconstruct(refit, adapter, any_gain.plan, calibration, 4, RefitChoice())
+    fits = reconstruct(refit, adapter, any_gain.plan, calibration[FIT_16], 4, RefitChoice())
     assert any(f.ridge is not None for f in fits)
     held = calibration[[3, 7, 11, 15]]
     gain, error = held_out_gain(*(_held_out_kls(dense, m, adapter, any_gain.plan, held) for m in (dense, refit)))

@@ -166,7 +166,12 @@ def _prune(params: Params, problems: _Problems) -> None:
         from prunekit.pruning.reconstruction import RefitChoice
 
         windows = p.reconstruct_samples or params.calibrate.samples
-        problem = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout).window_problem(windows)
+        if allocation is not None and allocation.evaluates_candidates and p.reconstruct_samples is None:
+            # a candidate is refit without the windows that judge the search
+            from prunekit.pruning.holdout import held_out_mask
+
+            windows -= int(held_out_mask(windows, p.search.holdout).sum())
+        problem = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout).judged_window_problem(windows)
         if problem:
             problems.key("prune.reconstruct_holdout", problem)
     name = params.score.criterion

@@ -23,9 +23,9 @@ fits them exactly. So a share of the windows (``prune.reconstruct_holdout``, spr
 ridge of ``prune.reconstruct_ridge`` is fitted on the other windows and its error measured on the held-out ones,
 the best one wins, and a projection whose best refit does not beat the plainly sliced weights W[:, K] on the
 held-out windows keeps them; a winning ridge is then refit on all the windows. The errors recorded are the
-held-out ones (with no holdout: those on all windows, where the smallest ridge always wins). The prune step then
-judges the refit model as a whole on the same held-out windows against the sliced one
-(:meth:`prunekit.pruning.schedules.base.Cut.refit`). The o_proj refit
+held-out ones (with no holdout: those on all windows, where the smallest ridge always wins). The prune step sets
+aside the same share of its windows before calling this, and judges the refit model as a whole on them against the
+sliced one (:meth:`prunekit.pruning.schedules.base.Cut.refit`). The o_proj refit
 comes first; the MLP inputs are then taken with the refit attention. The weights are written into the model
 before slicing, in the kept columns (the removed ones go with the slice).
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,8 +79,19 @@ class RefitChoice:
 
     def window_problem(self, windows: int) -> str | None:
         """Why ``windows`` refit windows cannot be split as asked (None: they can)."""
-        more = "prune.reconstruct_samples, or calibrate.samples"
-        return too_few(windows, self.holdout, more, "prune.reconstruct_holdout: 0")
+        return too_few(windows, self.holdout, MORE_WINDOWS, "prune.reconstruct_holdout: 0")
+
+    def judged_window_problem(self, windows: int) -> str | None:
+        """Why ``windows`` windows cannot give both held-out sets (None: they can): the share that judges the refit
+        model, and the same share of the rest that chooses each projection's ridge."""
+        judge = sum(self.held_out(w) for w in range(windows))
+        if self.holdout > 0 and (judge == 0 or math.floor((windows - judge) * self.holdout) == 0):
+            return (f"{self.holdout} of the {windows} windows, then of the rest, leaves one of the two held-out "
+                    f"sets empty; give more windows ({MORE_WINDOWS}) or set prune.reconstruct_holdout: 0")  # fmt: skip
+        return None
+
+
+MORE_WINDOWS = "prune.reconstruct_samples, or calibrate.samples"
 
 
 @dataclass(frozen=True)

@@ -152,11 +152,13 @@ class Cut:
         ``model`` before the refit); ``tokens``: the windows to refit on (default: the job's reconstruction
         tokens).
 
-        With windows held out, the refit model as a whole is then judged there against the plainly sliced one: each
-        one's KL from the reference per held-out window, and the refit is kept only if its mean gain exceeds
-        ``reconstruct_standard_errors`` standard errors. Each projection already beat its sliced weights on its own
-        outputs, but what one projection gains can be lost through the layers after it; a refit that loses is
-        undone (the fits then record the sliced weights as kept)."""
+        With ``reconstruct_holdout`` > 0 that share of the windows judges the refit model as a whole and takes no
+        other part: the refit (which holds out the same share of the other windows to choose each projection's
+        ridge) never sees them. Each model's KL from the reference on each of them, and the refit is kept only if
+        its mean gain over the plainly sliced model exceeds ``reconstruct_standard_errors`` standard errors. Each
+        projection already beat its sliced weights on its own outputs, but what one projection gains can be lost
+        through the layers after it; a refit that loses is undone (the fits then record the sliced weights as
+        kept)."""
         if self.reconstruct == "none":
             return []
         from prunekit.pruning.allocations.search import candidate_objective
@@ -164,9 +166,13 @@ class Cut:
         from prunekit.pruning.reconstruction import reconstruct
 
         tokens = job.reconstruction_tokens() if tokens is None else tokens
+        choice = self.refit_choice()
+        problem = choice.judged_window_problem(tokens.shape[0])
+        if problem:
+            raise PrunekitError(f"prune.reconstruct_holdout: {problem}")
         held = held_out_mask(tokens.shape[0], self.reconstruct_holdout)
         sliced = copy.deepcopy(model) if bool(held.any()) else None
-        fits = reconstruct(model, adapter, plan, tokens, job.score_batch_size, self.refit_choice(), reference,
+        fits = reconstruct(model, adapter, plan, tokens[~held], job.score_batch_size, choice, reference,
                            job.activations_mib)  # fmt: skip
         if sliced is None or not any(f.ridge is not None for f in fits):
             return fits
