@@ -10,6 +10,7 @@ a model with per-layer widths, whole layers removed and head dims.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from test_layerwise import WIDTH, calibration, load_stage, saved
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import ParamsError, PrunekitError
 from prunekit.models.families import adapter_for
 from prunekit.models.layerwise import LayerwiseModel
 from prunekit.models.loading import load_model
@@ -56,8 +57,10 @@ def cut_and_job(case: str, model, adapter, tokenizer, calib: torch.Tensor) -> Pr
         scorer.score_with_aux(model, adapter, req) if criterion != "random" else (scorer.score(model, adapter, req), {})
     )
     layers = "layer" in units  # whole layers: coarse steps, a global allocation and a wider tolerance
+    # The refit model is not judged as a whole: model.offload: layerwise cannot (refused otherwise, tested below).
     cut = Cut(0.2, units, "global" if layers else "uniform", criterion, 1, 1, {}, 0.1 if layers else 0.06,
-              bias_compensation=bias, reconstruct=reconstruct, reconstruct_ridge=(0.01, 0.3))  # fmt: skip
+              bias_compensation=bias, reconstruct=reconstruct, reconstruct_ridge=(0.01, 0.3),
+              reconstruct_standard_errors=None)  # fmt: skip
     return PruneJob(model, tokenizer, adapter, scores, cut, seed=0, side=aux, calibration=lambda: calib,
                     score_batch_size=3)  # fmt: skip
 
@@ -186,5 +189,33 @@ def test_missing_compensation_means_are_refused_before_a_layer_is_read(tmp_path,
     monkeypatch.setattr(LayerwiseModel, "_materialize", lambda *a: pytest.fail("read a layer"))
     (tmp_path / "out").mkdir()
     with pytest.raises(PrunekitError, match="bias_compensation needs the mean activations"):
+        prune_layerwise(lw, job, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_a_refit_judged_as_a_whole_is_refused_layerwise_before_a_layer_is_read(
+    tmp_path, tokenizer, monkeypatch
+) -> None:
+    """prune.reconstruct_standard_errors needs the whole model: the params check names the key, and the library
+    call refuses it before it reads a layer or writes a file."""
+    from prunekit.pipeline.validation import check_choices
+
+    raw: dict = {"model": {"offload": "layerwise"}, "score": {"criterion": "activation"},
+                 "evaluate": {"zero_shot": {"tasks": []}},
+           "prune": {"reconstruct": "least_squares", "allocation": "uniform"}}  # fmt: skip
+    refused = r"key 'prune.reconstruct_standard_errors': model.offload: layerwise never holds the whole model"
+    with pytest.raises(ParamsError, match=refused + r".*set prune.reconstruct_standard_errors: null"):
+        check_choices(parse_params(raw))
+    raw["prune"]["reconstruct_standard_errors"] = None
+    check_choices(parse_params(raw))
+
+    model, path = saved("llama", False, tmp_path, tokenizer)
+    lw = LayerwiseModel(path)
+    job = cut_and_job("qwen2_refit", copy.deepcopy(model), lw.adapter, tokenizer, calibration())
+    job = PruneJob(lw.model, tokenizer, lw.adapter, job.scores, dataclasses.replace(job.cut,
+                   reconstruct_standard_errors=2.0), calibration=lambda: calibration())  # fmt: skip
+    monkeypatch.setattr(LayerwiseModel, "_materialize", lambda *a: pytest.fail("read a layer"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PrunekitError, match="prune.reconstruct_standard_errors: model.offload: layerwise"):
         prune_layerwise(lw, job, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())

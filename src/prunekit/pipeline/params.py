@@ -232,9 +232,10 @@ class PruneParams(Section):
     reconstruct_holdout: float = _doc(
         0.25, "least_squares: share of the windows held out to choose the ridge and judge the refit", ge=0.0, lt=1.0
     )
-    reconstruct_standard_errors: float = _doc(
+    reconstruct_standard_errors: float | None = _doc(
         2.0,
-        "least_squares: the refit model is kept if its KL there beats the sliced one's by this many standard errors",
+        "least_squares: the refit model is kept if its KL there beats the sliced one's by this many standard errors "
+        "(null: no such judgement, as model.offload: layerwise needs)",
         ge=0.0,
     )
     reconstruct_samples: int | None = _doc(

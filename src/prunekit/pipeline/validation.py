@@ -171,9 +171,15 @@ def _prune(params: Params, problems: _Problems) -> None:
             from prunekit.pruning.holdout import held_out_mask
 
             windows -= int(held_out_mask(windows, p.search.holdout).sum())
-        problem = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout).judged_window_problem(windows)
+        choice = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout)
+        judged = p.reconstruct_standard_errors is not None
+        problem = choice.judged_window_problem(windows) if judged else choice.window_problem(windows)
         if problem:
             problems.key("prune.reconstruct_holdout", problem)
+        if judged and params.model.offload == "layerwise":
+            from prunekit.pruning.layerwise import UNJUDGED
+
+            problems.key("prune.reconstruct_standard_errors", UNJUDGED)
     name = params.score.criterion
     if p.bias_compensation and name in CRITERIA and not isinstance(CRITERIA.get(name), ActivationCriterion):
         activation_based = [n for n, c in CRITERIA.items() if isinstance(c, ActivationCriterion)]

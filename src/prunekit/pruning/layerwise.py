@@ -35,6 +35,13 @@ from prunekit.pruning.schedules.base import PruneJob, PruneResult
 log = logging.getLogger(__name__)
 
 
+# Why the refit model cannot be judged as a whole here (the params check and prune_layerwise say so).
+UNJUDGED = (
+    "model.offload: layerwise never holds the whole model, so it cannot judge the refit model against the sliced "
+    "one; set prune.reconstruct_standard_errors: null (each projection is still judged on held-out windows)"
+)
+
+
 @torch.no_grad()
 def prune_layerwise(
     lw: LayerwiseModel, job: PruneJob, out_dir: Path, activations_mib: int | None = None
@@ -61,6 +68,8 @@ def prune_layerwise(
     columns = checked_columns(model, adapter, plan, job.side) if cut.bias_compensation else None
     if cut.reconstruct != "none":
         check_plan(plan)
+        if cut.reconstruct_standard_errors is not None:
+            raise PrunekitError(f"prune.reconstruct_standard_errors: {UNJUDGED}")
     n_layers = len(lw.layers)
     dropped = sorted({i for u, per in plan.keep.items() if UNITS.get(u).whole_layer for i, k in per.items() if not k})
     kept = [i for i in range(n_layers) if i not in dropped]

@@ -45,8 +45,9 @@ seeded optimiser again and checking it proposes the same point) and evaluates on
 
 Cost: ``candidates`` x (a copy of the model, a forward pass of the pruned candidate over the calibration windows,
 and the reconstruction when asked); the unpruned model's last hidden states are computed once. Memory: the model
-twice (three times with reconstruction) and one batch; the unpruned model's hidden states stay in memory up to
-``model.offload_activations_mib`` and go to disk beyond it, so the calibration windows can be many. With
+twice and one batch (with reconstruction, four times: its masked copy, and the unrefit copy it is judged against);
+the unpruned model's hidden states stay in memory up to ``model.offload_activations_mib`` and go to disk beyond
+it, so the calibration windows can be many. With
 reconstruction inside the objective, a candidate is refit on the windows the search is scored on, never on its
 held-out ones (unless ``prune.reconstruct_samples`` refits on training text, which the held-out windows are not).
 """

@@ -56,7 +56,7 @@ class Cut:
     reconstruct: str = "none"  # none | least_squares (prunekit.pruning.reconstruction)
     reconstruct_ridge: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)  # chosen from on the held-out windows
     reconstruct_holdout: float = 0.25  # share of the refit windows held out (0: choose and judge on all of them)
-    reconstruct_standard_errors: float = 2.0  # the refit model's held-out lead over the sliced one, to be kept
+    reconstruct_standard_errors: float | None = 2.0  # the refit model's held-out lead to be kept (None: not judged)
     reconstruct_samples: int | None = None  # training-text windows to refit on (None: the calibration windows)
     reconstruct_seq_len: int = 128
     search: AllocationSearchParams = field(default_factory=AllocationSearchParams)  # allocation: search
@@ -152,13 +152,13 @@ class Cut:
         ``model`` before the refit); ``tokens``: the windows to refit on (default: the job's reconstruction
         tokens).
 
-        With ``reconstruct_holdout`` > 0 that share of the windows judges the refit model as a whole and takes no
-        other part: the refit (which holds out the same share of the other windows to choose each projection's
-        ridge) never sees them. Each model's KL from the reference on each of them, and the refit is kept only if
-        its mean gain over the plainly sliced model exceeds ``reconstruct_standard_errors`` standard errors. Each
-        projection already beat its sliced weights on its own outputs, but what one projection gains can be lost
-        through the layers after it; a refit that loses is undone (the fits then record the sliced weights as
-        kept)."""
+        With ``reconstruct_holdout`` > 0 and ``reconstruct_standard_errors`` set, that share of the windows judges
+        the refit model as a whole and takes no other part: the refit (which holds out the same share of the other
+        windows to choose each projection's ridge) never sees them. Each model's KL from the reference on each of
+        them, and the refit is kept only if its mean gain over the plainly sliced model exceeds
+        ``reconstruct_standard_errors`` standard errors. Each projection already beat its sliced weights on its own
+        outputs, but what one projection gains can be lost through the layers after it; a refit that loses is
+        undone (the fits then record the sliced weights as kept)."""
         if self.reconstruct == "none":
             return []
         from prunekit.pruning.allocations.search import candidate_objective
@@ -166,15 +166,15 @@ class Cut:
         from prunekit.pruning.reconstruction import reconstruct
 
         tokens = job.reconstruction_tokens() if tokens is None else tokens
-        choice = self.refit_choice()
-        problem = choice.judged_window_problem(tokens.shape[0])
+        choice, margin = self.refit_choice(), self.reconstruct_standard_errors
+        problem = choice.judged_window_problem(tokens.shape[0]) if margin is not None else None
         if problem:
             raise PrunekitError(f"prune.reconstruct_holdout: {problem}")
-        held = held_out_mask(tokens.shape[0], self.reconstruct_holdout)
+        held = held_out_mask(tokens.shape[0], self.reconstruct_holdout if margin is not None else 0.0)
         sliced = copy.deepcopy(model) if bool(held.any()) else None
         fits = reconstruct(model, adapter, plan, tokens[~held], job.score_batch_size, choice, reference,
                            job.activations_mib)  # fmt: skip
-        if sliced is None or not any(f.ridge is not None for f in fits):
+        if sliced is None or margin is None or not any(f.ridge is not None for f in fits):
             return fits
         teacher = reference if reference is not None else sliced  # the model before the refit: the dense one
 
@@ -185,10 +185,10 @@ class Cut:
 
         before, after = judged(sliced), judged(model)
         gain, error = held_out_gain(before, after)
-        kept = beats(gain, error, self.reconstruct_standard_errors)
+        kept = beats(gain, error, margin)
         log.info("reconstruction: held-out KL sliced %.5f, refit %.5f (gain %.5f, %g standard errors %.5f): %s",
-                 sum(before) / len(before), sum(after) / len(after), gain, self.reconstruct_standard_errors,
-                 self.reconstruct_standard_errors * error, "refit kept" if kept else "refit undone")  # fmt: skip
+                 sum(before) / len(before), sum(after) / len(after), gain, margin, margin * error,
+                 "refit kept" if kept else "refit undone")  # fmt: skip
         if kept:
             return fits
         model.load_state_dict(sliced.state_dict())
