@@ -166,17 +166,25 @@ def test_params_refuse_what_reconstruction_cannot_follow() -> None:
         parse_params({"prune": {"reconstruct": "lstsq"}})
 
 
-@pytest.mark.parametrize("schedule", ["oneshot", "kshot"])
-def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
-    from prunekit.pipeline.params import ScheduleParams
+def activation_scored(tokenizer) -> tuple[Any, Any, torch.Tensor, list[str], dict[str, torch.Tensor]]:
+    """A tiny dense model, its adapter, 16 calibration windows of 16 tokens, and the activation scores of its KV
+    groups and MLP channels in layers 1 and 2 on them."""
     from prunekit.pruning.criteria import CRITERIA, ScoreRequest
-    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
 
     dense = tiny_model(vocab_size=len(tokenizer)).eval()
     adapter = adapter_for(dense.config)
     calibration = torch.randint(0, len(tokenizer), (16, 16), generator=torch.Generator().manual_seed(2))
     units = ["attn_kv_group", "mlp_channel"]
     scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
+    return dense, adapter, calibration, units, scores
+
+
+@pytest.mark.parametrize("schedule", ["oneshot", "kshot"])
+def test_the_schedules_reconstruct_when_asked(schedule: str, tokenizer) -> None:
+    from prunekit.pipeline.params import ScheduleParams
+    from prunekit.pruning.schedules import Cut, PruneJob, prune_model
+
+    dense, adapter, calibration, units, scores = activation_scored(tokenizer)
 
     def run(reconstruct: str):
         # Any held-out gain keeps the refit model (the two-standard-error judgement is tested below).
@@ -398,15 +406,10 @@ def test_the_refit_model_is_kept_only_if_it_beats_the_sliced_one_on_the_held_out
     the dense model on each of them and the sliced model's (computed independently) give a mean gain of g standard
     errors; with prune.reconstruct_standard_errors below g the cut is the refit model, above it the plainly sliced
     one, bit for bit, and the metrics count no refit projection."""
-    from prunekit.pruning.criteria import CRITERIA, ScoreRequest
     from prunekit.pruning.holdout import held_out_gain
     from prunekit.pruning.schedules import Cut, PruneJob, prune_model
 
-    dense = tiny_model(vocab_size=len(tokenizer)).eval()
-    adapter = adapter_for(dense.config)
-    calibration = torch.randint(0, len(tokenizer), (16, 16), generator=torch.Generator().manual_seed(2))
-    units = ["attn_kv_group", "mlp_channel"]
-    scores = CRITERIA.get("activation").score(dense, adapter, ScoreRequest(units, [1, 2], calibration, 4, seed=1))
+    dense, adapter, calibration, units, scores = activation_scored(tokenizer)
 
     def run(standard_errors: float):
         cut = Cut(0.12, units, "uniform", "activation", 1, 1, {}, 0.05, reconstruct="least_squares",
