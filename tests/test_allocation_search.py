@@ -18,7 +18,7 @@ from prunekit.models.loading import load_pretrained
 from prunekit.models.size import count_params
 from prunekit.pipeline.params import AllocationSearchParams, parse_params
 from prunekit.pipeline.validation import check_choices
-from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective
+from prunekit.pruning.allocations.search import AllocationSearch, Space, candidate_objective, model_objective
 from prunekit.pruning.criteria import CRITERIA, ScoreRequest
 from prunekit.pruning.holdout import held_out_gain
 from prunekit.pruning.plan import PlanRequest, plan_of_counts, removed_params
@@ -331,6 +331,23 @@ def test_the_judge_scores_each_held_out_window_as_the_objective_scores_them_toge
     assert sum(windows) / 6 == pytest.approx(candidate_objective(dense, adapter, CALIB, 4, "kl")(plan), rel=1e-6)
     losses = candidate_objective(dense, adapter, CALIB, 4, "loss", per_window=True)(plan)
     assert sum(losses) / 6 == pytest.approx(candidate_objective(dense, adapter, CALIB, 4, "loss")(plan), rel=1e-6)
+
+
+def test_models_scored_against_one_teacher_share_its_hidden_states() -> None:
+    """model_objective: two cuts scored against one teacher. Each figure is that cut's KL from the teacher
+    (computed independently), and the teacher ran once per batch of windows for both (2 batches of 4 and 2)."""
+    dense = _model()
+    req, scores = _request(dense), _scores(dense)
+    adapter = adapter_for(dense.config)
+    plans = [plan_of_counts(scores, req, Space(req, 0.9, 2).counts(p), "search")
+             for p in ([0.2, 1.0, 1.0, 0.3, 0.5], [1.0, 1.0, 1.0, 1.0, 0.0])]  # fmt: skip
+    cuts = [apply_plan(copy.deepcopy(dense), adapter, p, mode="slice") for p in plans]
+    want = [_kl_of_masked(dense, p) for p in plans]
+    runs: list[int] = []
+    dense.get_input_embeddings().register_forward_hook(lambda *_: runs.append(1))
+    kl = model_objective(dense, CALIB, 4, "kl")
+    assert [kl(c) for c in cuts] == pytest.approx(want, rel=1e-4)
+    assert len(runs) == 2
 
 
 def test_the_search_scores_candidates_on_the_other_windows_and_judges_on_the_held_out_ones() -> None:

@@ -23,9 +23,10 @@ fits them exactly. So a share of the windows (``prune.reconstruct_holdout``, spr
 ridge of ``prune.reconstruct_ridge`` is fitted on the other windows and its error measured on the held-out ones,
 the best one wins, and a projection whose best refit does not beat the plainly sliced weights W[:, K] on the
 held-out windows keeps them; a winning ridge is then refit on all the windows. The errors recorded are the
-held-out ones (with no holdout: those on all windows, where the smallest ridge always wins). The prune step sets
-aside the same share of its windows before calling this, and judges the refit model as a whole on them against the
-sliced one (:meth:`prunekit.pruning.schedules.base.Cut.refit`). The o_proj refit
+held-out ones (with no holdout: those on all windows, where the smallest ridge always wins). With
+``prune.reconstruct_standard_errors`` set, the prune step also sets aside the same share of its windows before
+calling this, and judges the refit model as a whole on them against the sliced one
+(:meth:`prunekit.pruning.schedules.base.Cut.refit`). The o_proj refit
 comes first; the MLP inputs are then taken with the refit attention. The weights are written into the model
 before slicing, in the kept columns (the removed ones go with the slice).
 

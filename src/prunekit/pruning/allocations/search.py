@@ -72,7 +72,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.types import CausalLM
 from prunekit.pipeline.params import AllocationSearchParams
 from prunekit.pruning.allocations.base import ALLOCATIONS, Allocation, Counts
-from prunekit.pruning.holdout import beats, held_out_gain
+from prunekit.pruning.holdout import beats, held_out_gain, too_few
 from prunekit.pruning.plan import Plan, PlanRequest, UnitLayout, finest_unit, plan_of_counts, removed_params
 
 log = logging.getLogger(__name__)
@@ -332,9 +332,63 @@ ALLOCATIONS.register(Searched.name)(Searched())
 
 def holdout_problem(windows: int, share: float) -> str | None:
     """Why ``windows`` calibration windows cannot be split at ``prune.search.holdout`` ``share`` (None: they can)."""
-    from prunekit.pruning.holdout import too_few
-
     return too_few(windows, share, "calibrate.samples", "prune.search.holdout: 0")
+
+
+def model_objective(
+    teacher: nn.Module,
+    calibration: torch.Tensor,
+    batch_size: int,
+    objective: str,
+    activations_mib: int = 2048,
+    per_window: bool = False,
+) -> Callable[[nn.Module], Any]:
+    """``model -> objective`` on ``calibration`` (N, T): the model's KL from ``teacher`` (``kl``) or its LM loss
+    (``loss``), mean per token (``per_window``: a list of each window's mean, the windows scored one at a time).
+    The teacher's last hidden states (``kl``) are computed on the first call and held in memory up to
+    ``activations_mib`` MiB, on disk beyond it: every model scored after shares them and streams the windows a
+    batch at a time. Teacher and model run without dropout."""
+    from prunekit.models.hidden import MIB, HiddenStates
+    from prunekit.training.loss import causal_lm, kd_loss_from, lm_loss, teacher_states
+
+    device = next(teacher.parameters()).device
+    starts = range(0, calibration.shape[0], batch_size)
+    reference = HiddenStates(activations_mib * MIB, device)  # per batch, computed on the first call
+
+    def loss(model: nn.Module, head: nn.Module, b: int, batch: torch.Tensor) -> list[float]:
+        """The objective on ``batch`` (batch ``b``): its mean, or each window's."""
+        if not per_window:
+            if objective == "kl":
+                return [float(kd_loss_from(model, reference.get(b), head, batch))]
+            return [float(lm_loss(model, batch))]
+        if objective == "kl":
+            rows = reference.get(b).view(batch.shape[0], batch.shape[1] - 1, -1)
+            return [float(kd_loss_from(model, rows[i], head, batch[i : i + 1])) for i in range(batch.shape[0])]
+        return [float(lm_loss(model, batch[i : i + 1])) for i in range(batch.shape[0])]
+
+    @torch.no_grad()
+    def score(model: nn.Module) -> Any:
+        modes = teacher.training, model.training
+        teacher.eval()  # the reference runs without dropout, as the model does
+        model.eval()
+        try:
+            if objective == "kl" and not len(reference):
+                for b, s in enumerate(starts):
+                    reference.put(b, teacher_states(teacher, calibration[s : s + batch_size].to(device)))
+            head, total, windows = causal_lm(teacher).get_output_embeddings(), 0.0, []
+            for b, s in enumerate(starts):
+                batch = calibration[s : s + batch_size].to(device)
+                values = loss(model, head, b, batch)
+                if per_window:
+                    windows += values
+                else:
+                    total += values[0] * batch.shape[0]
+        finally:
+            teacher.train(modes[0])
+            model.train(modes[1])
+        return windows if per_window else total / calibration.shape[0]
+
+    return score
 
 
 def candidate_objective(
@@ -346,56 +400,19 @@ def candidate_objective(
     refit: Callable[[nn.Module, Plan], Any] | None = None,
     activations_mib: int = 2048,
     per_window: bool = False,
-    teacher: nn.Module | None = None,
 ) -> Callable[[Plan], Any]:
     """``plan -> objective`` on ``calibration`` (N, T): a copy of ``model`` with the plan as masks (refit first by
-    ``refit(copy, plan)`` when given), its KL from ``teacher`` (default ``model``; ``kl``) or its LM loss
-    (``loss``), mean per token (``per_window``: a list of each window's mean, the windows scored one at a time).
-    The teacher's last hidden states (``kl``) are computed once and held in memory up to ``activations_mib``
-    MiB, on disk beyond it: a candidate streams the windows a batch at a time."""
-    from prunekit.models.hidden import MIB, HiddenStates
+    ``refit(copy, plan)`` when given), sliced, scored by :func:`model_objective` against ``model``."""
     from prunekit.pruning.slicing import apply_plan
-    from prunekit.training.loss import causal_lm, kd_loss_from, lm_loss, teacher_states
 
-    device = next(model.parameters()).device
-    teacher = model if teacher is None else teacher
-    starts = range(0, calibration.shape[0], batch_size)
-    reference = HiddenStates(activations_mib * MIB, device)  # per batch, computed on the first call
-
-    def loss(candidate: nn.Module, head: nn.Module, b: int, batch: torch.Tensor) -> list[float]:
-        """The objective on ``batch`` (batch ``b``): its mean, or each window's."""
-        if not per_window:
-            if objective == "kl":
-                return [float(kd_loss_from(candidate, reference.get(b), head, batch))]
-            return [float(lm_loss(candidate, batch))]
-        if objective == "kl":
-            rows = reference.get(b).view(batch.shape[0], batch.shape[1] - 1, -1)
-            return [float(kd_loss_from(candidate, rows[i], head, batch[i : i + 1])) for i in range(batch.shape[0])]
-        return [float(lm_loss(candidate, batch[i : i + 1])) for i in range(batch.shape[0])]
+    score = model_objective(model, calibration, batch_size, objective, activations_mib, per_window)
 
     @torch.no_grad()
     def evaluate(plan: Plan) -> Any:
-        was_training = teacher.training
-        teacher.eval()  # the reference runs without dropout, as the copy does
-        try:
-            if objective == "kl" and not len(reference):
-                for b, s in enumerate(starts):
-                    reference.put(b, teacher_states(teacher, calibration[s : s + batch_size].to(device)))
-            candidate = copy.deepcopy(model).eval()
-            if refit is not None:
-                refit(candidate, plan)
-            apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
-            head, total, windows = causal_lm(teacher).get_output_embeddings(), 0.0, []
-            for b, s in enumerate(starts):
-                batch = calibration[s : s + batch_size].to(device)
-                values = loss(candidate, head, b, batch)
-                if per_window:
-                    windows += values
-                else:
-                    total += values[0] * batch.shape[0]
-            del candidate
-        finally:
-            teacher.train(was_training)
-        return windows if per_window else total / calibration.shape[0]
+        candidate = copy.deepcopy(model).eval()
+        if refit is not None:
+            refit(candidate, plan)
+        apply_plan(candidate, adapter, plan, mode="slice")  # the model the cut produces
+        return score(candidate)
 
     return evaluate

@@ -161,9 +161,10 @@ class Cut:
         undone (the fits then record the sliced weights as kept)."""
         if self.reconstruct == "none":
             return []
-        from prunekit.pruning.allocations.search import candidate_objective
+        from prunekit.pruning.allocations.search import model_objective
         from prunekit.pruning.holdout import beats, held_out_gain, held_out_mask
         from prunekit.pruning.reconstruction import reconstruct
+        from prunekit.pruning.slicing import apply_plan
 
         tokens = job.reconstruction_tokens() if tokens is None else tokens
         choice, margin = self.refit_choice(), self.reconstruct_standard_errors
@@ -177,11 +178,12 @@ class Cut:
         if sliced is None or margin is None or not any(f.ridge is not None for f in fits):
             return fits
         teacher = reference if reference is not None else sliced  # the model before the refit: the dense one
+        kl = model_objective(teacher, tokens[held], job.score_batch_size, "kl", job.activations_mib, True)
 
         def judged(candidate: nn.Module) -> list[float]:
-            mib, batch = job.activations_mib, job.score_batch_size
-            kl = candidate_objective(candidate, adapter, tokens[held], batch, "kl", None, mib, True, teacher)
-            return list(kl(plan))
+            cut = copy.deepcopy(candidate)
+            apply_plan(cut, adapter, plan, mode="slice")  # the model the cut produces
+            return list(kl(cut))
 
         before, after = judged(sliced), judged(model)
         gain, error = held_out_gain(before, after)
