@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def llama_cpp_nll(path: Path, chunks: torch.Tensor, threads: int) -> float:
     """Mean next-token NLL of ``chunks`` (each from its own start) from llama.cpp's logits."""
-    import llama_cpp
+    from prunekit.export.llamacpp import open_gguf
 
-    llm = llama_cpp.Llama(str(path), n_ctx=chunks.shape[1], logits_all=True, verbose=False, n_threads=threads,
-                          n_batch=chunks.shape[1])  # fmt: skip
+    llm = open_gguf(path, n_ctx=chunks.shape[1], logits_all=True, verbose=False, n_threads=threads,
+                    n_batch=chunks.shape[1])  # fmt: skip
     total, count = 0.0, 0
     try:
         for chunk in chunks.tolist():
@@ -52,8 +52,10 @@ def llama_cpp_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int
     """(prefill, decode) tokens/s at batch 1: median over ``repeats`` after one warm-up."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, verbose=False, n_threads=threads,
-                          n_batch=len(prompt))  # fmt: skip
+    from prunekit.export.llamacpp import open_gguf
+
+    llm = open_gguf(path, n_ctx=len(prompt) + new_tokens + 8, verbose=False, n_threads=threads,
+                    n_batch=len(prompt))  # fmt: skip
     pre, dec = [], []
     try:
         for i in range(repeats + 1):

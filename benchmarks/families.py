@@ -34,6 +34,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.export.gguf import write_gguf
+from prunekit.export.llamacpp import open_gguf
 from prunekit.export.tensor_types import TensorTypes
 from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.saving import save_model
@@ -131,15 +132,13 @@ def stock_reload(directory: Path, ids: torch.Tensor, expected: torch.Tensor, wor
 
 
 def llama_cpp_diff(model: torch.nn.Module, hf_dir: Path, ids: torch.Tensor, work: Path) -> str:
-    import llama_cpp
-
     adapter = adapter_for(model.config)
     try:
         summary = write_gguf(model, adapter, work / "m.gguf", TensorTypes(default="F32"), name="m", hf_dir=hf_dir)
     except PrunekitError as e:
         return "refused: " + str(e).split(";")[0].removeprefix("GGUF export: ")[:60]
-    llm = llama_cpp.Llama(str(work / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
-                          type_k=0, type_v=0)  # fmt: skip
+    llm = open_gguf(work / "m.gguf", n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0,
+                    type_v=0)  # fmt: skip
     try:
         llm.eval(ids[0].tolist())
         got = torch.tensor(llm.scores[: ids.shape[1]])

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import llama_cpp
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +18,7 @@ from test_head_dims import HEAD_DIM_UNITS, grouped_plan, head_units, masked_and_
 from test_pruning import logits
 
 from prunekit.errors import PrunekitError
+from prunekit.export.llamacpp import open_gguf
 from prunekit.models.families import ADAPTERS, adapter_for
 from prunekit.models.loading import load_pretrained
 from prunekit.models.modeling import REMOTE_CODE_FILE
@@ -256,7 +256,7 @@ class LlamaCpp:
     """A GGUF file in llama.cpp: float32 KV cache (so only the weights' types round), one thread."""
 
     def __init__(self, path) -> None:
-        self.llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+        self.llm = open_gguf(path, n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()
@@ -387,6 +387,31 @@ def test_gguf_of_each_unit_type_runs_in_llama_cpp(family: str, unit: str, tmp_pa
     qwen2_misfit = family == "qwen2" and sizes.num_attention_heads * 8 != model.config.hidden_size
     declared = ADAPTERS.get(family)
     assert summary["architecture"] == (declared.llama_cpp_per_layer_arch if qwen2_misfit else declared.llama_cpp_arch)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_llama_cpp_repacks_weights_except_where_it_multiplies_with_amx(amx: bool, tmp_path, bpe_tokenizer,
+                                                                       monkeypatch) -> None:  # fmt: skip
+    """open_gguf turns llama.cpp's weight repacking off where its AMX matrix multiplication would run (it crashes
+    there on small pruned models' quantized tensors), leaves it on elsewhere, and restores llama-cpp-python's
+    default model parameters after."""
+    import llama_cpp.llama_cpp as api
+
+    import prunekit.export.llamacpp as llamacpp
+    from prunekit.export.gguf import write_gguf
+    from prunekit.export.tensor_types import TensorTypes
+
+    model = gguf_model("llama", len(bpe_tokenizer))
+    adapter = adapter_for(model.config)
+    save_model(model, adapter, bpe_tokenizer, tmp_path / "hf")
+    write_gguf(model, adapter, tmp_path / "m.gguf", TensorTypes(default="F32"), name="t", hf_dir=tmp_path / "hf")
+    monkeypatch.setattr(llamacpp, "amx", lambda: amx)
+    llm = llamacpp.open_gguf(tmp_path / "m.gguf", n_ctx=16, verbose=False, n_threads=1)
+    try:
+        assert llm.model_params.use_extra_bufts is (not amx)
+    finally:
+        llm.close()
+    assert api.llama_model_default_params().use_extra_bufts is True
 
 
 @pytest.mark.parametrize("family", [f for f in ADAPTERS.names() if not ADAPTERS.get(f).llama_cpp_per_layer_arch])
@@ -704,8 +729,8 @@ def test_qlora_adapters_run_in_llama_cpp_as_a_lora_file(family: str, tmp_path, b
         expected = loaded(input_ids=ids).logits[0]
         with loaded.disable_adapter():
             without = loaded(input_ids=ids).logits[0]
-    llm = llama_cpp.Llama(str(out), lora_path=str(lora), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
-                          type_k=0, type_v=0)  # fmt: skip
+    llm = open_gguf(out, lora_path=str(lora), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0,
+                    type_v=0)  # fmt: skip
     try:
         llm.eval(PROMPT)
         got = torch.tensor(llm.scores[: len(PROMPT)])

@@ -50,10 +50,10 @@ def set_param(repo: Path, section: str, key: str, value: object) -> None:
 def assert_export_runs_in_llama_cpp(repo: Path) -> None:
     """models/export/model.gguf: the recovered model in F16 (tiny_params), per-layer widths as llama.cpp's deci
     architecture; llama.cpp's logits are those of the recovered model with float16-rounded weights to 2e-3."""
-    import llama_cpp
     import torch
 
     import prunekit.models.families  # noqa: F401  (the pruned classes)
+    from prunekit.export.llamacpp import open_gguf
     from prunekit.export.tensor_types import TensorTypes, rounded
 
     summary = json.loads((repo / "metrics/export.json").read_text())
@@ -62,8 +62,8 @@ def assert_export_runs_in_llama_cpp(repo: Path) -> None:
     model = load_pretrained(repo / "models/recovered").eval()
     reference = rounded(model, TensorTypes(default="F16"))
     ids = [5, 17, 33, 60, 2, 99, 140, 7, 8, 9]
-    llm = llama_cpp.Llama(str(repo / "models/export/model.gguf"), n_ctx=32, logits_all=True, verbose=False,
-                          n_threads=1, type_k=0, type_v=0)  # fmt: skip
+    llm = open_gguf(repo / "models/export/model.gguf", n_ctx=32, logits_all=True, verbose=False, n_threads=1,
+                    type_k=0, type_v=0)  # fmt: skip
     try:
         llm.eval(ids)
         got = torch.tensor(llm.scores[: len(ids)])
