@@ -155,6 +155,32 @@ def test_no_layer_error_grows_and_the_sliced_model_is_the_refit_masked_one() -> 
         assert (sliced(input_ids=CALIB).logits - reference).norm() < (plain(input_ids=CALIB).logits - reference).norm()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_refit_writes_only_the_parameters_an_undone_refit_restores(bias: bool) -> None:
+    """An undone refit restores refit_parameters only (not a copy of the whole model): every parameter the refit
+    changes must be among them, and they must be the consumer projections of each layer, bias included."""
+    from prunekit.pruning.reconstruction import refit_parameters
+
+    dense = model64(attention_bias=bias, mlp_bias=bias)
+    refit = copy.deepcopy(dense)
+    adapter = adapter_for(refit.config)
+    plan = plan_of({"attn_query_head": {1: [0, 2, 4, 6]}, "mlp_channel": {1: list(range(40)), 2: list(range(20))}})
+    fits = reconstruct(refit, adapter, plan, CALIB, 8, RefitChoice((0.5,), 0.0))
+    refit_ones = {(f.layer, f.projection) for f in fits if f.ridge is not None}
+    assert {(1, "o_proj"), (1, "down_proj"), (2, "down_proj")} <= refit_ones  # layer 2 keeps every o_proj input
+    restored = {id(p) for p in refit_parameters(refit, adapter)}
+    names = {n for n, p in refit.named_parameters() if id(p) in restored}
+    layers = refit.config.num_hidden_layers
+    suffixes = ("weight", "bias") if bias else ("weight",)
+    expected = {f"model.layers.{i}.{m}.{s}" for i in range(layers) for m in ("self_attn.o_proj", "mlp.down_proj")
+                for s in suffixes}  # fmt: skip
+    assert names == expected
+    changed = {
+        n for (n, p), q in zip(dense.named_parameters(), refit.parameters(), strict=True) if not torch.equal(p, q)
+    }
+    assert changed and changed <= names
+
+
 def test_params_refuse_what_reconstruction_cannot_follow() -> None:
     with pytest.raises(ParamsError, match="prune.reconstruct': refits the biases too"):
         check_choices(parse_params({"prune": {"reconstruct": "least_squares", "bias_compensation": True},

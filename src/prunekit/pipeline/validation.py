@@ -173,7 +173,7 @@ def _prune(params: Params, problems: _Problems) -> None:
             windows -= int(held_out_mask(windows, p.search.holdout).sum())
         choice = RefitChoice(tuple(p.reconstruct_ridge), p.reconstruct_holdout)
         judged = p.reconstruct_standard_errors is not None
-        problem = choice.judged_window_problem(windows) if judged else choice.window_problem(windows)
+        problem = choice.problem(windows, judged)
         if problem:
             problems.key("prune.reconstruct_holdout", problem)
         if judged and params.model.offload == "layerwise":

@@ -91,6 +91,11 @@ class RefitChoice:
                     f"sets empty; give more windows ({MORE_WINDOWS}) or set prune.reconstruct_holdout: 0")  # fmt: skip
         return None
 
+    def problem(self, windows: int, judged: bool) -> str | None:
+        """Why ``windows`` windows cannot be split as the refit asks (None: they can); ``judged``: the refit model
+        is judged as a whole too (``prune.reconstruct_standard_errors`` set), which needs a second held-out set."""
+        return self.judged_window_problem(windows) if judged else self.window_problem(windows)
+
 
 MORE_WINDOWS = "prune.reconstruct_samples, or calibrate.samples"
 
@@ -288,6 +293,17 @@ def _refit(
     if bias is not None:
         masked_proj.bias.copy_(bias.to(masked_proj.bias.dtype).to(masked_proj.bias.device))
     return ProjectionFit(idx, role, int(keep.sum()), *errors, ridge)
+
+
+def refit_parameters(model: CausalLM, adapter: ModelAdapter) -> list[torch.Tensor]:
+    """The parameters a refit of ``model`` may write: each decoder layer's consumer projections (o_proj and
+    down_proj), weights and biases."""
+    found = []
+    for layer in adapter.layers(model):
+        for role in CONSUMERS:
+            proj: Submodule = layer.get_submodule(consumer_path(adapter, role).removesuffix(".weight"))
+            found += [proj.weight] + ([proj.bias] if proj.bias is not None else [])
+    return found
 
 
 def _copy_kept(adapter: ModelAdapter, src: Submodule, dst: Submodule, role: str, removed: torch.Tensor) -> None:

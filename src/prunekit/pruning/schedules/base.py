@@ -163,29 +163,35 @@ class Cut:
             return []
         from prunekit.pruning.allocations.search import model_objective
         from prunekit.pruning.holdout import beats, held_out_gain, held_out_mask
-        from prunekit.pruning.reconstruction import reconstruct
+        from prunekit.pruning.reconstruction import reconstruct, refit_parameters
         from prunekit.pruning.slicing import apply_plan
 
         tokens = job.reconstruction_tokens() if tokens is None else tokens
         choice, margin = self.refit_choice(), self.reconstruct_standard_errors
-        problem = choice.judged_window_problem(tokens.shape[0]) if margin is not None else None
+        problem = choice.problem(tokens.shape[0], judged=margin is not None)
         if problem:
             raise PrunekitError(f"prune.reconstruct_holdout: {problem}")
         held = held_out_mask(tokens.shape[0], self.reconstruct_holdout if margin is not None else 0.0)
-        sliced = copy.deepcopy(model) if bool(held.any()) else None
-        fits = reconstruct(model, adapter, plan, tokens[~held], job.score_batch_size, choice, reference,
-                           job.activations_mib)  # fmt: skip
-        if sliced is None or margin is None or not any(f.ridge is not None for f in fits):
-            return fits
-        teacher = reference if reference is not None else sliced  # the model before the refit: the dense one
-        kl = model_objective(teacher, tokens[held], job.score_batch_size, "kl", job.activations_mib, True)
+        if margin is None or not bool(held.any()):
+            return reconstruct(model, adapter, plan, tokens, job.score_batch_size, choice, reference,
+                               job.activations_mib)  # fmt: skip
+        # The teacher's states come from the model before the refit (the dense one) when no reference is given.
+        kl = model_objective(reference if reference is not None else model, tokens[held], job.score_batch_size,
+                             "kl", job.activations_mib, True)  # fmt: skip
 
         def judged(candidate: nn.Module) -> list[float]:
             cut = copy.deepcopy(candidate)
             apply_plan(cut, adapter, plan, mode="slice")  # the model the cut produces
             return list(kl(cut))
 
-        before, after = judged(sliced), judged(model)
+        before = judged(model)  # the plainly sliced cut, judged before the refit writes into the model
+        written = refit_parameters(model, adapter)
+        saved = [p.detach().clone() for p in written]  # what an undone refit restores, not a whole model copy
+        fits = reconstruct(model, adapter, plan, tokens[~held], job.score_batch_size, choice, reference,
+                           job.activations_mib)  # fmt: skip
+        if not any(f.ridge is not None for f in fits):
+            return fits
+        after = judged(model)
         gain, error = held_out_gain(before, after)
         kept = beats(gain, error, margin)
         log.info("reconstruction: held-out KL sliced %.5f, refit %.5f (gain %.5f, %g standard errors %.5f): %s",
@@ -193,7 +199,9 @@ class Cut:
                  "refit kept" if kept else "refit undone")  # fmt: skip
         if kept:
             return fits
-        model.load_state_dict(sliced.state_dict())
+        with torch.no_grad():
+            for p, value in zip(written, saved, strict=True):
+                p.copy_(value)
         return [dataclasses.replace(f, error_reconstructed=f.error_sliced, ridge=None) for f in fits]
 
     def refit_choice(self) -> Any:
