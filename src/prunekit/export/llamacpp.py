@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 _DEFAULTS = threading.Lock()  # the library's default model parameters are swapped while a file opens
 
 
+@functools.cache
 def amx() -> bool:
     """Whether this llama.cpp multiplies matrices with AMX (built with it, on a CPU that has it)."""
     import llama_cpp

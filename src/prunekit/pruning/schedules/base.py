@@ -171,8 +171,8 @@ class Cut:
         problem = choice.problem(tokens.shape[0], judged=margin is not None)
         if problem:
             raise PrunekitError(f"prune.reconstruct_holdout: {problem}")
-        held = held_out_mask(tokens.shape[0], self.reconstruct_holdout if margin is not None else 0.0)
-        if margin is None or not bool(held.any()):
+        held = held_out_mask(tokens.shape[0], self.reconstruct_holdout)
+        if margin is None or not bool(held.any()):  # no judgement of the refit model: every window refits
             return reconstruct(model, adapter, plan, tokens, job.score_batch_size, choice, reference,
                                job.activations_mib)  # fmt: skip
         # The teacher's states come from the model before the refit (the dense one) when no reference is given.
