@@ -4,9 +4,10 @@
     python scripts/stage_deps.py --write    # put those paths in dvc.yaml's deps, after the stage's script
 
 The paths come from the imports of the stage's script, followed through prunekit (prunekit.pipeline.code_deps).
-The `validate` stage is left out: its output is a constant stamp, so no code change can change it, and the stages
-that run changed code check what they use themselves; it depends on params.yaml alone, and reruns on every change
-of it. tests/test_code_deps.py fails when dvc.yaml leaves a module out.
+The `validate` stage is listed too, though its output is a constant stamp: a change to the checks (a new refusal)
+must rerun them on the params.yaml an earlier version passed, before a later stage removes its outputs and refuses
+inside. It takes seconds, and its unchanged stamp reruns nothing after it. tests/test_code_deps.py fails when
+dvc.yaml leaves a module out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from prunekit.pipeline.code_deps import dependency_paths, stage_modules
 
 ROOT = Path(__file__).resolve().parents[1]
-CONSTANT_OUTPUT = {"validate"}  # stages whose output no code change can change (see the module docstring)
 SCRIPT = re.compile(r"python (stages/\w+\.py)")
 
 
@@ -41,12 +41,12 @@ def rewrite(text: str) -> str:
     lines = text.splitlines()
     out: list[str] = []
     cursor = 0
-    for name, start, end in stage_blocks(text):
+    for _name, start, end in stage_blocks(text):
         out += lines[cursor:start]
         block = lines[start:end]
         script = next((m.group(1) for line in block if (m := SCRIPT.search(line))), None)
         block = [line for line in block if "- src/prunekit" not in line]
-        if script is not None and name not in CONSTANT_OUTPUT:
+        if script is not None:
             at = next(i for i, line in enumerate(block) if line.strip() == f"- {script}")
             indent = block[at][: len(block[at]) - len(block[at].lstrip())]
             block[at + 1 : at + 1] = [f"{indent}- {path}" for path in expected(script)]

@@ -108,6 +108,11 @@ def test_incremental_reruns(repo: Path, prefect_env: dict[str, str]) -> None:
 
     assert stages_run(run(["dvc", "repro"], repo, env)) == set()
 
+    # A change to the params checks runs them again on the params they passed, and its stamp reruns nothing else.
+    with (repo / "src/prunekit/pipeline/validation.py").open("a", encoding="utf-8") as f:
+        f.write("\n# a changed check\n")
+    assert stages_run(run(["dvc", "repro"], repo, env)) == {"validate"}
+
     set_param(repo, "evaluate", "max_chunks", 4)
     assert stages_run(run(["dvc", "repro"], repo, env)) == {
         "validate",  # every change to params.yaml is checked first; its unchanged stamp reruns nothing
