@@ -4,7 +4,8 @@ For each criterion, target (fraction of all parameters) and allocation: the one-
 (``prune.*`` of the params file, the library's schedule), plainly sliced and with ``least_squares``
 reconstruction, its perplexity (evaluate.seq_lens[0] tokens, the data's evaluation split, disjoint from calibration
 and training, and the evaluation split of ``--second-text``, another domain), the cut's time (search and
-reconstruction included) and the process's peak resident memory so far.
+reconstruction included) and the process's peak resident memory so far. ``--calibration-mix`` draws half the
+calibration windows from another source's calibration split, as ``data.calibration: [data, SOURCE]`` does.
 Then, for the best of those at the first target, ``--steps`` steps of recovery (recover.lora's optimiser, batches
 and schedule) for each ``--methods`` (LoRA adapters, or full fine-tuning of every weight) and ``--losses`` (the LM
 loss, distillation from the dense model, or both; same tokens, same seed). Every figure also as a ratio to the
@@ -36,7 +37,7 @@ def main() -> None:
     from common import add_common_args, make_setup
 
     from prunekit.data.sources import load_documents
-    from prunekit.data.tokens import chunks, token_stream
+    from prunekit.data.tokens import chunks, mixed_windows, token_stream
     from prunekit.evaluation.perplexity import perplexity
     from prunekit.evaluation.zeroshot import auto_mc_rows, zero_shot
     from prunekit.models.loading import load_model
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100, help="auto_mc questions from the evaluation split")
     parser.add_argument("--second-text", default="python-docs",
                         help="a second held-out text (a data source): its evaluation split's perplexity")  # fmt: skip
+    parser.add_argument("--calibration-mix", default=None, metavar="SOURCE",
+                        help="half the calibration windows from this source's calibration split (as "
+                             "data.calibration: [data, SOURCE])")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     for name in ("prunekit.pruning.allocations.search", "prunekit.pruning.schedules.base"):
@@ -67,6 +71,10 @@ def main() -> None:
     setup = make_setup(args)
     dense, tokenizer, adapter = load_model(setup.model_dir, params.model.dtype, params.model.device)
     text = token_stream(tokenizer, load_documents(args.data, "training", text_field=params.data.text_field))
+    if args.calibration_mix:  # as the calibrate stage draws them for data.calibration: [data, mix]
+        streams = [token_stream(tokenizer, load_documents(s, "calibration", text_field=params.data.text_field))
+                   for s in (args.data, args.calibration_mix)]  # fmt: skip
+        setup.calibration = mixed_windows(streams, params.calibrate.samples, params.calibrate.seq_len, params.seed)
     p, bs = params.prune, params.score.batch_size
     n_layers = len(adapter.layers(dense))
 
@@ -90,7 +98,8 @@ def main() -> None:
 
     dense_ppl, dense_acc, dense_ppl2 = ppl(dense), accuracy(dense), ppl2(dense)
     print(f"model {args.model}, data {args.data}, {setup.evaluation.numel()} evaluation tokens, "
-          f"{setup.calibration.shape[0]} x {setup.calibration.shape[1]} calibration tokens, units "
+          f"{setup.calibration.shape[0]} x {setup.calibration.shape[1]} calibration tokens"
+          f"{f' (half of them {args.calibration_mix})' if args.calibration_mix else ''}, units "
           f"{', '.join(p.units)}, bias compensation {p.bias_compensation}, layers {p.skip_first}.."
           f"{n_layers - p.skip_last - 1}, ridge {p.reconstruct_ridge}, "
           f"search {p.search.candidates} candidates ({p.search.objective}, {p.search.knots} knots); "

@@ -11,17 +11,18 @@ from prunekit.pipeline.runtime import exit_after, run_stage
 
 def calibrate(params: Params, model_dir: Path, text: Path, out: Path) -> None:
     """Token windows for scoring: ``calibrate.samples`` random windows of ``calibrate.seq_len`` tokens of the
-    calibration text (``text``/calibration.jsonl), tokenized by ``model_dir``'s tokenizer, saved to ``out``."""
+    calibration text (``text``/calibration.jsonl; with several sources, split evenly over them), tokenized by
+    ``model_dir``'s tokenizer, saved to ``out``."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from prunekit.data.tokens import random_windows, token_stream
-    from prunekit.pipeline.inputs import read_documents
+    from prunekit.data.tokens import mixed_windows, token_stream
+    from prunekit.pipeline.inputs import read_document_groups
     from prunekit.pipeline.outputs import atomic_file
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stream = token_stream(tokenizer, read_documents(text, "calibration"))
-    windows = random_windows(stream, params.calibrate.samples, params.calibrate.seq_len, params.seed)
+    streams = [token_stream(tokenizer, docs) for docs in read_document_groups(text, "calibration")]
+    windows = mixed_windows(streams, params.calibrate.samples, params.calibrate.seq_len, params.seed)
     with atomic_file(out) as tmp:
         save_file({"input_ids": windows.contiguous()}, str(tmp), metadata={"seed": str(params.seed)})
 

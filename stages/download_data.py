@@ -14,19 +14,23 @@ log = logging.getLogger("prunekit.stages.download_data")
 
 
 def download_data(params: Params, out: Path) -> None:
-    """Write ``<role>.jsonl`` for every role of ``data`` to ``out``, and the ``data`` params they come from
-    (``source.json``: the validate stage checks token counts against texts made from the current params)."""
+    """Write ``<role>.jsonl`` for every role of ``data`` to ``out`` (a role with several sources: each document
+    with its source's index), and the ``data`` params they come from (``source.json``: the validate stage checks
+    token counts against texts made from the current params)."""
     from prunekit.data.sources import ROLES, SOURCE_RECORD, load_documents
     from prunekit.pipeline.outputs import atomic_dir
 
     with atomic_dir(out) as tmp:
         (tmp / SOURCE_RECORD).write_text(json.dumps(params.data.model_dump(), indent=2, sort_keys=True) + "\n")
         for role in ROLES:
-            docs = load_documents(getattr(params.data, role), role, text_field=params.data.text_field)
+            specs = params.data.sources(role)
             with open(tmp / f"{role}.jsonl", "w") as f:
-                for doc in docs:
-                    f.write(json.dumps({"text": doc}) + "\n")
-            log.info("%s: %d documents, %d characters", role, len(docs), sum(map(len, docs)))
+                for i, spec in enumerate(specs):
+                    docs = load_documents(spec, role, text_field=params.data.text_field)
+                    tag = {"source": i} if len(specs) > 1 else {}  # several: read_document_groups parts them
+                    for doc in docs:
+                        f.write(json.dumps({"text": doc} | tag) + "\n")
+                    log.info("%s (%s): %d documents, %d characters", role, spec, len(docs), sum(map(len, docs)))
 
 
 def main(argv: list[str] | None = None) -> int:

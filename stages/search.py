@@ -16,18 +16,18 @@ def search(
     (``plan``), every trial, the metrics, the per-group sensitivity and a plot."""
     from dataclasses import asdict
 
-    from prunekit.data.tokens import random_windows, token_stream
+    from prunekit.data.tokens import mixed_windows, token_stream
     from prunekit.evaluation.plots import scatter_plot
     from prunekit.models.loading import load_model
-    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.inputs import read_document_groups
     from prunekit.pipeline.outputs import write_json
     from prunekit.quant.schemes import QuantSettings
     from prunekit.quant.search import search_model
 
     s, q, m = params.search, params.quantize, params.model
     model, tokenizer, adapter = load_model(model_dir, m.dtype, m.device, m.device_map)
-    held = random_windows(token_stream(tokenizer, read_documents(text, "calibration")), s.samples,
-                          s.seq_len, params.seed)  # fmt: skip
+    streams = [token_stream(tokenizer, docs) for docs in read_document_groups(text, "calibration")]
+    held = mixed_windows(streams, s.samples, s.seq_len, params.seed)
     settings = QuantSettings.from_params(q)
     out = search_model(model, adapter, held, s, settings, params.seed)
     write_json(plan, {"schemes": out.plan, "settings": asdict(settings), "dtype": m.dtype})

@@ -32,6 +32,20 @@ def random_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int) 
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
+def mixed_windows(streams: list[torch.Tensor], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens split as evenly as they divide over ``streams`` (the first ones
+    take the remainder), each stream's at seeded random offsets (:func:`random_windows`, seed + its index), all in
+    a seeded random order, so that a share a later step holds out (every fourth window, say) draws on each text
+    alike -> (samples, seq_len). One stream: :func:`random_windows` itself."""
+    if len(streams) == 1:
+        return random_windows(streams[0], samples, seq_len, seed)
+    k = len(streams)
+    counts = [samples // k + (i < samples % k) for i in range(k)]
+    parts = [random_windows(s, n, seq_len, seed + i) for i, (s, n) in enumerate(zip(streams, counts, strict=True)) if n]
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+    return torch.cat(parts)[order]
+
+
 def chunks(stream: torch.Tensor, seq_len: int, what: str) -> torch.Tensor:
     """Non-overlapping chunks of ``seq_len`` tokens (the tail shorter than one chunk is dropped)."""
     n = stream.numel() // seq_len

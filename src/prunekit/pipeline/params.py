@@ -35,6 +35,13 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
+def _texts(value: Any) -> Any:
+    """A data source, or a non-empty list of them (one problem line, not one per form of the union)."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError("give a source (python-docs, hf:NAME, PATH.txt, PATH.jsonl) or a list of one or more")
+
+
 class RuntimeParams(Section):
     """``runtime``: how a stage uses the machine (results repeat bit for bit only at the same thread count)."""
 
@@ -69,12 +76,19 @@ class ModelParams(Section):
 class DataParams(Section):
     """``data``: a source for each role (see ``prunekit list``)."""
 
-    calibration: str = _doc(
-        "python-docs", "python-docs | hf:wikitext2 | hf:ptb | hf:c4 | hf:alpaca-cleaned | PATH.txt | PATH.jsonl"
+    calibration: Annotated[str | list[str], BeforeValidator(_texts)] = _doc(
+        "python-docs",
+        "python-docs | hf:wikitext2 | hf:ptb | hf:c4 | hf:alpaca-cleaned | PATH.txt | PATH.jsonl; a list of them: "
+        "the windows split evenly",
     )
     training: str = _doc("python-docs")
     evaluation: str = _doc("python-docs")
     text_field: str = _doc("text", "field of .jsonl files")
+
+    def sources(self, role: str) -> list[str]:
+        """The source specs of ``role`` (calibration may have several, whose windows split evenly)."""
+        spec = getattr(self, role)
+        return [spec] if isinstance(spec, str) else list(spec)
 
 
 class CalibrateParams(Section):

@@ -256,11 +256,11 @@ def _export_problems(params: Params, model: CausalLM, adapter: ModelAdapter, uni
 # --- the texts -------------------------------------------------------------------------------------------------
 
 
-def documents(params: Params, text_dir: Path | None) -> tuple[dict[str, list[str]], list[str]]:
-    """The documents of each role where they can be had without downloading (``text_dir`` made from the
-    current ``data`` params, or local files), and a problem line per role whose source refuses."""
+def documents(params: Params, text_dir: Path | None) -> tuple[dict[str, list[list[str]]], list[str]]:
+    """The documents of each role, one list per source, where they can be had without downloading (``text_dir``
+    made from the current ``data`` params, or local files), and a problem line per source that refuses."""
     from prunekit.data.sources import ROLES, SOURCE_RECORD, check_hub_reachable, load_documents, needs_network
-    from prunekit.pipeline.inputs import read_documents
+    from prunekit.pipeline.inputs import read_document_groups
 
     data = params.data
     if text_dir is not None and (text_dir / SOURCE_RECORD).is_file():
@@ -270,20 +270,23 @@ def documents(params: Params, text_dir: Path | None) -> tuple[dict[str, list[str
             made = None
         if made == data.model_dump():
             try:
-                return {role: read_documents(text_dir, role) for role in ROLES}, []
+                return {role: read_document_groups(text_dir, role) for role in ROLES}, []
             except PrunekitError:
                 pass  # an incomplete directory: the download stage writes it again
-    texts: dict[str, list[str]] = {}
+    texts: dict[str, list[list[str]]] = {}
     problems = []
     for role in ROLES:
-        spec = getattr(data, role)
-        try:
-            if not needs_network(spec):
-                texts[role] = load_documents(spec, role, text_field=data.text_field)
-            else:
-                check_hub_reachable(spec, role)
-        except PrunekitError as e:
-            problems.append(f"params.yaml key 'data.{role}': {e}")
+        groups = []
+        for spec in data.sources(role):
+            try:
+                if not needs_network(spec):
+                    groups.append(load_documents(spec, role, text_field=data.text_field))
+                else:
+                    check_hub_reachable(spec, role)
+            except PrunekitError as e:
+                problems.append(f"params.yaml key 'data.{role}': {e}")
+        if len(groups) == len(data.sources(role)):
+            texts[role] = groups
     return texts, problems
 
 
@@ -312,24 +315,25 @@ def token_needs(params: Params) -> list[TokenNeed]:
     return needs
 
 
-def token_problems(params: Params, texts: dict[str, list[str]], tokenizer_dir: Path) -> list[str]:
-    """Each length of :func:`token_needs` against the tokens of its role's text (the stages' own tokenization)."""
+def token_problems(params: Params, texts: dict[str, list[list[str]]], tokenizer_dir: Path) -> list[str]:
+    """Each length of :func:`token_needs` against the tokens of each source of its role's text (the stages' own
+    tokenization; a window is cut from one source)."""
     from prunekit.data.tokens import token_stream
     from prunekit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    counts: dict[str, int] = {}
+    counts: dict[str, list[int]] = {}
     problems = []
     for need in token_needs(params):
-        docs = texts.get(need.role)
-        if not docs:
+        groups = texts.get(need.role)
+        if not groups or not all(groups):
             continue
         if need.role not in counts:
-            counts[need.role] = int(token_stream(tokenizer, docs).numel())
-        if need.tokens > counts[need.role]:
-            problems.append(
-                f"params.yaml key '{need.key}': {need.tokens} tokens is more than the {need.role} text holds "
-                f"({counts[need.role]} tokens of data.{need.role} '{getattr(params.data, need.role)}'); lower it or "
-                f"use a larger data.{need.role} source"
-            )
+            counts[need.role] = [int(token_stream(tokenizer, docs).numel()) for docs in groups]
+        for spec, count in zip(params.data.sources(need.role), counts[need.role], strict=True):
+            if need.tokens > count:
+                problems.append(
+                    f"params.yaml key '{need.key}': {need.tokens} tokens is more than the {need.role} text holds "
+                    f"({count} tokens of data.{need.role} '{spec}'); lower it or use a larger data.{need.role} source"
+                )
     return problems

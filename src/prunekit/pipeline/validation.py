@@ -45,7 +45,8 @@ def _model_and_data(params: Params, problems: _Problems) -> None:
             "(or offload: none to spread the whole model over the GPUs)",
         )
     for role in ("calibration", "training", "evaluation"):
-        problems.check(f"data.{role}", validate_spec, getattr(params.data, role), text_field=params.data.text_field)
+        for spec in params.data.sources(role):
+            problems.check(f"data.{role}", validate_spec, spec, text_field=params.data.text_field)
 
 
 def layerwise_ok(criterion: object) -> bool:
