@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -227,6 +228,14 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     finally:
         stop_group(server)
         log.close()
+
+
+def downloaded_base(model_dir: Path, dest: Path) -> Path:
+    """``model_dir`` copied to ``dest`` with the record the download stage leaves (made from ``model_dir``), so the
+    params checks read its shapes and tokenizer as they do models/base."""
+    shutil.copytree(model_dir, dest)
+    (dest / "prunekit.json").write_text(json.dumps({"source": {"source": str(model_dir)}}))
+    return dest
 
 
 def tiny_params(model_dir: Path) -> dict:

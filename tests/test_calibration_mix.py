@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_params
+from conftest import downloaded_base, tiny_params
 from test_criteria_activation import load_stage
 from transformers import AutoTokenizer
 
@@ -88,11 +88,6 @@ def test_every_source_is_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
     short.write_text("\n\n".join(str(i) for i in range(100)))  # about ten short documents for calibration
     raw["data"]["calibration"] = ["python-docs", str(short)]
     raw["calibrate"]["seq_len"] = 64
-    raw["data"]["evaluation"] = raw["data"]["training"] = "python-docs"
-    base = tmp_path / "base"
-    import shutil
-
-    shutil.copytree(tiny_model_dir, base)
-    (base / "prunekit.json").write_text(json.dumps({"source": {"source": str(tiny_model_dir)}}))
+    base = downloaded_base(tiny_model_dir, tmp_path / "base")
     found = [line for line in input_problems(parse_params(raw), base, None) if "calibrate.seq_len" in line]
     assert len(found) == 1 and f"data.calibration '{short}'" in found[0]

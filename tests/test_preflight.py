@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_params
+from conftest import ROOT, downloaded_base, tiny_params
 from test_criteria_activation import load_stage
 
 from prunekit.errors import ParamsError
@@ -118,9 +118,7 @@ def test_lengths_longer_than_the_text_are_refused(tiny_model_dir: Path, tmp_path
 
     n = token_stream(AutoTokenizer.from_pretrained(tiny_model_dir), docs["calibration"]).numel()
     # The base model of the current source (its record says so) gives the tokenizer.
-    base = tmp_path / "base"
-    shutil.copytree(tiny_model_dir, base)
-    (base / "prunekit.json").write_text(json.dumps({"source": {"source": str(tiny_model_dir)}}))
+    base = downloaded_base(tiny_model_dir, tmp_path / "base")
     [line] = input_problems(params_with(tiny_model_dir, calibrate={"seq_len": n + 1}), base, text)
     assert line.startswith("params.yaml key 'calibrate.seq_len'") and f"({n} tokens" in line
     assert input_problems(params_with(tiny_model_dir, calibrate={"seq_len": n}), base, text) == []
